@@ -1,0 +1,1 @@
+"""Dataset sources, transforms and the grain input pipeline."""

@@ -1,0 +1,120 @@
+"""The default configuration: the paper's PASCAL VOC 2007 setting.
+
+Every experiment file in `experiments/` starts from `get_config()` and overrides what it
+changes. The returned ConfigDict is locked, so a misspelt key fails at start instead of being
+silently ignored.
+"""
+
+import ml_collections
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default (VOC07, VGG16) configuration, locked against new keys."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "voc_tfds"          # shapes | voc_tfds | voc_folder | coco_json
+  c.data.data_dir = ""              # tfds data_dir, VOCdevkit root, or COCO root
+  c.data.years = ("2007",)          # VOC years whose train_split is concatenated
+  c.data.train_split = "trainval"
+  c.data.eval_year = "2007"
+  c.data.eval_split = "test"
+  c.data.classes = VOC_CLASSES      # class names; label c is classes[c - 1]
+  c.data.coco_train_json = ""
+  c.data.coco_train_images = ""
+  c.data.coco_eval_json = ""
+  c.data.coco_eval_images = ""
+  c.data.shapes_num_train = 512
+  c.data.shapes_num_test = 128
+  c.data.shapes_image_size = 128
+  c.data.min_size = 600             # shorter side after resizing
+  c.data.max_size = 1000            # cap on the longer side
+  c.data.pad_hw = (1000, 1000)      # static canvas; images are also scaled to fit in it
+  c.data.max_gt = 64                # ground-truth boxes per image after padding
+  c.data.flip = True                # random horizontal flip in training
+  c.data.bad_input = "skip"         # skip (counted warning) | error
+  c.data.num_workers = 2            # grain worker processes (0: in the main process)
+  c.data.prefetch = 2
+
+  c.model = ml_collections.ConfigDict()
+  c.model.width = 1.0               # channel multiplier of the trunk and heads
+  c.model.convs_per_block = (2, 2, 3, 3, 3)   # VGG16; fewer for tiny test trunks
+  c.model.frozen_blocks = 2         # conv1 and conv2 frozen, as in the paper
+  c.model.pretrained = ""           # .npz from scripts/convert_vgg16.py
+  c.model.input_norm = "caffe"      # caffe (BGR - mean pixel) | torchvision (RGB mean/std)
+  c.model.anchor_sizes = (128, 256, 512)
+  c.model.anchor_ratios = (0.5, 1.0, 2.0)
+  c.model.anchor_stride = 16
+  c.model.rpn_objectness = "softmax"  # softmax (2k, the paper) | sigmoid (k)
+  c.model.roi_op = "roi_pool"       # roi_pool | roi_align
+  c.model.roi_size = 7
+  c.model.roi_sampling_ratio = 2
+  c.model.roi_aligned = False
+  c.model.fc_dim = 4096
+  c.model.dropout = 0.5
+  c.model.dtype = "float32"         # compute dtype: float32 | bfloat16
+
+  c.rpn = ml_collections.ConfigDict()
+  c.rpn.pre_nms_top_n_train = 12000
+  c.rpn.post_nms_top_n_train = 2000
+  c.rpn.pre_nms_top_n_test = 6000
+  c.rpn.post_nms_top_n_test = 300
+  c.rpn.nms_threshold = 0.7
+  c.rpn.min_size = 16.0             # in original-image pixels (scaled by the image scale)
+  c.rpn.batch_size_per_image = 256
+  c.rpn.positive_fraction = 0.5
+  c.rpn.positive_iou = 0.7
+  c.rpn.negative_iou = 0.3
+  c.rpn.allowed_border = 0.0        # < 0 keeps anchors that cross the image border
+  c.rpn.box_loss_weight = 1.0
+  c.rpn.sigma = 3.0
+
+  c.roi = ml_collections.ConfigDict()
+  c.roi.batch_size_per_image = 128
+  c.roi.fg_fraction = 0.25
+  c.roi.fg_iou = 0.5
+  c.roi.bg_iou_lo = 0.0             # 0.1 in the paper, 0.0 in py-faster-rcnn end-to-end
+  c.roi.box_weights = (10.0, 10.0, 5.0, 5.0)   # 1 / (0.1, 0.1, 0.2, 0.2)
+  c.roi.box_loss_weight = 1.0
+  c.roi.sigma = 1.0
+
+  c.test = ml_collections.ConfigDict()
+  c.test.nms_threshold = 0.3
+  c.test.score_threshold = 0.05
+  c.test.detections_per_image = 100
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 70000
+  c.train.batch_size = 1            # global, over all devices and hosts
+  c.train.optimizer = "sgd"
+  c.train.learning_rate = 1e-3      # for batch_size images; scale linearly with it
+  c.train.momentum = 0.9
+  c.train.weight_decay = 5e-4
+  c.train.bias_lr_mult = 2.0        # py-faster-rcnn: biases learn twice as fast ...
+  c.train.bias_weight_decay = False  # ... and are not decayed
+  c.train.schedule = "piecewise"    # piecewise | cosine
+  c.train.warmup_steps = 0
+  c.train.lr_boundaries = (50000,)
+  c.train.lr_decay = 0.1
+  c.train.grad_clip_norm = 0.0      # 0 disables
+  c.train.grad_accum_steps = 1
+  c.train.checkpoint_every = 5000
+  c.train.keep_checkpoints = 3
+  c.train.log_every = 20
+  c.train.eval_every = 0            # 0: evaluate only at the end
+  c.train.nonfinite = "error"       # error | skip (skip the update, count it)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 1             # global
+  c.eval.metric = "voc07"           # voc07 | voc12 | coco
+  c.eval.iou_threshold = 0.5
+
+  c.lock()
+  return c

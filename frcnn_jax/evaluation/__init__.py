@@ -1,0 +1,1 @@
+"""Detection metrics: PASCAL VOC AP and COCO AP."""

@@ -1,0 +1,1 @@
+"""flax.linen modules: parameters and forward passes only (no targets, no losses)."""
