@@ -1,0 +1,190 @@
+"""Shared pieces of the file-backed dataset sources: the bad-input policy and `make_source`.
+
+Bad-input policy (`bad_input`):
+  * "skip": the bad item (one box, or one whole image) is left out with a `logging.warning`
+    naming the file and the problem, and counted in the source's `BadInputLog`.
+  * "error": a ValueError naming the file and the problem is raised.
+Problems that are handled, not skipped, under both policies: boxes partly outside the image are
+clipped to it (counted in `BadInputLog.clipped`), grayscale/palette/RGBA/CMYK images are
+converted to RGB, images without objects are kept as all-background examples.
+
+Annotation problems are found when a source is built; image decoding happens when a record is
+read (in grain worker processes), where a bad image makes `source[i]` return None under "skip"
+(the pipeline filters it out) and raise `images.ImageDecodeError` (a ValueError) under "error".
+"""
+
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from frcnn_jax import defaults
+from frcnn_jax.data import images
+
+POLICIES = ("skip", "error")
+MAX_WARNINGS = 20  # skipped items logged one by one per source and process; the rest counted
+
+
+class BadInputLog:
+  """The bad-input policy of one source and the record of what it skipped or fixed.
+
+  Attributes:
+    policy: "skip" or "error".
+    skipped: one "file: problem" message per skipped item (a box or a whole image), in the
+      process that met it (records that fail to decode are met in grain worker processes).
+    clipped: number of boxes clipped to their image.
+  """
+
+  def __init__(self, policy: str):
+    if policy not in POLICIES:
+      raise ValueError(f"bad_input must be one of {POLICIES}, got {policy!r}")
+    self.policy = policy
+    self.skipped: list[str] = []
+    self.clipped = 0
+
+  def skip(self, path: str | os.PathLike, problem: str) -> None:
+    """Applies the policy to a bad item: raises under "error", warns and counts under "skip".
+
+    Raises:
+      ValueError: the policy is "error".
+    """
+    message = f"{os.fspath(path)}: {problem}"
+    if self.policy == "error":
+      raise ValueError(message)
+    if len(self.skipped) < MAX_WARNINGS:
+      logging.warning("bad input, skipped: %s", message)
+    elif len(self.skipped) == MAX_WARNINGS:
+      logging.warning("bad input: more than %d items skipped; further ones are only counted "
+                      "(see the source's bad_input_log)", MAX_WARNINGS)
+    self.skipped.append(message)
+
+  def summary(self) -> str:
+    """A one-line account of what was skipped and clipped."""
+    return f"{len(self.skipped)} items skipped, {self.clipped} boxes clipped to their image"
+
+  def log_summary(self, source_name: str) -> None:
+    """Logs the summary (a warning) when anything was skipped or clipped."""
+    if self.skipped or self.clipped:
+      logging.warning("%s: %s", source_name, self.summary())
+
+
+def clean_boxes(boxes: np.ndarray, hw: tuple[int, int], path: str | os.PathLike,
+                log: BadInputLog) -> tuple[np.ndarray, np.ndarray]:
+  """Validates pixel boxes against their image: drops degenerate boxes, clips the rest.
+
+  A box with x2 <= x1 or y2 <= y1 (or a non-finite coordinate) is degenerate; a box with
+  nothing left after clipping to [0, W] x [0, H] lies outside the image. Both are skipped
+  under the policy; boxes partly outside are clipped and counted.
+
+  Args:
+    boxes: [N, 4] xyxy boxes in pixels (DESIGN convention).
+    hw: (height, width) of the image.
+    path: the annotation file named in messages.
+    log: the source's bad-input log.
+
+  Returns:
+    boxes: [K, 4] float32 kept (clipped) boxes.
+    keep: [K] int indices of the kept boxes in the input.
+  """
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  height, width = hw
+  keep = []
+  out = []
+  for i, box in enumerate(boxes):
+    x1, y1, x2, y2 = box
+    if not np.all(np.isfinite(box)) or x2 <= x1 or y2 <= y1:
+      log.skip(path, f"degenerate box {i} {box.tolist()} (needs x2 > x1 and y2 > y1)")
+      continue
+    clipped = np.array([min(max(x1, 0.0), width), min(max(y1, 0.0), height),
+                        min(max(x2, 0.0), width), min(max(y2, 0.0), height)])
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+      log.skip(path, f"box {i} {box.tolist()} lies outside the {width}x{height} image")
+      continue
+    if not np.array_equal(clipped, box):
+      log.clipped += 1
+    keep.append(i)
+    out.append(clipped)
+  return np.array(out, np.float32).reshape(-1, 4), np.array(keep, np.int64)
+
+
+def read_checked(read: Callable[[], np.ndarray], path: str | os.PathLike,
+                 expected_hw: tuple[int, int] | None, log: BadInputLog) -> np.ndarray | None:
+  """Decodes one image under the policy; None when it is bad and the policy is "skip".
+
+  Args:
+    read: returns the decoded uint8 [H, W, 3] image or raises `images.ImageDecodeError`.
+    path: the image file named in messages.
+    expected_hw: (height, width) the annotation declares (its boxes refer to it), or None.
+    log: the source's bad-input log.
+
+  Returns:
+    image: uint8 [H, W, 3], or None for a skipped image.
+
+  Raises:
+    ValueError: the image is bad and the policy is "error".
+  """
+  try:
+    image = read()
+  except images.ImageDecodeError as e:
+    if log.policy == "error":
+      raise
+    log.skip(path, str(e).removeprefix(f"{os.fspath(path)}: "))
+    return None
+  if expected_hw is not None and tuple(image.shape[:2]) != tuple(expected_hw):
+    log.skip(path, f"image is {image.shape[0]}x{image.shape[1]} (HxW) but its annotation "
+                   f"says {expected_hw[0]}x{expected_hw[1]}")
+    return None
+  return image
+
+
+def example(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, difficult: np.ndarray,
+            image_id: int, name: str) -> dict[str, Any]:
+  """Assembles the Example dict of CONTRACTS.md with its exact dtypes."""
+  return {
+      "image": image,
+      "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+      "labels": np.asarray(labels, np.int32).reshape(-1),
+      "difficult": np.asarray(difficult, bool).reshape(-1),
+      "image_id": np.int64(image_id),
+      "name": name,
+      "orig_hw": np.array(image.shape[:2], np.int32),
+  }
+
+
+def make_source(name: str, split: str, *, data_dir: str,
+                years: Sequence[str] = ("2007",),
+                classes: Sequence[str] = defaults.VOC_CLASSES,
+                bad_input: str = "skip",
+                annotation_file: str = "", image_dir: str = "",
+                training: bool = False):
+  """Builds a file-backed source by name.
+
+  Args:
+    name: "voc_tfds" (prepared tfds `voc/<year>`), "voc_folder" (VOCdevkit folders) or
+      "coco_json" (COCO-format json + image folder).
+    split: VOC split ("train", "val", "trainval", "test"); unused for "coco_json".
+    data_dir: tfds data_dir, VOCdevkit root, or the folder that relative COCO paths are in.
+    years: VOC years whose `split` is concatenated (07+12: ("2007", "2012")).
+    classes: VOC class names; label c is classes[c - 1]. COCO takes its names from the json.
+    bad_input: "skip" or "error" (see the module docstring).
+    annotation_file: COCO `instances_*.json`.
+    image_dir: COCO image folder.
+    training: COCO only: drop crowd boxes (True) or keep them flagged difficult (False).
+
+  Returns:
+    A random-access source (`len`, `source[i]`, `classes`, `name`).
+  """
+  if name == "voc_tfds":
+    from frcnn_jax.data import tfds_voc  # pylint: disable=g-import-not-at-top
+    return tfds_voc.TfdsVOCSource(data_dir, years, split, classes=classes,
+                                  bad_input=bad_input)
+  if name == "voc_folder":
+    from frcnn_jax.data import voc  # pylint: disable=g-import-not-at-top
+    return voc.VOCFolderSource(data_dir, years, split, classes=classes, bad_input=bad_input)
+  if name == "coco_json":
+    from frcnn_jax.data import coco  # pylint: disable=g-import-not-at-top
+    return coco.COCOJsonSource(os.path.join(data_dir, annotation_file),
+                               os.path.join(data_dir, image_dir),
+                               drop_crowd=training, bad_input=bad_input)
+  raise ValueError(f"unknown dataset source {name!r}: expected voc_tfds, voc_folder or coco_json")

@@ -1,0 +1,164 @@
+"""PASCAL VOC from prepared tfds `voc/<year>` datasets, read with `tfds.data_source`.
+
+The datasets are built once by `scripts/prepare_voc.py` (array_record files); reading them is
+random access through `tfds.data_source` and needs no TensorFlow. Image bytes are fetched
+undecoded (`tfds.decode.SkipDecoding`) and decoded by frcnn_jax.data.images, exactly as the
+folder reader does.
+
+Box conversion: tfds' voc builder stores `BBox(ymin / height, xmin / width, ymax / height,
+xmax / width)` from the XML's 1-based pixels, as float32. Multiplying back by the image size
+gives the XML values up to float32 rounding (< 1e-3 pixel for images under 16k pixels), so values
+that close to an integer are snapped to it (VOC coordinates are integers), then DESIGN's
+conversion applies: x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax. A box at xmin = 1 ...
+width therefore comes back as exactly [0, width]; xmin = 0 (seen in some VOC-format data) gives
+x1 = -1, clipped to 0 and counted.
+"""
+
+import bisect
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from frcnn_jax import defaults
+from frcnn_jax.data import images
+from frcnn_jax.data import sources
+
+# frcnn_jax split -> the tfds splits it concatenates.
+SPLITS = {"train": ("train",), "val": ("validation",), "trainval": ("train", "validation"),
+          "test": ("test",)}
+_SNAP = 1e-3
+
+
+def _prepare_command(data_dir: str, year: str) -> str:
+  return (f"python scripts/prepare_voc.py --data_dir {data_dir} --years {year}"
+          " (add --tar_dir DIR to build from the original VOC tars without network)")
+
+
+def normalized_to_pixels(bbox: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """Inverts tfds' voc box encoding to DESIGN-convention pixel boxes.
+
+  Args:
+    bbox: [N, 4] float32 (ymin, xmin, ymax, xmax) divided by (height, width).
+    hw: (height, width) of the image.
+
+  Returns:
+    [N, 4] float64 xyxy boxes: (xmin - 1, ymin - 1, xmax, ymax) in pixels.
+  """
+  height, width = hw
+  bbox = np.asarray(bbox, np.float64).reshape(-1, 4)
+  voc = bbox[:, [1, 0, 3, 2]] * np.array([width, height, width, height], np.float64)
+  nearest = np.round(voc)
+  voc = np.where(np.abs(voc - nearest) < _SNAP, nearest, voc)
+  return voc - np.array([1.0, 1.0, 0.0, 0.0])
+
+
+class TfdsVOCSource:
+  """Random-access source over prepared tfds `voc/<year>` splits (concatenated in order).
+
+  `source[i]` returns the Example of record i, or None when its image cannot be decoded and
+  the policy is "skip"; under "error" it raises `images.ImageDecodeError` (a ValueError)
+  naming the record. The tfds data sources are opened lazily in each process, so the source
+  pickles cheaply into grain workers.
+  """
+
+  def __init__(self, data_dir: str | os.PathLike, years: Sequence[str] = ("2007",),
+               split: str = "trainval", *, classes: Sequence[str] = defaults.VOC_CLASSES,
+               bad_input: str = "skip"):
+    """Checks that every (year, split) is prepared and maps the tfds labels to `classes`.
+
+    Args:
+      data_dir: the tfds data_dir given to scripts/prepare_voc.py.
+      years: "2007" and/or "2012", concatenated in this order (07+12 trainval: both).
+      split: train, val, trainval or test (VOC2012 test has no public annotations).
+      classes: class names; label c is classes[c - 1]. Objects of VOC classes missing from
+        it are bad input: dropped (one counted warning at construction) or an error.
+      bad_input: "skip" or "error" (see frcnn_jax/data/sources.py).
+
+    Raises:
+      FileNotFoundError: a dataset or split is not prepared (the message gives the command).
+      ValueError: an unknown split, VOC2012 test, a non-array_record build, or classes
+        missing from the list under bad_input="error".
+    """
+    if isinstance(years, str):
+      years = (years,)
+    if split not in SPLITS:
+      raise ValueError(f"unknown VOC split {split!r}: expected one of {tuple(SPLITS)}")
+    self.classes = tuple(classes)
+    self.name = f"voc_tfds:{'+'.join(years)}/{split}"
+    self.bad_input_log = sources.BadInputLog(bad_input)
+    self._data_dir = os.fspath(data_dir)
+    self._parts: list[tuple[str, str]] = []
+    sizes = []
+    tfds_names: tuple[str, ...] = ()
+    for year in years:
+      if year == "2012" and split == "test":
+        raise ValueError("VOC2012 test has no public annotations; evaluate on VOC2007 test")
+      builder = tfds.builder(f"voc/{year}", data_dir=self._data_dir)
+      if not builder.is_prepared():
+        raise FileNotFoundError(f"tfds voc/{year} is not prepared in {self._data_dir!r}: run "
+                                f"{_prepare_command(self._data_dir, year)}")
+      if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        raise ValueError(f"tfds voc/{year} in {self._data_dir!r} is stored as "
+                         f"{builder.info.file_format.value}, not array_record (random access); "
+                         f"rebuild it into another data_dir: {_prepare_command('DIR', year)}")
+      for tfds_split in SPLITS[split]:
+        if tfds_split not in builder.info.splits:
+          raise FileNotFoundError(f"tfds voc/{year} in {self._data_dir!r} has no "
+                                  f"{tfds_split!r} split: rebuild it with its tars: "
+                                  f"{_prepare_command(self._data_dir, year)}")
+        self._parts.append((year, tfds_split))
+        sizes.append(builder.info.splits[tfds_split].num_examples)
+      tfds_names = tuple(builder.info.features["objects"]["label"].names)
+    self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    label_of = {c: i + 1 for i, c in enumerate(self.classes)}
+    self._label_map = np.array([label_of.get(n, 0) for n in tfds_names], np.int32)
+    dropped = [n for n in tfds_names if n not in label_of]
+    if dropped:
+      self.bad_input_log.skip(os.path.join(self._data_dir, "voc"),
+                              f"classes {dropped} not in the class list: their objects are "
+                              "dropped from every image")
+    self._sources: list[Any] | None = None
+
+  def __getstate__(self) -> dict[str, Any]:
+    state = dict(self.__dict__)
+    state["_sources"] = None
+    return state
+
+  def _open(self) -> list[Any]:
+    if self._sources is None:
+      self._sources = [
+          tfds.data_source(f"voc/{year}", split=tfds_split, data_dir=self._data_dir,
+                           decoders={"image": tfds.decode.SkipDecoding()})
+          for year, tfds_split in self._parts]
+    return self._sources
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int) -> dict[str, Any] | None:
+    if not 0 <= index < len(self):
+      raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
+    part = bisect.bisect_right(self._starts, index) - 1
+    local = index - int(self._starts[part])
+    record = self._open()[part][local]
+    filename = record["image/filename"].decode()
+    year, tfds_split = self._parts[part]
+    where = f"{self._data_dir}/voc/{year} {tfds_split}[{local}] ({filename})"
+    image = sources.read_checked(lambda: images.decode_image(record["image"], where), where,
+                                 None, self.bad_input_log)
+    if image is None:
+      return None
+    objects = record["objects"]
+    labels = self._label_map[np.asarray(objects["label"], np.int64).reshape(-1)]
+    known = labels > 0
+    boxes = normalized_to_pixels(np.asarray(objects["bbox"], np.float32), image.shape[:2])
+    boxes, keep = sources.clean_boxes(boxes[known], image.shape[:2], where, self.bad_input_log)
+    difficult = np.asarray(objects["is_difficult"], bool).reshape(-1)[known][keep]
+    return sources.example(image, boxes, labels[known][keep], difficult, index,
+                           os.path.splitext(filename)[0])
+
+  def __repr__(self) -> str:
+    return f"TfdsVOCSource({self.name}, {len(self)} images, {len(self.classes)} classes)"
+
