@@ -1,0 +1,90 @@
+"""The VGG16 convolutional trunk (conv1_1 .. conv5_3, stride 16) and its frozen-block mask.
+
+Parameters are named after the Caffe/torchvision layers (`conv1_1` ... `conv5_3`) so that
+`scripts/convert_vgg16.py` maps pretrained weights one to one.
+"""
+
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BASE_CHANNELS = (64, 128, 256, 512, 512)
+VGG16_CONVS_PER_BLOCK = (2, 2, 3, 3, 3)
+STRIDE = 16
+_CONV_NAME = re.compile(r"^conv(\d+)_(\d+)$")
+
+
+def scaled_channels(base: int, width: float) -> int:
+  """Channel count of a layer with `base` channels in VGG16 under the width multiplier."""
+  return max(1, int(round(base * width)))
+
+
+class VGG16(nn.Module):
+  """VGG16 conv1_1 .. conv5_3 with ReLU and 2x2/2 floor max pools after blocks 1-4 (no pool5).
+
+  Attributes:
+    width: channel multiplier (1.0 is VGG16; 1/16 gives a tiny test trunk).
+    convs_per_block: number of 3x3 convolutions in each of the five blocks.
+    frozen_blocks: the first this many blocks get no gradient (stop_gradient on their output).
+    dtype: computation dtype.
+    param_dtype: parameter dtype.
+  """
+  width: float = 1.0
+  convs_per_block: Sequence[int] = VGG16_CONVS_PER_BLOCK
+  frozen_blocks: int = 2
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def out_channels(self) -> int:
+    return scaled_channels(BASE_CHANNELS[-1], self.width)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Runs the trunk.
+
+    Args:
+      x: [B, H, W, 3] normalised images.
+
+    Returns:
+      [B, H // 16, W // 16, 512 * width] conv5_3 features after ReLU.
+    """
+    if len(self.convs_per_block) != len(BASE_CHANNELS):
+      raise ValueError(
+          f"convs_per_block must have {len(BASE_CHANNELS)} entries, got {self.convs_per_block}")
+    x = x.astype(self.dtype)
+    for block, (num_convs, base) in enumerate(zip(self.convs_per_block, BASE_CHANNELS), 1):
+      for i in range(1, num_convs + 1):
+        x = nn.Conv(scaled_channels(base, self.width), (3, 3), padding=1, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"conv{block}_{i}")(x)
+        x = nn.relu(x)
+      if block < len(BASE_CHANNELS):
+        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+      if block == self.frozen_blocks:
+        x = jax.lax.stop_gradient(x)
+    return x
+
+
+def trainable_mask(params: Any, frozen_blocks: int) -> Any:
+  """Pytree of bools like `params`: False for parameters of the frozen trunk blocks.
+
+  Use it to mask the optimizer (`optax.masked`) so frozen layers are neither updated nor decayed.
+
+  Args:
+    params: any nested dict of parameters (e.g. `variables["params"]`); a leaf is frozen when a
+      key on its path is `conv{b}_{i}` with b <= frozen_blocks.
+    frozen_blocks: number of leading trunk blocks that are frozen.
+
+  Returns:
+    A pytree with the structure of `params` and bool leaves (True: trainable).
+  """
+  def is_trainable(path, _) -> bool:
+    for entry in path:
+      match = _CONV_NAME.match(str(getattr(entry, "key", entry)))
+      if match and int(match.group(1)) <= frozen_blocks:
+        return False
+    return True
+  return jax.tree_util.tree_map_with_path(is_trainable, params)
