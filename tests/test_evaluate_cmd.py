@@ -1,0 +1,155 @@
+"""Tests for frcnn_jax/evaluate.py: checkpoint restore, gathering, report, CLI, 8 devices."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from frcnn_jax import builders
+from frcnn_jax import evaluate
+from frcnn_jax import parallel
+from tests.evaluation.tiny_run import STEP
+from tests.evaluation.tiny_run import tiny_run  # pylint: disable=unused-import
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(**extra):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.update(extra)
+  return env
+
+
+def test_restore_params_newest_and_missing(tiny_run, tmp_path):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  params, step = evaluate.restore_params(tiny_run.workdir, mesh)
+  assert step == STEP
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), tiny_run.params)
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7.*\[5\]"):
+    evaluate.restore_params(tiny_run.workdir, mesh, step=7)
+  with pytest.raises(FileNotFoundError, match="train first"):
+    evaluate.restore_params(tmp_path, mesh)
+
+
+def _one_device_result(tiny_run, workdir=None):
+  return evaluate.run_evaluation(tiny_run.config, tiny_run.params, step=STEP, workdir=workdir,
+                                 mesh=parallel.make_mesh(jax.devices()[:1]))
+
+
+def test_gathered_detections_match_per_image_runs(tiny_run):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  cfg, source = tiny_run.config, tiny_run.source
+  kw = dict(model=tiny_run.model, settings=tiny_run.settings, mesh=mesh)
+  dets, gts, ids = evaluate.collect_detections(
+      tiny_run.params, builders.eval_data_from_config(cfg, source, mesh), **kw)
+  np.testing.assert_array_equal(ids, np.arange(len(source)))
+  assert sum(len(d["scores"]) for d in dets) > 0
+  for i in range(len(source)):
+    example = source[i]
+    one, _, _ = evaluate.collect_detections(
+        tiny_run.params, builders.eval_data_from_config(cfg, _One(example), mesh), **kw)
+    for key in ("boxes", "scores", "labels"):
+      np.testing.assert_allclose(dets[i][key], one[0][key], atol=1e-4)
+    # Ground truth comes back in original pixels with its difficult flags.
+    np.testing.assert_allclose(gts[i]["boxes"], example["boxes"], atol=1e-4)
+    np.testing.assert_array_equal(gts[i]["labels"], example["labels"])
+    np.testing.assert_array_equal(gts[i]["difficult"], example["difficult"])
+
+
+def test_run_evaluation_writes_report(tiny_run, tmp_path):
+  result = _one_device_result(tiny_run, str(tmp_path))
+  report = json.loads((tmp_path / "eval" / f"test-{STEP}.json").read_text())
+  assert report["step"] == STEP and report["metric"] == "voc07"
+  assert list(report["ap"]) == list(tiny_run.source.classes)
+  assert report["map"] == pytest.approx(result["map"])
+  assert result["path"] == str(tmp_path / "eval" / f"test-{STEP}.json")
+  pngs = sorted(p.name for p in (tmp_path / "eval" / f"test-{STEP}").iterdir())
+  assert len(pngs) == len(tiny_run.source.classes) and pngs[0] == "001_circle.png"
+
+
+class _One:
+  """A one-image source with the given example (image id 0)."""
+
+  def __init__(self, example):
+    self.example = example
+    self.classes = ()
+
+  def __len__(self):
+    return 1
+
+  def __getitem__(self, i):
+    return {**self.example, "image_id": np.int64(0)}
+
+
+def test_format_table_marks_classes_without_gt():
+  result = {"metric": "voc07", "map": 0.5, "num_images": 3,
+            "ap": {"cat": 0.5, "dog": None}}
+  table = evaluate.format_table(result)
+  assert "cat    0.5000" in table and "n/a (no ground truth)" in table
+  assert table.splitlines()[-1].startswith("mAP")
+
+
+def test_cli_prints_table_and_writes_json(tiny_run):
+  proc = subprocess.run(
+      [sys.executable, "-m", "frcnn_jax.evaluate", "--config", str(tiny_run.config_path),
+       "--workdir", str(tiny_run.workdir), f"--step={STEP}"],
+      capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mAP" in proc.stdout and "circle" in proc.stdout
+  assert (tiny_run.workdir / "eval" / f"test-{STEP}.json").exists()
+
+
+def test_cli_help():
+  proc = subprocess.run([sys.executable, "-m", "frcnn_jax.evaluate", "--help"],
+                        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120,
+                        check=False)
+  assert "Usage:" in proc.stdout and "--workdir" in proc.stdout and "--step" in proc.stdout
+
+
+_PARALLEL_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from frcnn_jax import builders, config_flags, evaluate, parallel
+    config = config_flags.load_config(sys.argv[1], {"eval.batch_size": 8})
+    assert jax.device_count() == 8, jax.devices()
+    mesh = parallel.make_mesh()
+    params, _ = evaluate.restore_params(sys.argv[2], mesh)
+    source = builders.source_from_config(config, "eval")
+    model = builders.model_from_config(config, len(source.classes))
+    dets, gts, ids = evaluate.collect_detections(
+        params, builders.eval_data_from_config(config, source, mesh), model=model,
+        settings=builders.detector_settings_from_config(config), mesh=mesh)
+    r = evaluate.compute_metrics(dets, gts, source.classes)
+    # eval.batch_size=2 is rounded up to the 8 devices by run_evaluation.
+    rounded = evaluate.run_evaluation(config_flags.load_config(sys.argv[1]), params, step=0,
+                                      mesh=mesh)
+    assert rounded["map"] == r["map"] and rounded["ap"] == r["ap"], (rounded, r)
+    print(json.dumps({"map": r["map"], "ap": r["ap"], "ids": ids.tolist(),
+                      "dets": [{k: v.tolist() for k, v in d.items()} for d in dets]}))
+    """)
+
+
+def test_eight_devices_give_the_same_detections_and_metrics(tiny_run):
+  proc = subprocess.run(
+      [sys.executable, "-c", _PARALLEL_SCRIPT, str(tiny_run.config_path), str(tiny_run.workdir)],
+      capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
+      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  eight = json.loads(proc.stdout.strip().splitlines()[-1])
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  dets, gts, ids = evaluate.collect_detections(
+      tiny_run.params, builders.eval_data_from_config(tiny_run.config, tiny_run.source, mesh),
+      model=tiny_run.model, settings=tiny_run.settings, mesh=mesh)
+  one = evaluate.compute_metrics(dets, gts, tiny_run.source.classes)
+  assert eight["ids"] == ids.tolist()
+  for d8, d1 in zip(eight["dets"], dets):
+    for key in ("boxes", "scores", "labels"):
+      np.testing.assert_allclose(np.asarray(d8[key]).reshape(d1[key].shape), d1[key],
+                                 atol=1e-4)
+  assert eight["ap"] == pytest.approx(one["ap"], abs=1e-6, nan_ok=True)
+  assert eight["map"] == pytest.approx(one["map"], abs=1e-6)
