@@ -1,0 +1,235 @@
+"""Per-image transforms: one Example (CONTRACTS.md) -> the per-image fields of a Batch.
+
+Pure NumPy/Pillow functions, no JAX: they run inside grain worker processes.
+
+Resizing (py-faster-rcnn's rule, plus the static canvas): the image is scaled by one factor
+
+  scale = min(min_size / shorter side, max_size / longer side, pad_h / H, pad_w / W),
+
+i.e. the shorter side becomes `min_size` unless that would make the longer side exceed
+`max_size` or the image overflow the canvas `pad_hw`. The resized size is
+(round(H * scale), round(W * scale)) clamped to [1, canvas]; boxes are multiplied by `scale`
+(the same factor for x and y; detections map back by dividing by it) and clipped to the resized
+image. Pixels are resampled with Pillow's bilinear filter (antialiased when shrinking).
+
+The image stays uint8 RGB: the model normalises pixels on device (`model.input_norm`). It is
+padded with zeros at the bottom and right to the canvas; the true size is `image_hw`.
+"""
+
+import logging
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+COUNT_KEYS = ("gt_overflow", "degenerate_boxes")
+
+
+def resize_scale(hw: tuple[int, int], min_size: int, max_size: int,
+                 pad_hw: tuple[int, int]) -> float:
+  """The single resize factor of an image (see the module docstring).
+
+  Args:
+    hw: (height, width) of the original image.
+    min_size: target of the shorter side.
+    max_size: cap on the longer side.
+    pad_hw: (height, width) of the canvas the resized image must fit in.
+
+  Returns:
+    The factor resized / original.
+
+  Raises:
+    ValueError: a non-positive size.
+  """
+  h, w = int(hw[0]), int(hw[1])
+  if min(h, w) <= 0 or min_size <= 0 or max_size <= 0 or min(pad_hw) <= 0:
+    raise ValueError(f"sizes must be positive: image {h}x{w}, min_size={min_size}, "
+                     f"max_size={max_size}, pad_hw={tuple(pad_hw)}")
+  return min(min_size / min(h, w), max_size / max(h, w), pad_hw[0] / h, pad_hw[1] / w)
+
+
+def resize(image: np.ndarray, boxes: np.ndarray, scale: float,
+           pad_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """Resizes an image by `scale` (Pillow bilinear) and scales its boxes by the same factor.
+
+  Args:
+    image: uint8 [H, W, 3].
+    boxes: [N, 4] xyxy boxes in original pixels.
+    scale: resize factor (`resize_scale`).
+    pad_hw: the canvas; the resized size is clamped to it.
+
+  Returns:
+    image: uint8 [h, w, 3] with h = round(H * scale), w = round(W * scale) (clamped to
+      [1, canvas]).
+    boxes: float32 [N, 4] = boxes * scale, clipped to [0, w] x [0, h].
+  """
+  h0, w0 = image.shape[:2]
+  h = min(max(int(round(h0 * scale)), 1), int(pad_hw[0]))
+  w = min(max(int(round(w0 * scale)), 1), int(pad_hw[1]))
+  if (h, w) != (h0, w0):
+    image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4) * np.float32(scale)
+  boxes = np.clip(boxes, 0.0, np.array([w, h, w, h], np.float32))
+  return image, boxes
+
+
+def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mirrors an image left-right: x1' = W - x2, x2' = W - x1.
+
+  Args:
+    image: [H, W, C].
+    boxes: [N, 4] xyxy boxes in pixels of this image.
+
+  Returns:
+    (mirrored image [H, W, C], mirrored boxes float32 [N, 4]).
+  """
+  width = np.float32(image.shape[1])
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  flipped = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+  return np.ascontiguousarray(image[:, ::-1]), flipped
+
+
+def pad_image(image: np.ndarray, pad_hw: tuple[int, int]) -> np.ndarray:
+  """Places an image at the top-left of a zero canvas.
+
+  Args:
+    image: uint8 [h, w, 3] with h <= pad_h, w <= pad_w.
+    pad_hw: (pad_h, pad_w).
+
+  Returns:
+    uint8 [pad_h, pad_w, 3].
+
+  Raises:
+    ValueError: the image is larger than the canvas.
+  """
+  h, w = image.shape[:2]
+  if h > pad_hw[0] or w > pad_hw[1]:
+    raise ValueError(f"image {h}x{w} does not fit the canvas pad_hw={tuple(pad_hw)}")
+  canvas = np.zeros((int(pad_hw[0]), int(pad_hw[1]), image.shape[2]), image.dtype)
+  canvas[:h, :w] = image
+  return canvas
+
+
+def pad_ground_truth(boxes: np.ndarray, labels: np.ndarray, difficult: np.ndarray,
+                     max_gt: int, name: str = "") -> tuple[dict[str, np.ndarray], int]:
+  """Pads (or cuts) ground truth to `max_gt` slots with a valid mask.
+
+  With more than `max_gt` objects the `max_gt` largest (by area) are kept, in their original
+  order, and a warning names the image.
+
+  Args:
+    boxes: [N, 4] xyxy boxes.
+    labels: [N] labels 1..C.
+    difficult: [N] difficult flags.
+    max_gt: G, the number of slots.
+    name: the image named in the warning.
+
+  Returns:
+    ({"gt_boxes" float32 [G, 4], "gt_labels" int32 [G] (0 where invalid), "gt_valid" bool [G],
+      "gt_difficult" bool [G]}, number of objects left out).
+  """
+  n = len(boxes)
+  keep = np.arange(n)
+  overflow = max(n - max_gt, 0)
+  if overflow:
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = np.sort(np.argsort(-area, kind="stable")[:max_gt])
+    logging.warning("%s: %d objects but data.max_gt=%d; kept the %d largest, left out %d "
+                    "(raise data.max_gt)", name, n, max_gt, max_gt, overflow)
+  k = len(keep)
+  out = {"gt_boxes": np.zeros((max_gt, 4), np.float32),
+         "gt_labels": np.zeros((max_gt,), np.int32),
+         "gt_valid": np.zeros((max_gt,), bool),
+         "gt_difficult": np.zeros((max_gt,), bool)}
+  out["gt_boxes"][:k] = boxes[keep]
+  out["gt_labels"][:k] = labels[keep]
+  out["gt_valid"][:k] = True
+  out["gt_difficult"][:k] = difficult[keep]
+  return out, overflow
+
+
+def prepare(example: dict[str, Any], *, min_size: int, max_size: int, pad_hw: tuple[int, int],
+            max_gt: int, training: bool, flip: bool = False
+            ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Turns one Example into the per-image fields of a Batch.
+
+  Order: drop difficult objects (training only), resize, flip (when `flip`; in the resized
+  frame, where image and boxes agree exactly), drop boxes that
+  became degenerate (zero width or height after scaling and clipping; counted), pad the image
+  to the canvas and the ground truth to `max_gt`.
+
+  Args:
+    example: Example dict (CONTRACTS.md).
+    min_size: target of the shorter side.
+    max_size: cap on the longer side.
+    pad_hw: (height, width) canvas.
+    max_gt: G ground-truth slots.
+    training: drop difficult objects (True) or keep them flagged (False).
+    flip: mirror the image and its boxes left-right.
+
+  Returns:
+    fields: {"image" uint8 [Hp, Wp, 3], "image_hw" int32 [2], "scale" float32 [],
+      "gt_boxes" float32 [G, 4] (resized pixels), "gt_labels" int32 [G], "gt_valid" bool [G],
+      "gt_difficult" bool [G], "image_id" int32 [], "orig_hw" int32 [2], "valid" bool []}.
+    counts: {"gt_overflow": objects left out for lack of slots,
+      "degenerate_boxes": boxes dropped as degenerate after resizing}.
+  """
+  image = example["image"]
+  if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+    raise ValueError(f"{example.get('name', '?')}: image must be uint8 [H, W, 3], got "
+                     f"{image.dtype} {image.shape}")
+  name = str(example.get("name", example["image_id"]))
+  boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
+  labels = np.asarray(example["labels"], np.int32).reshape(-1)
+  difficult = np.asarray(example["difficult"], bool).reshape(-1)
+  if training:
+    easy = ~difficult
+    boxes, labels, difficult = boxes[easy], labels[easy], difficult[easy]
+  orig_hw = image.shape[:2]
+  scale = resize_scale(orig_hw, min_size, max_size, pad_hw)
+  image, boxes = resize(image, boxes, scale, pad_hw)
+  if flip:
+    image, boxes = hflip(image, boxes)
+  ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+  degenerate = int((~ok).sum())
+  if degenerate:
+    logging.warning("%s: %d boxes degenerate after resizing by %.4f, dropped", name,
+                    degenerate, scale)
+  gt, overflow = pad_ground_truth(boxes[ok], labels[ok], difficult[ok], max_gt, name)
+  image_id = int(example["image_id"])
+  if not 0 <= image_id < 2**31:
+    raise ValueError(f"{name}: image_id {image_id} does not fit int32")
+  fields = {
+      "image": pad_image(image, pad_hw),
+      "image_hw": np.array(image.shape[:2], np.int32),
+      "scale": np.float32(scale),
+      **gt,
+      "image_id": np.int32(image_id),
+      "orig_hw": np.array(orig_hw, np.int32),
+      "valid": np.bool_(True),
+  }
+  return fields, {"gt_overflow": overflow, "degenerate_boxes": degenerate}
+
+
+def padding_example(pad_hw: tuple[int, int], max_gt: int) -> dict[str, np.ndarray]:
+  """A black canvas-sized example with valid=False (fills the last eval batch).
+
+  Its image_hw and orig_hw are the canvas (not 0x0) so that no degenerate size reaches the
+  model; `valid` False tells consumers to ignore it.
+
+  Returns:
+    The per-image Batch fields of `prepare`: zero image and ground truth, image_id -1.
+  """
+  canvas = np.array(pad_hw, np.int32)
+  return {
+      "image": np.zeros((int(pad_hw[0]), int(pad_hw[1]), 3), np.uint8),
+      "image_hw": canvas.copy(),
+      "scale": np.float32(1.0),
+      "gt_boxes": np.zeros((max_gt, 4), np.float32),
+      "gt_labels": np.zeros((max_gt,), np.int32),
+      "gt_valid": np.zeros((max_gt,), bool),
+      "gt_difficult": np.zeros((max_gt,), bool),
+      "image_id": np.int32(-1),
+      "orig_hw": canvas.copy(),
+      "valid": np.bool_(False),
+  }
