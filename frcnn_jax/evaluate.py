@@ -6,10 +6,15 @@ Usage:
 
 Restores the newest checkpoint of `WORKDIR/checkpoints` (or step N), runs the jitted `predict`
 data-parallel over every device of every process (the batch sharded on the mesh's `data`
-axis), gathers the detections and ground truth of all processes, and computes the metric of
+axis), gathers the detections and image ids of all processes, and computes the metric of
 `config.eval.metric` (voc07: 11-point AP; voc12: area under the PR envelope; coco: AP@[.5:.95]
 through pycocotools). Process 0 prints the table and writes `WORKDIR/eval/<split>-<step>.json`
 and one precision-recall PNG per class in `WORKDIR/eval/<split>-<step>/`.
+
+The ground truth is the source's original annotation of every image that went through the
+model (`source.annotation(image_id)`, as the PASCAL devkit reads it), not the resized and
+`data.max_gt`-padded boxes of the batches: objects beyond `max_gt` and boxes that vanish at the
+resized scale still count. Images the input pipeline skipped (undecodable) are not evaluated.
 
 The training loop calls `evaluate_params` directly with its live parameters.
 """
@@ -43,8 +48,7 @@ from frcnn_jax.evaluation import voc as voc_eval
 
 METRICS = ("voc07", "voc12", "coco")
 _INPUT_KEYS = ("image", "image_hw", "scale")
-_GT_KEYS = ("image_id", "orig_hw", "valid", "gt_boxes", "gt_labels", "gt_valid",
-            "gt_difficult")
+_ID_KEYS = ("image_id", "orig_hw", "valid")
 
 
 def clip_to_image(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -60,14 +64,14 @@ def clip_to_image(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _gathered_predict(model, settings: detector.DetectorSettings, mesh: jax.sharding.Mesh):
-  """jit(predict + the batch's ground truth) whose outputs are replicated on every device.
+  """jit(predict + the batch's image ids) whose outputs are replicated on every device.
 
   Replicated outputs are the gather: every process can read the whole global batch.
   """
 
   def step(params, batch):
     out = detector.predict(params, batch, model=model, settings=settings)
-    return out, {k: batch[k] for k in ("scale",) + _GT_KEYS}
+    return out, {k: batch[k] for k in _ID_KEYS}
 
   return jax.jit(step, out_shardings=parallel.replicated(mesh))
 
@@ -147,16 +151,21 @@ class _Progress:
     print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
 
-def collect_detections(params: Any, batches: Iterable[Mapping[str, Any]], *, model,
-                       settings: detector.DetectorSettings, mesh: jax.sharding.Mesh,
+def collect_detections(params: Any, batches: Iterable[Mapping[str, Any]], *, source,
+                       model, settings: detector.DetectorSettings, mesh: jax.sharding.Mesh,
                        total: int | None = None, progress: bool = False
                        ) -> tuple[list[dict], list[dict], np.ndarray]:
-  """Runs inference over eval batches and gathers detections and ground truth of all processes.
+  """Runs inference over eval batches; pairs every evaluated image with its original annotation.
+
+  The detections of all processes are gathered; the ground truth of each image is looked up
+  by the image id that came back from the model.
 
   Args:
     params: network parameters (replicated on `mesh`, or host arrays).
-    batches: Batches (CONTRACTS.md) with gt and "valid": each process's slice as numpy, or
-      global arrays already sharded on `mesh`.
+    batches: Batches (CONTRACTS.md) with "image_id", "orig_hw" and "valid": each process's
+      slice as numpy, or global arrays already sharded on `mesh`.
+    source: the dataset source the batches were made from; `source.annotation(image_id)` is
+      the ground truth of each valid example (images the pipeline skipped are not evaluated).
     model: the network (static).
     settings: detector settings (static).
     mesh: the data mesh over all devices.
@@ -166,32 +175,36 @@ def collect_detections(params: Any, batches: Iterable[Mapping[str, Any]], *, mod
   Returns:
     (detections, ground_truths, image_ids), sorted by image id, identical on every process:
     detections[i] = {"boxes" [K, 4] original pixels, "scores" [K], "labels" [K]},
-    ground_truths[i] = {"boxes" [G, 4] original pixels, "labels" [G], "difficult" [G]}.
+    ground_truths[i] = {"boxes" [G, 4] original pixels, "labels" [G], "difficult" [G]}, all
+    of the image's annotated objects.
 
   Raises:
-    ValueError: an image id appears twice among the valid examples.
+    ValueError: an image id appears twice among the valid examples, or an image's size in
+      the batch differs from its annotation's (the batches come from another source).
   """
   step = _gathered_predict(model, settings, mesh)
   bar = _Progress(total, progress and jax.process_index() == 0)
   per_image: dict[int, tuple[dict, dict]] = {}
-  full = []     # images whose ground truth fills every max_gt slot: maybe truncated
 
   def record(outputs) -> None:
-    out, gt = jax.device_get(outputs)
-    for b in np.flatnonzero(gt["valid"]):
-      image_id = int(gt["image_id"][b])
+    out, ids = jax.device_get(outputs)
+    for b in np.flatnonzero(ids["valid"]):
+      image_id = int(ids["image_id"][b])
       if image_id in per_image:
         raise ValueError(f"image id {image_id} appears twice in the eval batches")
-      keep, gkeep = out["valid"][b], gt["gt_valid"][b]
-      if gkeep.all():
-        full.append(image_id)
+      ann = source.annotation(image_id)
+      if not np.array_equal(ann["orig_hw"], ids["orig_hw"][b]):
+        raise ValueError(f"image id {image_id} ({ann['name']}) is {ids['orig_hw'][b].tolist()} "
+                         f"(HxW) in the eval batches but {ann['orig_hw'].tolist()} in the "
+                         "source's annotation: the batches were made from another source")
+      keep = out["valid"][b]
       per_image[image_id] = (
-          {"boxes": clip_to_image(out["boxes"][b][keep], *gt["orig_hw"][b]),
+          {"boxes": clip_to_image(out["boxes"][b][keep], *ann["orig_hw"]),
            "scores": out["scores"][b][keep].astype(np.float64),
            "labels": out["labels"][b][keep].astype(np.int64)},
-          {"boxes": gt["gt_boxes"][b][gkeep].astype(np.float64) / np.float64(gt["scale"][b]),
-           "labels": gt["gt_labels"][b][gkeep].astype(np.int64),
-           "difficult": gt["gt_difficult"][b][gkeep].astype(bool)})
+          {"boxes": ann["boxes"].astype(np.float64),
+           "labels": ann["labels"].astype(np.int64),
+           "difficult": ann["difficult"].astype(bool)})
     bar.update(len(per_image))
 
   pending = None
@@ -201,7 +214,7 @@ def collect_detections(params: Any, batches: Iterable[Mapping[str, Any]], *, mod
       raise ValueError(f"eval batch of {local * jax.process_count()} images does not split "
                        f"evenly over {mesh.devices.size} devices: make eval.batch_size a "
                        "multiple of the device count")
-    batch = _to_global({k: batch[k] for k in _INPUT_KEYS + _GT_KEYS}, mesh)
+    batch = _to_global({k: batch[k] for k in _INPUT_KEYS + _ID_KEYS}, mesh)
     outputs = step(params, batch)       # dispatched; runs while the previous one is read
     if pending is not None:
       record(pending)
@@ -209,10 +222,6 @@ def collect_detections(params: Any, batches: Iterable[Mapping[str, Any]], *, mod
   if pending is not None:
     record(pending)
   bar.update(len(per_image), final=True)
-  if full:
-    logging.warning("%d eval images (ids %s...) fill all data.max_gt ground-truth slots; "
-                    "objects beyond them would be missing from the metric: raise data.max_gt.",
-                    len(full), full[:5])
   ids = np.array(sorted(per_image), np.int64)
   return [per_image[i][0] for i in ids], [per_image[i][1] for i in ids], ids
 
@@ -300,7 +309,7 @@ def write_report(result: Mapping[str, Any], out_dir: str | os.PathLike, *, split
   return path
 
 
-def evaluate_params(params: Any, batches: Iterable[Mapping[str, Any]], *,
+def evaluate_params(params: Any, batches: Iterable[Mapping[str, Any]], *, source,
                     config: ml_collections.ConfigDict, model,
                     settings: detector.DetectorSettings, mesh: jax.sharding.Mesh, step: int,
                     class_names: Sequence[str], split: str, workdir: str | None = None,
@@ -314,6 +323,8 @@ def evaluate_params(params: Any, batches: Iterable[Mapping[str, Any]], *,
   Args:
     params: network parameters (replicated on `mesh`).
     batches: one pass over the eval split (the pipeline's `eval_batches`).
+    source: the eval source the batches were made from (its `annotation(i)` is the ground
+      truth).
     config: the experiment config (`eval.metric`, `eval.iou_threshold`).
     model: the network.
     settings: detector settings (`builders.detector_settings_from_config`).
@@ -329,8 +340,9 @@ def evaluate_params(params: Any, batches: Iterable[Mapping[str, Any]], *,
   Returns:
     `compute_metrics`'s result plus "step" and "path" (the JSON path or None).
   """
-  dets, gts, _ = collect_detections(params, batches, model=model, settings=settings,
-                                    mesh=mesh, total=num_images, progress=progress)
+  dets, gts, _ = collect_detections(params, batches, source=source, model=model,
+                                    settings=settings, mesh=mesh, total=num_images,
+                                    progress=progress)
   result = compute_metrics(dets, gts, class_names, metric=config.eval.metric,
                            iou_threshold=config.eval.iou_threshold, also_coco=also_coco)
   result["step"] = int(step)
@@ -382,8 +394,8 @@ def run_evaluation(config: ml_collections.ConfigDict, params: Any, *, step: int,
   model = builders.model_from_config(config, len(source.classes)) if model is None else model
   settings = builders.detector_settings_from_config(config) if settings is None else settings
   batches = builders.eval_data_from_config(config, source, mesh)
-  return evaluate_params(params, batches, config=config, model=model, settings=settings,
-                         mesh=mesh, step=step, class_names=source.classes,
+  return evaluate_params(params, batches, source=source, config=config, model=model,
+                         settings=settings, mesh=mesh, step=step, class_names=source.classes,
                          split=split_name(config), workdir=workdir,
                          num_images=len(source), progress=progress, also_coco=also_coco)
 

@@ -12,7 +12,10 @@ import pytest
 
 from frcnn_jax import builders
 from frcnn_jax import evaluate
+from frcnn_jax import detector
 from frcnn_jax import parallel
+from frcnn_jax.data import pipeline
+from frcnn_jax.data import sources
 from tests.evaluation.tiny_run import STEP
 from tests.evaluation.tiny_run import tiny_run  # pylint: disable=unused-import
 
@@ -46,17 +49,19 @@ def test_gathered_detections_match_per_image_runs(tiny_run):
   cfg, source = tiny_run.config, tiny_run.source
   kw = dict(model=tiny_run.model, settings=tiny_run.settings, mesh=mesh)
   dets, gts, ids = evaluate.collect_detections(
-      tiny_run.params, builders.eval_data_from_config(cfg, source, mesh), **kw)
+      tiny_run.params, builders.eval_data_from_config(cfg, source, mesh), source=source, **kw)
   np.testing.assert_array_equal(ids, np.arange(len(source)))
   assert sum(len(d["scores"]) for d in dets) > 0
   for i in range(len(source)):
     example = source[i]
+    one_source = _One(example)
     one, _, _ = evaluate.collect_detections(
-        tiny_run.params, builders.eval_data_from_config(cfg, _One(example), mesh), **kw)
+        tiny_run.params, builders.eval_data_from_config(cfg, one_source, mesh),
+        source=one_source, **kw)
     for key in ("boxes", "scores", "labels"):
       np.testing.assert_allclose(dets[i][key], one[0][key], atol=1e-4)
-    # Ground truth comes back in original pixels with its difficult flags.
-    np.testing.assert_allclose(gts[i]["boxes"], example["boxes"], atol=1e-4)
+    # Ground truth is the original annotation, with its difficult flags.
+    np.testing.assert_array_equal(gts[i]["boxes"], example["boxes"])
     np.testing.assert_array_equal(gts[i]["labels"], example["labels"])
     np.testing.assert_array_equal(gts[i]["difficult"], example["difficult"])
 
@@ -84,6 +89,9 @@ class _One:
 
   def __getitem__(self, i):
     return {**self.example, "image_id": np.int64(0)}
+
+  def annotation(self, i):
+    return {k: self.example[k] for k in sources.ANNOTATION_KEYS}
 
 
 def test_format_table_marks_classes_without_gt():
@@ -122,8 +130,8 @@ _PARALLEL_SCRIPT = textwrap.dedent("""
     source = builders.source_from_config(config, "eval")
     model = builders.model_from_config(config, len(source.classes))
     dets, gts, ids = evaluate.collect_detections(
-        params, builders.eval_data_from_config(config, source, mesh), model=model,
-        settings=builders.detector_settings_from_config(config), mesh=mesh)
+        params, builders.eval_data_from_config(config, source, mesh), source=source,
+        model=model, settings=builders.detector_settings_from_config(config), mesh=mesh)
     r = evaluate.compute_metrics(dets, gts, source.classes)
     # eval.batch_size=2 is rounded up to the 8 devices by run_evaluation.
     rounded = evaluate.run_evaluation(config_flags.load_config(sys.argv[1]), params, step=0,
@@ -144,7 +152,7 @@ def test_eight_devices_give_the_same_detections_and_metrics(tiny_run):
   mesh = parallel.make_mesh(jax.devices()[:1])
   dets, gts, ids = evaluate.collect_detections(
       tiny_run.params, builders.eval_data_from_config(tiny_run.config, tiny_run.source, mesh),
-      model=tiny_run.model, settings=tiny_run.settings, mesh=mesh)
+      source=tiny_run.source, model=tiny_run.model, settings=tiny_run.settings, mesh=mesh)
   one = evaluate.compute_metrics(dets, gts, tiny_run.source.classes)
   assert eight["ids"] == ids.tolist()
   for d8, d1 in zip(eight["dets"], dets):
@@ -153,3 +161,73 @@ def test_eight_devices_give_the_same_detections_and_metrics(tiny_run):
                                  atol=1e-4)
   assert eight["ap"] == pytest.approx(one["ap"], abs=1e-6, nan_ok=True)
   assert eight["map"] == pytest.approx(one["map"], abs=1e-6)
+
+
+# Original annotations (DESIGN pixels): image 0 holds 5 objects (more than max_gt=3; the two
+# smallest are cut from its batch), image 1 a box 0.2 px wide once resized that the resize
+# rounding pushes past the image border (dropped from its batch as degenerate), image 2 cannot
+# be decoded (skipped by the pipeline, so never evaluated).
+_ORACLE_SIZES = ((40, 50), (40, 47), (40, 40))
+_ORACLE_BOXES = (
+    [[0, 0, 20, 20], [25, 0, 50, 20], [0, 22, 20, 40], [30, 30, 34, 34], [40, 30, 44, 33]],
+    [[0, 0, 30, 30], [46, 10, 47, 20]],
+    [[5, 5, 30, 30]])
+_ORACLE_LABELS = ([1, 2, 3, 1, 2], [2, 1], [3])
+
+
+class _Annotated:
+  """Flat images with the annotations above (image 2 unreadable: `source[2]` is None)."""
+
+  classes = ("a", "b", "c")
+  name = "annotated"
+
+  def __len__(self):
+    return len(_ORACLE_SIZES)
+
+  def annotation(self, i):
+    return sources.annotation(_ORACLE_BOXES[i], _ORACLE_LABELS[i],
+                              np.zeros(len(_ORACLE_LABELS[i]), bool), f"img{i}",
+                              _ORACLE_SIZES[i])
+
+  def __getitem__(self, i):
+    if i == 2:
+      return None
+    return sources.example(np.zeros(_ORACLE_SIZES[i] + (3,), np.uint8), self.annotation(i), i)
+
+
+def _oracle_predict(params, batch, *, model, settings):
+  """Stands in for detector.predict: the detections stored for each image id in `params`."""
+  del model, settings
+  return jax.tree.map(lambda table: table[batch["image_id"]], params)
+
+
+def test_ground_truth_is_the_original_annotation(monkeypatch):
+  source = _Annotated()
+  batches = list(pipeline.eval_batches(source, batch_size=2, min_size=8, max_size=100,
+                                       pad_hw=(16, 16), max_gt=3))
+  # The batches lost objects: 3 of 5 slots in image 0, the degenerate box of image 1.
+  assert batches[0]["gt_valid"].sum(1).tolist() == [3, 1]
+  # Perfect detections: the original boxes; the cut objects score highest, so that losing
+  # their ground truth would make them false positives ranked first.
+  table = {"boxes": np.zeros((3, 5, 4), np.float32), "scores": np.zeros((3, 5), np.float32),
+           "labels": np.ones((3, 5), np.int32), "valid": np.zeros((3, 5), bool)}
+  for i, (boxes, labels) in enumerate(zip(_ORACLE_BOXES, _ORACLE_LABELS)):
+    n = len(boxes)
+    table["boxes"][i, :n], table["labels"][i, :n], table["valid"][i, :n] = boxes, labels, True
+    table["scores"][i, :n] = np.linspace(0.5, 0.9, n)
+  monkeypatch.setattr(detector, "predict", _oracle_predict)
+  evaluate._gathered_predict.cache_clear()  # pylint: disable=protected-access
+  try:
+    dets, gts, ids = evaluate.collect_detections(
+        table, batches, source=source, model="oracle", settings=None,
+        mesh=parallel.make_mesh(jax.devices()[:1]))
+  finally:
+    evaluate._gathered_predict.cache_clear()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(ids, [0, 1])
+  for i in ids:
+    np.testing.assert_array_equal(gts[i]["boxes"], _ORACLE_BOXES[i])
+    np.testing.assert_array_equal(gts[i]["labels"], _ORACLE_LABELS[i])
+    np.testing.assert_array_equal(dets[i]["boxes"], _ORACLE_BOXES[i])
+  for metric in ("voc07", "voc12"):
+    result = evaluate.compute_metrics(dets, gts, source.classes, metric=metric)
+    assert result["map"] == 1.0 and result["ap"] == {"a": 1.0, "b": 1.0, "c": 1.0}, result

@@ -25,6 +25,7 @@ class COCOJsonSource:
   `source[i]` returns the Example of the i-th image of the json's "images" list that survived
   the checks, or None when its image cannot be decoded (or its size differs from the json's)
   and the policy is "skip"; under "error" it raises ValueError naming the file.
+  `annotation(i)` returns its annotation fields without reading the image.
 
   Attributes:
     classes: category names in increasing category id order.
@@ -149,16 +150,24 @@ class COCOJsonSource:
   def __len__(self) -> int:
     return len(self._paths)
 
+  def annotation(self, index: int) -> dict[str, Any]:
+    """The annotation fields of `self[index]` without reading the image (sources.annotation).
+
+    Raises:
+      IndexError: `index` is out of range.
+    """
+    index = sources.check_index(index, len(self._paths), self.name)
+    return sources.annotation(self._boxes[index], self._labels[index], self._difficult[index],
+                              self._names[index], self._hw[index])
+
   def __getitem__(self, index: int) -> dict[str, Any] | None:
-    if not 0 <= index < len(self._paths):
-      raise IndexError(f"{self.name}: index {index} out of range [0, {len(self._paths)})")
+    ann = self.annotation(index)
     path = self._paths[index]
     image = sources.read_checked(lambda: images.read_image(path), path, self._hw[index],
                                  self.bad_input_log)
     if image is None:
       return None
-    return sources.example(image, self._boxes[index], self._labels[index],
-                           self._difficult[index], index, self._names[index])
+    return sources.example(image, ann, index)
 
   def __repr__(self) -> str:
     return f"COCOJsonSource({self.name}, {len(self)} images, {len(self.classes)} classes)"

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from frcnn_jax.data import sources
+
 CLASSES = ("circle", "square", "triangle", "diamond", "star", "cross")
 _SPLITS = {"train": 0, "test": 1}
 _SQUARE_ONLY = ("circle", "square", "star")
@@ -148,6 +150,15 @@ class ShapesSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     return self.render(index)[0]
 
+  def annotation(self, index: int) -> dict[str, Any]:
+    """The annotation fields of `self[index]` (sources.ANNOTATION_KEYS).
+
+    The boxes come from the rendered pixels, so this renders the image (deterministically:
+    the same boxes as `self[index]`, in every process).
+    """
+    example = self[index]
+    return {k: example[k] for k in sources.ANNOTATION_KEYS}
+
   def _place(self, rng: np.random.Generator) -> tuple[int, np.ndarray, int, int]:
     """Draws a random shape: label (1..C), local mask [h, w], top-left (y, x)."""
     img_h, img_w = self.hw
@@ -214,13 +225,7 @@ class ShapesSource:
       rows, cols = np.flatnonzero(local.any(1)), np.flatnonzero(local.any(0))
       boxes[k] = (x + cols[0], y + rows[0], x + cols[-1] + 1, y + rows[-1] + 1)
       masks[k, y:y + h, x:x + w] = local
-    example = {
-        "image": image,
-        "boxes": boxes,
-        "labels": np.asarray(labels, np.int32),
-        "difficult": np.zeros(len(labels), bool),
-        "image_id": np.int64(index),
-        "name": f"{self.name}_{index:06d}",
-        "orig_hw": np.asarray(self.hw, np.int32),
-    }
+    ann = sources.annotation(boxes, labels, np.zeros(len(labels), bool),
+                             f"{self.name}_{index:06d}", self.hw)
+    example = sources.example(image, ann, index)
     return example, masks

@@ -11,6 +11,14 @@ converted to RGB, images without objects are kept as all-background examples.
 Annotation problems are found when a source is built; image decoding happens when a record is
 read (in grain worker processes), where a bad image makes `source[i]` return None under "skip"
 (the pipeline filters it out) and raise `images.ImageDecodeError` (a ValueError) under "error".
+
+Every source also has `annotation(i)`: the Example fields of record i other than the image and
+its id ("boxes", "labels", "difficult", "name", "orig_hw"; `ANNOTATION_KEYS`), exactly as
+`source[i]` returns them, without decoding the image (the evaluator reads the original ground
+truth through it). It does not check the pixels: for a record whose image `source[i]` skips as
+undecodable it still returns the annotation (the evaluator only asks for records that came
+back from the input pipeline), except that the tfds source, whose records hold no image size,
+reads it from the image header and raises `images.ImageDecodeError` when that is unreadable.
 """
 
 import logging
@@ -138,18 +146,54 @@ def read_checked(read: Callable[[], np.ndarray], path: str | os.PathLike,
   return image
 
 
-def example(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, difficult: np.ndarray,
-            image_id: int, name: str) -> dict[str, Any]:
-  """Assembles the Example dict of CONTRACTS.md with its exact dtypes."""
+ANNOTATION_KEYS = ("boxes", "labels", "difficult", "name", "orig_hw")
+
+
+def annotation(boxes: np.ndarray, labels: np.ndarray, difficult: np.ndarray, name: str,
+               hw: tuple[int, int]) -> dict[str, Any]:
+  """Assembles the annotation of one image: the Example fields other than image and image_id.
+
+  Args:
+    boxes: [N, 4] xyxy boxes in original pixels (DESIGN convention).
+    labels: [N] labels 1..C.
+    difficult: [N] difficult flags.
+    name: the image's name (file stem / id).
+    hw: (height, width) of the original image.
+
+  Returns:
+    {"boxes" float32 [N, 4], "labels" int32 [N], "difficult" bool [N], "name" str,
+     "orig_hw" int32 [2]} (fresh arrays: callers may modify them).
+  """
   return {
-      "image": image,
-      "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-      "labels": np.asarray(labels, np.int32).reshape(-1),
-      "difficult": np.asarray(difficult, bool).reshape(-1),
-      "image_id": np.int64(image_id),
-      "name": name,
-      "orig_hw": np.array(image.shape[:2], np.int32),
+      "boxes": np.array(boxes, np.float32).reshape(-1, 4),
+      "labels": np.array(labels, np.int32).reshape(-1),
+      "difficult": np.array(difficult, bool).reshape(-1),
+      "name": str(name),
+      "orig_hw": np.array(hw, np.int32).reshape(2),
   }
+
+
+def example(image: np.ndarray, ann: dict[str, Any], image_id: int) -> dict[str, Any]:
+  """Assembles the Example dict of CONTRACTS.md from an image and its `annotation` dict.
+
+  Raises:
+    ValueError: the image's size differs from the annotation's orig_hw.
+  """
+  if tuple(image.shape[:2]) != tuple(ann["orig_hw"]):
+    raise ValueError(f"{ann['name']}: image is {image.shape[0]}x{image.shape[1]} (HxW) but its "
+                     f"annotation says {ann['orig_hw'].tolist()}")
+  return {"image": image, **ann, "image_id": np.int64(image_id)}
+
+
+def check_index(index: int, length: int, source_name: str) -> int:
+  """Returns `index` as an int.
+
+  Raises:
+    IndexError: it is outside [0, length).
+  """
+  if not 0 <= index < length:
+    raise IndexError(f"{source_name}: index {index} out of range [0, {length})")
+  return int(index)
 
 
 def make_source(name: str, split: str, *, data_dir: str,

@@ -15,11 +15,13 @@ x1 = -1, clipped to 0 and counted.
 """
 
 import bisect
+import io
 import os
 from typing import Any, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from frcnn_jax import defaults
 from frcnn_jax.data import images
@@ -34,6 +36,20 @@ _SNAP = 1e-3
 def _prepare_command(data_dir: str, year: str) -> str:
   return (f"python scripts/prepare_voc.py --data_dir {data_dir} --years {year}"
           " (add --tar_dir DIR to build from the original VOC tars without network)")
+
+
+def _header_hw(data: bytes, where: str) -> tuple[int, int]:
+  """(height, width) of encoded image bytes from the header alone (no pixel decoding).
+
+  Raises:
+    images.ImageDecodeError: the header is not a readable image.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      width, height = image.size
+  except (OSError, SyntaxError, ValueError) as e:
+    raise images.ImageDecodeError(f"{where}: cannot read image header ({e})") from e
+  return height, width
 
 
 def normalized_to_pixels(bbox: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -59,8 +75,9 @@ class TfdsVOCSource:
 
   `source[i]` returns the Example of record i, or None when its image cannot be decoded and
   the policy is "skip"; under "error" it raises `images.ImageDecodeError` (a ValueError)
-  naming the record. The tfds data sources are opened lazily in each process, so the source
-  pickles cheaply into grain workers.
+  naming the record. `annotation(i)` returns its annotation fields without decoding the image
+  (the size comes from the image header). The tfds data sources are opened lazily in each
+  process, so the source pickles cheaply into grain workers.
   """
 
   def __init__(self, data_dir: str | os.PathLike, years: Sequence[str] = ("2007",),
@@ -137,27 +154,46 @@ class TfdsVOCSource:
   def __len__(self) -> int:
     return int(self._starts[-1])
 
-  def __getitem__(self, index: int) -> dict[str, Any] | None:
-    if not 0 <= index < len(self):
-      raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
+  def _read(self, index: int) -> tuple[dict[str, Any], str]:
+    """Fetches record `index` (image bytes undecoded) and the name used in messages."""
+    index = sources.check_index(index, len(self), self.name)
     part = bisect.bisect_right(self._starts, index) - 1
     local = index - int(self._starts[part])
     record = self._open()[part][local]
-    filename = record["image/filename"].decode()
     year, tfds_split = self._parts[part]
-    where = f"{self._data_dir}/voc/{year} {tfds_split}[{local}] ({filename})"
+    filename = record["image/filename"].decode()
+    return record, f"{self._data_dir}/voc/{year} {tfds_split}[{local}] ({filename})"
+
+  def _annotation(self, record: dict[str, Any], hw: tuple[int, int],
+                  where: str) -> dict[str, Any]:
+    """A record's annotation (sources.annotation) for an image of size `hw`."""
+    objects = record["objects"]
+    labels = self._label_map[np.asarray(objects["label"], np.int64).reshape(-1)]
+    known = labels > 0
+    boxes = normalized_to_pixels(np.asarray(objects["bbox"], np.float32), hw)
+    boxes, keep = sources.clean_boxes(boxes[known], hw, where, self.bad_input_log)
+    difficult = np.asarray(objects["is_difficult"], bool).reshape(-1)[known][keep]
+    name = os.path.splitext(record["image/filename"].decode())[0]
+    return sources.annotation(boxes, labels[known][keep], difficult, name, hw)
+
+  def annotation(self, index: int) -> dict[str, Any]:
+    """The annotation fields of `self[index]`, with the image size read from its header only.
+
+    Raises:
+      IndexError: `index` is out of range.
+      images.ImageDecodeError: the image header is unreadable (`self[index]` would skip the
+        record, or raise under "error").
+    """
+    record, where = self._read(index)
+    return self._annotation(record, _header_hw(record["image"], where), where)
+
+  def __getitem__(self, index: int) -> dict[str, Any] | None:
+    record, where = self._read(index)
     image = sources.read_checked(lambda: images.decode_image(record["image"], where), where,
                                  None, self.bad_input_log)
     if image is None:
       return None
-    objects = record["objects"]
-    labels = self._label_map[np.asarray(objects["label"], np.int64).reshape(-1)]
-    known = labels > 0
-    boxes = normalized_to_pixels(np.asarray(objects["bbox"], np.float32), image.shape[:2])
-    boxes, keep = sources.clean_boxes(boxes[known], image.shape[:2], where, self.bad_input_log)
-    difficult = np.asarray(objects["is_difficult"], bool).reshape(-1)[known][keep]
-    return sources.example(image, boxes, labels[known][keep], difficult, index,
-                           os.path.splitext(filename)[0])
+    return sources.example(image, self._annotation(record, image.shape[:2], where), index)
 
   def __repr__(self) -> str:
     return f"TfdsVOCSource({self.name}, {len(self)} images, {len(self.classes)} classes)"

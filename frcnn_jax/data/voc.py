@@ -55,7 +55,8 @@ class VOCFolderSource:
 
   `source[i]` returns the Example of record i, or None when its image cannot be decoded (or
   its size differs from the annotation's) and the policy is "skip"; under "error" it raises
-  ValueError (`images.ImageDecodeError`) naming the file.
+  ValueError (`images.ImageDecodeError`) naming the file. `annotation(i)` returns its
+  annotation fields without reading the image.
   """
 
   def __init__(self, root: str | os.PathLike, years: Sequence[str] = ("2007",),
@@ -151,16 +152,24 @@ class VOCFolderSource:
   def __len__(self) -> int:
     return len(self._paths)
 
+  def annotation(self, index: int) -> dict[str, Any]:
+    """The annotation fields of `self[index]` without reading the image (sources.annotation).
+
+    Raises:
+      IndexError: `index` is out of range.
+    """
+    index = sources.check_index(index, len(self._paths), self.name)
+    return sources.annotation(self._boxes[index], self._labels[index], self._difficult[index],
+                              self._names[index], self._hw[index])
+
   def __getitem__(self, index: int) -> dict[str, Any] | None:
-    if not 0 <= index < len(self._paths):
-      raise IndexError(f"{self.name}: index {index} out of range [0, {len(self._paths)})")
+    ann = self.annotation(index)
     path = self._paths[index]
     image = sources.read_checked(lambda: images.read_image(path), path, self._hw[index],
                                  self.bad_input_log)
     if image is None:
       return None
-    return sources.example(image, self._boxes[index], self._labels[index],
-                           self._difficult[index], index, self._names[index])
+    return sources.example(image, ann, index)
 
   def __repr__(self) -> str:
     return f"VOCFolderSource({self.name}, {len(self)} images, {len(self.classes)} classes)"

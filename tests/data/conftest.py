@@ -5,7 +5,8 @@ box touching the border, an image without objects) and VOC2012 (2 images), all c
 annotations are in `voc_spec`. `coco_root` (session scope): <root>/annotations/instances_train.json
 and <root>/images (4 images, non-contiguous category ids, a crowd box, an image without
 annotations); the json content is `coco_spec`. `write_voc` writes a custom tree (bad-input cases).
-Treat the session-scoped trees as read-only.
+Treat the session-scoped trees as read-only. `assert_annotations_match(source)` checks a source's
+`annotation(i)` against `source[i]`.
 """
 
 import io
@@ -16,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 from PIL import Image
+
+from frcnn_jax.data import sources
 
 WIDTH, HEIGHT = 64, 48
 
@@ -42,6 +45,24 @@ VOC2012_SPLITS = {
     "val": ["2012_000002"],
     "trainval": ["2012_000001", "2012_000002"],
 }
+
+
+def assert_annotations_match(source) -> None:
+  """`source.annotation(i)` equals the annotation fields of `source[i]` (values and dtypes) for
+  every readable record, returns fresh arrays, and raises IndexError past the end."""
+  for i in range(len(source)):
+    ann, ex = source.annotation(i), source[i]
+    if ex is None:  # an unreadable image, skipped by the pipeline and so never evaluated
+      continue
+    assert sorted(ann) == sorted(sources.ANNOTATION_KEYS), sorted(ann)
+    assert ann["name"] == ex["name"] and isinstance(ann["name"], str)
+    for key in ("boxes", "labels", "difficult", "orig_hw"):
+      assert ann[key].dtype == ex[key].dtype, (i, key)
+      np.testing.assert_array_equal(ann[key], ex[key], err_msg=f"record {i} {key}")
+    ann["boxes"] += 1.0
+    np.testing.assert_array_equal(source.annotation(i)["boxes"], ex["boxes"])
+  with pytest.raises(IndexError):
+    source.annotation(len(source))
 
 
 def pixels(name: str, hw: tuple[int, int] = (HEIGHT, WIDTH)) -> np.ndarray:

@@ -70,6 +70,22 @@ def test_golden_boxes_and_crowd(coco_root):
   assert train[3]["name"] == "sub/c"
 
 
+@pytest.mark.parametrize("drop_crowd", [True, False])
+def test_annotation_equals_example_fields(coco_root, drop_crowd):
+  trees.assert_annotations_match(_source(coco_root, drop_crowd=drop_crowd))
+
+
+def test_annotation_shares_the_cleaning_and_reads_no_pixels(tmp_path):
+  spec = _with(lambda s: (s["annotations"][4].update(bbox=[40.0, 30.0, 30.0, 30.0]),
+                          s["annotations"][3].update(bbox=[1.0, 2.0, 0.0, 4.0])))
+  source = _source(trees.write_coco(tmp_path, spec, {"b.jpg": b"not an image"}))
+  trees.assert_annotations_match(source)
+  np.testing.assert_array_equal(source.annotation(3)["boxes"], [[40, 30, 64, 48]])
+  # b.jpg cannot be decoded (source[1] is skipped), yet its annotation needs no pixels.
+  assert source[1] is None and source.annotation(1)["name"] == "b"
+  np.testing.assert_array_equal(source.annotation(1)["boxes"], [[30, 20, 40, 25]])
+
+
 def test_pickle_and_make_source(coco_root):
   source = sources.make_source("coco_json", "train", data_dir=str(coco_root),
                                annotation_file="annotations/instances_train.json",

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from frcnn_jax.data import shapes
+from tests.data import conftest as trees
 
 
 def _mask_box(mask: np.ndarray) -> list[int]:
@@ -71,6 +72,13 @@ def test_deterministic_and_splits_differ():
   assert all(not np.array_equal(a[i]["image"], test[i]["image"]) for i in range(5))
   other_seed = shapes.ShapesSource(5, image_size=32, seed=4)
   assert not np.array_equal(a[0]["image"], other_seed[0]["image"])
+
+
+def test_annotation_equals_example_fields():
+  source = shapes.ShapesSource(4, split="test", image_size=(40, 56), seed=7)
+  trees.assert_annotations_match(source)
+  fresh = shapes.ShapesSource(4, split="test", image_size=(40, 56), seed=7)
+  np.testing.assert_array_equal(fresh.annotation(3)["boxes"], source[3]["boxes"])
 
 
 def test_variety_of_classes_sizes_and_aspect_ratios():

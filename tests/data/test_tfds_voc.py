@@ -22,6 +22,7 @@ from frcnn_jax.data import images
 from frcnn_jax.data import sources
 from frcnn_jax.data import tfds_voc
 from frcnn_jax.data import voc
+from tests.data import conftest as trees
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TARS = {"VOCtrainval_06-Nov-2007.tar": "2007", "VOCtest_06-Nov-2007.tar": "2007",
@@ -73,6 +74,13 @@ def test_tfds_equals_folder_reader(tfds_dir, voc_root, years, split):
   assert source.bad_input_log.skipped == [] and source.bad_input_log.clipped == 0
 
 
+@pytest.mark.parametrize("years,split,classes", [
+    (("2007",), "trainval", defaults.VOC_CLASSES), (("2007",), "test", defaults.VOC_CLASSES),
+    (("2007", "2012"), "trainval", ("person", "dog"))])
+def test_annotation_equals_example_fields(tfds_dir, years, split, classes):
+  trees.assert_annotations_match(tfds_voc.TfdsVOCSource(tfds_dir, years, split, classes=classes))
+
+
 def test_reading_needs_no_tensorflow(tfds_dir):
   code = ("import sys; from frcnn_jax.data import sources; "
           f"s = sources.make_source('voc_tfds', 'test', data_dir={str(tfds_dir)!r}); "
@@ -121,6 +129,8 @@ class _FakeSource:
 def test_corrupt_image_record(tfds_dir, policy):
   source = tfds_voc.TfdsVOCSource(tfds_dir, ("2007",), "test", bad_input=policy)
   source._sources = [_FakeSource(b"\xff\xd8\xff truncated")]  # pylint: disable=protected-access
+  with pytest.raises(images.ImageDecodeError, match=r"test\[0\] \(bad.jpg\): cannot read image"):
+    source.annotation(0)  # the size comes from the image header, which is unreadable too
   if policy == "error":
     with pytest.raises(images.ImageDecodeError, match=r"voc/2007 test\[0\] \(bad.jpg\)"):
       source[0]
@@ -128,6 +138,17 @@ def test_corrupt_image_record(tfds_dir, policy):
     assert source[0] is None
     assert len(source.bad_input_log.skipped) == 1
     assert "bad.jpg" in source.bad_input_log.skipped[0]
+
+
+def test_annotation_of_truncated_image_reads_its_header(tfds_dir):
+  jpeg = trees.encode(trees.pixels("t", (30, 50)))
+  source = tfds_voc.TfdsVOCSource(tfds_dir, ("2007",), "test")
+  source._sources = [_FakeSource(jpeg[:-40])]  # pylint: disable=protected-access
+  assert source[0] is None  # the pixels are cut short; the header is whole
+  ann = source.annotation(0)
+  assert ann["name"] == "bad" and ann["orig_hw"].tolist() == [30, 50]
+  source._sources = [_FakeSource(jpeg)]  # pylint: disable=protected-access
+  trees.assert_annotations_match(source)
 
 
 def test_tfrecord_build_rejected(tfds_dir, tmp_path):

@@ -78,6 +78,30 @@ def test_years_concatenated(voc_root, voc_spec):
     source[len(names)]
 
 
+@pytest.mark.parametrize("years,split", [(("2007",), "test"), (("2007", "2012"), "trainval")])
+def test_annotation_equals_example_fields(voc_root, years, split):
+  trees.assert_annotations_match(voc.VOCFolderSource(voc_root, years, split))
+
+
+def test_annotation_shares_the_cleaning_and_reads_no_pixels(write_voc):
+  xml = trees.voc_xml("nosize", [GOOD]).replace("<width>64</width>", "<width>0</width>")
+  root = write_voc({
+      "clipped": [("cat", 50, 40, 80, 60, 0, 0), ("dog", 0, 0, 5, 5, 1, 0)],
+      "cleaned": [GOOD, ("cat", 20, 10, 19, 30, 0, 0), ("unicorn", 2, 2, 9, 9, 0, 0)],
+      "nosize": {"xml": xml},
+      "corrupt": {"objects": [GOOD], "image": _jpeg("corrupt")[:300]},
+  })
+  source = voc.VOCFolderSource(root, ("2007",), "trainval")
+  trees.assert_annotations_match(source)
+  np.testing.assert_array_equal(source.annotation(0)["boxes"], [[49, 39, 64, 48], [0, 0, 5, 5]])
+  np.testing.assert_array_equal(source.annotation(1)["labels"], [12])
+  np.testing.assert_array_equal(source.annotation(2)["orig_hw"], [48, 64])
+  # The corrupt image is skipped when read, but its annotation needs no pixels.
+  ann = source.annotation(3)
+  assert ann["name"] == "corrupt" and source[3] is None
+  np.testing.assert_array_equal(ann["boxes"], [[9, 7, 40, 30]])
+
+
 def test_pickle_roundtrip(voc_root):
   source = voc.VOCFolderSource(voc_root, ("2007",), "trainval")
   clone = pickle.loads(pickle.dumps(source))
