@@ -93,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 70000
   c.train.batch_size = 1            # global, over all devices and hosts
-  c.train.optimizer = "sgd"
+  c.train.optimizer = "sgd"         # sgd (Caffe SGD, the paper) | adamw
   c.train.learning_rate = 1e-3      # for batch_size images; scale linearly with it
   c.train.momentum = 0.9
   c.train.weight_decay = 5e-4

@@ -1,0 +1,76 @@
+"""Synthetic shapes: the quick end-to-end check (no downloads, CPU friendly).
+
+Command (the README's main command):
+
+  python -m frcnn_jax.train --config experiments/shapes.py --workdir runs/shapes
+
+Target: VOC07 mAP >= 0.90 on the 128-image shapes test split, trained from scratch in at most
+10 minutes on 2 CPU cores. Measured so far (2 CPU cores shared with other jobs, load ~5):
+mAP 0.860 after 1500 steps in 10:47 wall (564 s user + 185 s system CPU); RoI max pooling
+instead of RoIAlign gave 0.847. Evaluation at the end writes runs/shapes/eval/test-1500.json.
+
+The detector is Faster R-CNN with every size scaled down to the task: a VGG-style trunk with
+one conv per block and an eighth of the channels (8 ... 64; stride 16 as in VGG16), 256 x 256
+images (at 128 x 128 the smallest shapes, 10 pixels, are below one feature cell and mAP stalls
+near 0.6), RoIAlign (better boxes for small shapes), anchors of 16 to 256 pixels, fewer
+proposals and sampled RoIs, a 256-wide head, no pretrained weights (so no frozen blocks), and
+AdamW (lr 2e-3, 100 warmup steps, x0.1 at step
+1200): from scratch it learns several times faster than the paper's SGD (mAP 0.25 vs 0.12
+after 600 steps in our runs).
+"""
+
+import ml_collections
+
+from frcnn_jax import defaults
+
+CLASSES = ("circle", "square", "triangle", "diamond", "star", "cross")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The shapes config (see the module docstring)."""
+  c = defaults.get_config()
+  c.data.name = "shapes"
+  c.data.classes = CLASSES
+  c.data.shapes_num_train = 1024
+  c.data.shapes_num_test = 128
+  c.data.shapes_image_size = 256
+  c.data.min_size = 256
+  c.data.max_size = 256
+  c.data.pad_hw = (256, 256)
+  c.data.max_gt = 8
+  c.data.num_workers = 1
+  c.data.prefetch = 2
+
+  c.model.width = 0.125
+  c.model.convs_per_block = (1, 1, 1, 1, 1)
+  c.model.frozen_blocks = 0
+  c.model.input_norm = "torchvision"
+  c.model.anchor_sizes = (16, 32, 64, 128, 256)
+  c.model.roi_op = "roi_align"
+  c.model.fc_dim = 256
+  c.model.dropout = 0.0
+
+  c.rpn.pre_nms_top_n_train = 2000
+  c.rpn.post_nms_top_n_train = 128
+  c.rpn.pre_nms_top_n_test = 2000
+  c.rpn.post_nms_top_n_test = 64
+  c.rpn.min_size = 4.0
+  c.rpn.batch_size_per_image = 128
+  c.rpn.allowed_border = -1.0
+
+  c.roi.batch_size_per_image = 64
+
+  c.train.optimizer = "adamw"
+  c.train.learning_rate = 2e-3
+  c.train.weight_decay = 1e-4
+  c.train.bias_lr_mult = 1.0
+  c.train.num_steps = 1500
+  c.train.batch_size = 8
+  c.train.warmup_steps = 100
+  c.train.lr_boundaries = (1200,)
+  c.train.checkpoint_every = 500
+  c.train.log_every = 50
+  c.train.grad_clip_norm = 10.0
+
+  c.eval.batch_size = 16
+  return c

@@ -1,0 +1,224 @@
+"""The one place that maps a config (`frcnn_jax/defaults.py`) to objects and plain arguments."""
+
+import os
+
+import jax.numpy as jnp
+import ml_collections
+
+from frcnn_jax import detector
+from frcnn_jax import optim
+from frcnn_jax.data import pipeline
+from frcnn_jax.data import shapes
+from frcnn_jax.data import sources
+from frcnn_jax.models import faster_rcnn
+from frcnn_jax.models import heads
+from frcnn_jax.models import rpn
+from frcnn_jax.models import vgg
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _choice(name: str, value: str, allowed) -> str:
+  if value not in allowed:
+    raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+  return value
+
+
+def _positive(name: str, value, minimum: float = 0.0, inclusive: bool = False):
+  if value < minimum or (value == minimum and not inclusive):
+    raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {minimum}, got {value!r}")
+  return value
+
+
+def _fraction(name: str, value: float) -> float:
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+  return float(value)
+
+
+def model_from_config(config: ml_collections.ConfigDict,
+                      num_classes: int) -> faster_rcnn.FasterRCNN:
+  """Builds the network from `config.model` (and the anchor count from its anchors).
+
+  Args:
+    config: the experiment config.
+    num_classes: C foreground classes (usually len(config.data.classes)).
+
+  Raises:
+    ValueError: naming the config key of an invalid value.
+  """
+  m = config.model
+  _positive("num_classes", num_classes, 1, inclusive=True)
+  convs = tuple(int(n) for n in m.convs_per_block)
+  if len(convs) != len(vgg.BASE_CHANNELS) or min(convs) < 1:
+    raise ValueError(f"model.convs_per_block must be {len(vgg.BASE_CHANNELS)} positive "
+                     f"integers, got {m.convs_per_block!r}")
+  if not 0 <= m.frozen_blocks <= len(convs):
+    raise ValueError(f"model.frozen_blocks must be in [0, {len(convs)}], got "
+                     f"{m.frozen_blocks!r}")
+  if m.anchor_stride != vgg.STRIDE:
+    raise ValueError(f"model.anchor_stride must be the VGG16 trunk stride {vgg.STRIDE}, got "
+                     f"{m.anchor_stride!r}")
+  return faster_rcnn.FasterRCNN(
+      num_classes=int(num_classes),
+      width=float(_positive("model.width", m.width)),
+      convs_per_block=convs,
+      frozen_blocks=int(m.frozen_blocks),
+      input_norm=_choice("model.input_norm", m.input_norm, faster_rcnn.INPUT_NORMS),
+      num_anchors=len(m.anchor_sizes) * len(m.anchor_ratios),
+      rpn_objectness=_choice("model.rpn_objectness", m.rpn_objectness, rpn.OBJECTNESS_MODES),
+      roi_op=_choice("model.roi_op", m.roi_op, heads.ROI_OPS),
+      roi_size=int(_positive("model.roi_size", m.roi_size, 1, inclusive=True)),
+      roi_sampling_ratio=int(m.roi_sampling_ratio),
+      roi_aligned=bool(m.roi_aligned),
+      fc_dim=int(_positive("model.fc_dim", m.fc_dim, 1, inclusive=True)),
+      dropout=_fraction("model.dropout", m.dropout),
+      dtype=_DTYPES[_choice("model.dtype", m.dtype, _DTYPES)],
+  )
+
+
+def detector_settings_from_config(config: ml_collections.ConfigDict) -> detector.DetectorSettings:
+  """Maps model anchors, rpn.*, roi.* and test.* to the static `DetectorSettings`.
+
+  Raises:
+    ValueError: naming the config key of an invalid value.
+  """
+  m, r, o, t = config.model, config.rpn, config.roi, config.test
+  for name in ("pre_nms_top_n_train", "post_nms_top_n_train", "pre_nms_top_n_test",
+               "post_nms_top_n_test", "batch_size_per_image"):
+    _positive(f"rpn.{name}", r[name], 1, inclusive=True)
+  _positive("roi.batch_size_per_image", o.batch_size_per_image, 1, inclusive=True)
+  _positive("test.detections_per_image", t.detections_per_image, 1, inclusive=True)
+  for name, values in (("model.anchor_sizes", m.anchor_sizes),
+                       ("model.anchor_ratios", m.anchor_ratios)):
+    if not values or min(values) <= 0:
+      raise ValueError(f"{name} must be a non-empty tuple of positive numbers, got {values!r}")
+  if len(o.box_weights) != 4:
+    raise ValueError(f"roi.box_weights must have 4 entries, got {o.box_weights!r}")
+  return detector.DetectorSettings(
+      anchor_sizes=tuple(float(s) for s in m.anchor_sizes),
+      anchor_ratios=tuple(float(s) for s in m.anchor_ratios),
+      anchor_stride=int(m.anchor_stride),
+      rpn_pre_nms_top_n_train=int(r.pre_nms_top_n_train),
+      rpn_post_nms_top_n_train=int(r.post_nms_top_n_train),
+      rpn_pre_nms_top_n_test=int(r.pre_nms_top_n_test),
+      rpn_post_nms_top_n_test=int(r.post_nms_top_n_test),
+      rpn_nms_threshold=_fraction("rpn.nms_threshold", r.nms_threshold),
+      rpn_min_size=float(_positive("rpn.min_size", r.min_size, 0.0, inclusive=True)),
+      rpn_batch_size_per_image=int(r.batch_size_per_image),
+      rpn_positive_fraction=_fraction("rpn.positive_fraction", r.positive_fraction),
+      rpn_positive_iou=_fraction("rpn.positive_iou", r.positive_iou),
+      rpn_negative_iou=_fraction("rpn.negative_iou", r.negative_iou),
+      rpn_allowed_border=float(r.allowed_border),
+      rpn_box_loss_weight=float(r.box_loss_weight),
+      rpn_sigma=float(_positive("rpn.sigma", r.sigma)),
+      roi_batch_size_per_image=int(o.batch_size_per_image),
+      roi_fg_fraction=_fraction("roi.fg_fraction", o.fg_fraction),
+      roi_fg_iou=_fraction("roi.fg_iou", o.fg_iou),
+      roi_bg_iou_lo=_fraction("roi.bg_iou_lo", o.bg_iou_lo),
+      roi_box_weights=tuple(float(w) for w in o.box_weights),
+      roi_box_loss_weight=float(o.box_loss_weight),
+      roi_sigma=float(_positive("roi.sigma", o.sigma)),
+      test_nms_threshold=_fraction("test.nms_threshold", t.nms_threshold),
+      test_score_threshold=float(t.score_threshold),
+      test_detections_per_image=int(t.detections_per_image),
+  )
+
+
+# --- Training: parameters, optimizer and data sources from the config (training engineer). ---
+
+
+def init_params_from_config(config: ml_collections.ConfigDict, model: faster_rcnn.FasterRCNN,
+                            key) -> dict:
+  """Initial parameters: random init, then `model.pretrained` weights merged in if given.
+
+  Raises:
+    FileNotFoundError: `model.pretrained` names a file that does not exist.
+  """
+  params = faster_rcnn.init_params(model, key)
+  path = config.model.pretrained
+  if path:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"model.pretrained={path!r} does not exist; create it with "
+          "`python scripts/convert_vgg16.py` or set --config.model.pretrained=''")
+    params = faster_rcnn.load_pretrained(params, path, input_norm=config.model.input_norm)
+  return params
+
+
+def optimizer_from_config(config: ml_collections.ConfigDict, params,
+                          model: faster_rcnn.FasterRCNN):
+  """The optimizer of `config.train` for `params` (frozen trunk blocks masked).
+
+  Step counts in the config (num_steps, warmup_steps, lr_boundaries) count train steps; with
+  `train.grad_accum_steps = k` an update happens every k steps, so the schedule runs on
+  step // k.
+
+  Returns:
+    (optax transformation, learning-rate schedule of the update count).
+  """
+  t = config.train
+  _choice("train.optimizer", t.optimizer, ("sgd", "adamw"))
+  k = int(_positive("train.grad_accum_steps", t.grad_accum_steps, 1, inclusive=True))
+  lr_fn = optim.make_schedule(
+      float(t.learning_rate), schedule=_choice("train.schedule", t.schedule,
+                                               ("piecewise", "cosine")),
+      num_steps=max(t.num_steps // k, 1), warmup_steps=t.warmup_steps // k,
+      boundaries=tuple(b // k for b in t.lr_boundaries), decay=float(t.lr_decay))
+  tx = optim.make_optimizer(
+      params, lr_fn, optimizer=t.optimizer, momentum=float(t.momentum),
+      weight_decay=float(t.weight_decay),
+      bias_lr_mult=float(t.bias_lr_mult), bias_weight_decay=bool(t.bias_weight_decay),
+      trainable=faster_rcnn.trainable_mask(model, params),
+      grad_clip_norm=float(t.grad_clip_norm), grad_accum_steps=k)
+  return tx, lr_fn
+
+
+def source_from_config(config: ml_collections.ConfigDict, split: str):
+  """The dataset source of the train split ("train") or the eval split ("eval").
+
+  Raises:
+    ValueError / FileNotFoundError: unknown dataset name or missing data (naming the path).
+  """
+  d = config.data
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  if d.name == "shapes":
+    return shapes.ShapesSource(
+        d.shapes_num_train if split == "train" else d.shapes_num_test,
+        split="train" if split == "train" else "test", image_size=d.shapes_image_size,
+        seed=config.seed)
+  if split == "train":
+    return sources.make_source(d.name, d.train_split, data_dir=d.data_dir, years=d.years,
+                               classes=d.classes, bad_input=d.bad_input,
+                               annotation_file=d.coco_train_json,
+                               image_dir=d.coco_train_images, training=True)
+  return sources.make_source(d.name, d.eval_split, data_dir=d.data_dir, years=(d.eval_year,),
+                             classes=d.classes, bad_input=d.bad_input,
+                             annotation_file=d.coco_eval_json, image_dir=d.coco_eval_images,
+                             training=False)
+
+
+def train_data_from_config(config: ml_collections.ConfigDict, source, mesh):
+  """The training input iterator: this process's shard, global Batches sharded on `mesh`.
+
+  Its position can be saved and restored (`get_state` / `set_state`, see checkpointing.py).
+  """
+  d = config.data
+  return pipeline.train_loader(
+      source, batch_size=config.train.batch_size, seed=config.seed, min_size=d.min_size,
+      max_size=d.max_size, pad_hw=tuple(d.pad_hw), max_gt=d.max_gt, flip=d.flip,
+      num_workers=d.num_workers, prefetch=d.prefetch, mesh=mesh)
+
+
+def eval_data_from_config(config: ml_collections.ConfigDict, source, mesh=None):
+  """One pass over the eval split: this process's numpy slices of the eval Batches.
+
+  `mesh` is accepted for symmetry with `train_data_from_config`; the evaluator assembles the
+  slices into global arrays itself.
+  """
+  del mesh
+  d = config.data
+  return pipeline.eval_batches(
+      source, batch_size=config.eval.batch_size, min_size=d.min_size, max_size=d.max_size,
+      pad_hw=tuple(d.pad_hw), max_gt=d.max_gt, num_workers=d.num_workers)

@@ -1,0 +1,154 @@
+"""Tests of the training loop (frcnn_jax/train.py) on a tiny shapes config, single process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from frcnn_jax import builders
+from frcnn_jax import checkpointing
+from frcnn_jax import config_flags
+from frcnn_jax import parallel
+from frcnn_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = os.path.join(ROOT, "experiments", "shapes.py")
+
+# A tiny detector on 64 x 64 shapes: compiles and steps in seconds on one CPU core.
+TINY = {
+    "data.shapes_num_train": 16, "data.shapes_num_test": 4, "data.shapes_image_size": 64,
+    "data.min_size": 64, "data.max_size": 64, "data.pad_hw": (64, 64), "data.max_gt": 8,
+    "data.num_workers": 0, "data.prefetch": 1,
+    "model.width": 0.125, "model.convs_per_block": (1, 1, 1, 1, 1), "model.fc_dim": 32,
+    "model.anchor_sizes": (16, 32), "model.anchor_ratios": (1.0,),
+    "rpn.pre_nms_top_n_train": 64, "rpn.post_nms_top_n_train": 16,
+    "rpn.pre_nms_top_n_test": 64, "rpn.post_nms_top_n_test": 8, "rpn.batch_size_per_image": 32,
+    "roi.batch_size_per_image": 16, "test.detections_per_image": 10,
+    "train.batch_size": 2, "train.num_steps": 4, "train.learning_rate": 0.01,
+    "train.warmup_steps": 0, "train.lr_boundaries": (), "train.checkpoint_every": 2,
+    "train.log_every": 1, "eval.batch_size": 4,
+}
+
+
+def tiny_config(**overrides):
+  """The tiny config; keyword names use "__" for "." (train__num_steps=3)."""
+  extra = {key.replace("__", "."): value for key, value in overrides.items()}
+  return config_flags.load_config(SHAPES, {**TINY, **extra})
+
+
+def subprocess_env(devices: int = 1) -> dict[str, str]:
+  """Environment for a child JAX process on CPU with `devices` fake devices."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def cli_args(overrides: dict) -> list[str]:
+  """`--config.key=value` arguments for `python -m frcnn_jax.train`."""
+  def fmt(value):
+    if isinstance(value, tuple):
+      return "(" + ",".join(fmt(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+  return [f"--config.{key}={fmt(value)}" for key, value in overrides.items()]
+
+
+def load_params(workdir: str, config) -> tuple[int, dict]:
+  """Newest checkpoint's (step, params) as numpy."""
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  model = builders.model_from_config(config, 6)
+  state, _, _ = train.create_train_state(config, model, mesh)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=5)
+  restored, _ = checkpointer.restore_latest(abstract)
+  checkpointer.close()
+  return int(restored.step), jax.tree.map(np.asarray, restored.params)
+
+
+@pytest.fixture(scope="module")
+def fixed_setup():
+  """One batch, the initial state and the jitted step of the tiny config (compiled once)."""
+  config = tiny_config(train__optimizer="adamw", train__learning_rate=3e-3)
+  source = builders.source_from_config(config, "train")
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  batch = next(builders.train_data_from_config(config, source, mesh))
+  model = builders.model_from_config(config, len(source.classes))
+  settings = builders.detector_settings_from_config(config)
+  state, tx, lr_fn = train.create_train_state(config, model, mesh)
+  step = jax.jit(train.make_train_step(model, settings, tx, lr_fn))
+  return batch, state, step
+
+
+def test_steps_are_finite_and_loss_decreases_on_a_fixed_batch(fixed_setup):
+  batch, state, step = fixed_setup
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch)
+    metrics = jax.device_get(metrics)
+    assert metrics["finite"] and all(np.isfinite(metrics[k]) for k in ("total", "rpn_cls",
+                                                                         "det_cls"))
+    losses.append(float(metrics["total"]))
+  assert int(state.step) == 8 and int(state.nonfinite_skips) == 0
+  assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+
+
+def test_nonfinite_loss_is_skipped_and_counted_or_named(fixed_setup):
+  batch, state, step = fixed_setup
+  batch = dict(batch, gt_boxes=jnp.full_like(batch["gt_boxes"], jnp.nan))
+  before = jax.tree.map(np.asarray, state.params)
+  new_state, metrics = step(state, batch)
+  metrics = jax.device_get(metrics)
+  assert not metrics["finite"] and int(new_state.nonfinite_skips) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_state.params), before)
+  train._check_finite(7, metrics, "skip")
+  with pytest.raises(train.NonFiniteLossError, match=r"step 7.*(rpn_box|det_box|total)"):
+    train._check_finite(7, metrics, "error")
+
+
+def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = train.train_and_evaluate(tiny_config(), workdir)
+  assert result["step"] == 4 and not result["preempted"]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 4]
+  for key in ("total", "rpn_cls", "rpn_box", "det_cls", "det_box", "learning_rate",
+              "images_per_sec", "step_time"):
+    assert np.isfinite(records[-2][key]), key
+  assert 0.0 <= records[-1]["eval/map"] <= 1.0
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:2] == ["2", "4"]
+  eval_files = [f for f in os.listdir(os.path.join(workdir, "eval")) if f.endswith(".json")]
+  with open(os.path.join(workdir, "eval", eval_files[0])) as f:
+    report = json.load(f)
+  assert report["step"] == 4 and 0.0 <= report["map"] <= 1.0
+  # A second start finds the finished run and trains no further.
+  again = train.train_and_evaluate(tiny_config(), workdir)
+  assert again["step"] == 4
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, again["params"]),
+               jax.tree.map(np.asarray, result["params"]))
+
+
+def test_missing_dataset_and_weights_are_clear_errors(tmp_path):
+  config = tiny_config(data__name="voc_folder", data__data_dir=str(tmp_path / "no_voc"))
+  with pytest.raises((FileNotFoundError, ValueError), match="no_voc"):
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+  config = tiny_config(model__pretrained=str(tmp_path / "vgg.npz"))
+  with pytest.raises(FileNotFoundError, match="vgg.npz"):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+
+
+def test_command_line_help():
+  help_text = subprocess.run([sys.executable, "-m", "frcnn_jax.train", "--help"],
+                             env=subprocess_env(), capture_output=True, text=True,
+                             cwd=ROOT).stdout
+  for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes",
+               "--process_id"):
+    assert flag in help_text, flag
