@@ -15,8 +15,6 @@ import time
 from collections.abc import Mapping
 from typing import TextIO
 
-import tensorboardX
-
 
 def _fmt_duration(seconds: float) -> str:
   seconds = max(int(seconds), 0)
@@ -61,6 +59,9 @@ class MetricsWriter:
     self._tb = None
     self._jsonl = None
     if enabled:
+      # Imported here: tensorboardX pulls in torch when it is installed, seconds of start-up
+      # that processes which never write summaries should not pay.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
       os.makedirs(workdir, exist_ok=True)
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")

@@ -19,7 +19,7 @@ from frcnn_jax.data import images
 from frcnn_jax.data import sources
 
 
-class COCOJsonSource:
+class COCOJsonSource(sources.IndexedFileSource):
   """Random-access source over a COCO-format json, yielding CONTRACTS.md Example dicts.
 
   `source[i]` returns the Example of the i-th image of the json's "images" list that survived
@@ -146,28 +146,6 @@ class COCOJsonSource:
       difficult.append(crowd)
     return (np.array(boxes, np.float64).reshape(-1, 4), np.array(labels, np.int32),
             np.array(difficult, bool))
-
-  def __len__(self) -> int:
-    return len(self._paths)
-
-  def annotation(self, index: int) -> dict[str, Any]:
-    """The annotation fields of `self[index]` without reading the image (sources.annotation).
-
-    Raises:
-      IndexError: `index` is out of range.
-    """
-    index = sources.check_index(index, len(self._paths), self.name)
-    return sources.annotation(self._boxes[index], self._labels[index], self._difficult[index],
-                              self._names[index], self._hw[index])
-
-  def __getitem__(self, index: int) -> dict[str, Any] | None:
-    ann = self.annotation(index)
-    path = self._paths[index]
-    image = sources.read_checked(lambda: images.read_image(path), path, self._hw[index],
-                                 self.bad_input_log)
-    if image is None:
-      return None
-    return sources.example(image, ann, index)
 
   def __repr__(self) -> str:
     return f"COCOJsonSource({self.name}, {len(self)} images, {len(self.classes)} classes)"

@@ -196,6 +196,48 @@ def check_index(index: int, length: int, source_name: str) -> int:
   return int(index)
 
 
+class IndexedFileSource:
+  """Read path shared by sources whose annotations are parsed and checked up front.
+
+  Subclasses fill, in their constructor, one entry per usable record of `_paths` (image file),
+  `_names`, `_hw` ((height, width) from the annotation), `_boxes`, `_labels`, `_difficult`, and
+  set `name` and `bad_input_log`. `source[i]` is then the Example of record i, or None when its
+  image cannot be decoded (or its size differs from the annotation's) under "skip"; under
+  "error" that raises ValueError naming the file.
+  """
+
+  name: str
+  bad_input_log: BadInputLog
+  _paths: list[str]
+  _names: list[str]
+  _hw: list[tuple[int, int]]
+  _boxes: list[np.ndarray]
+  _labels: list[np.ndarray]
+  _difficult: list[np.ndarray]
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def annotation(self, index: int) -> dict[str, Any]:
+    """The annotation fields of `self[index]` without reading the image (see `annotation`).
+
+    Raises:
+      IndexError: `index` is out of range.
+    """
+    index = check_index(index, len(self._paths), self.name)
+    return annotation(self._boxes[index], self._labels[index], self._difficult[index],
+                      self._names[index], self._hw[index])
+
+  def __getitem__(self, index: int) -> dict[str, Any] | None:
+    ann = self.annotation(index)
+    path = self._paths[index]
+    image = read_checked(lambda: images.read_image(path), path, self._hw[index],
+                         self.bad_input_log)
+    if image is None:
+      return None
+    return example(image, ann, index)
+
+
 def make_source(name: str, split: str, *, data_dir: str,
                 years: Sequence[str] = ("2007",),
                 classes: Sequence[str] = defaults.VOC_CLASSES,

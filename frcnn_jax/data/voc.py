@@ -13,7 +13,7 @@ when the source is built; images are decoded when a record is read.
 import os
 import pathlib
 import xml.etree.ElementTree as ET
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -50,7 +50,7 @@ def _image_hw(root: ET.Element, image_path: pathlib.Path) -> tuple[int, int]:
   return images.image_size(image_path)
 
 
-class VOCFolderSource:
+class VOCFolderSource(sources.IndexedFileSource):
   """Random-access source over VOCdevkit folders, yielding CONTRACTS.md Example dicts.
 
   `source[i]` returns the Example of record i, or None when its image cannot be decoded (or
@@ -148,28 +148,6 @@ class VOCFolderSource:
     self._boxes.append(kept_boxes)
     self._labels.append(np.asarray(labels, np.int32)[keep])
     self._difficult.append(np.asarray(difficult, bool)[keep])
-
-  def __len__(self) -> int:
-    return len(self._paths)
-
-  def annotation(self, index: int) -> dict[str, Any]:
-    """The annotation fields of `self[index]` without reading the image (sources.annotation).
-
-    Raises:
-      IndexError: `index` is out of range.
-    """
-    index = sources.check_index(index, len(self._paths), self.name)
-    return sources.annotation(self._boxes[index], self._labels[index], self._difficult[index],
-                              self._names[index], self._hw[index])
-
-  def __getitem__(self, index: int) -> dict[str, Any] | None:
-    ann = self.annotation(index)
-    path = self._paths[index]
-    image = sources.read_checked(lambda: images.read_image(path), path, self._hw[index],
-                                 self.bad_input_log)
-    if image is None:
-      return None
-    return sources.example(image, ann, index)
 
   def __repr__(self) -> str:
     return f"VOCFolderSource({self.name}, {len(self)} images, {len(self.classes)} classes)"
