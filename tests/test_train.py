@@ -13,6 +13,7 @@ import pytest
 from frcnn_jax import builders
 from frcnn_jax import checkpointing
 from frcnn_jax import config_flags
+from frcnn_jax import detector
 from frcnn_jax import parallel
 from frcnn_jax import train
 
@@ -74,7 +75,8 @@ def load_params(workdir: str, config) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def fixed_setup():
-  """One batch, the initial state and the jitted step of the tiny config (compiled once)."""
+  """One batch, the initial state, the jitted step of the tiny config (compiled once) and its
+  loss at a fixed key with dropout off (a deterministic measure of progress on the batch)."""
   config = tiny_config(train__optimizer="adamw", train__learning_rate=3e-3)
   source = builders.source_from_config(config, "train")
   mesh = parallel.make_mesh(jax.devices()[:1])
@@ -83,24 +85,32 @@ def fixed_setup():
   settings = builders.detector_settings_from_config(config)
   state, tx, lr_fn = train.create_train_state(config, model, mesh)
   step = jax.jit(train.make_train_step(model, settings, tx, lr_fn))
-  return batch, state, step
+
+  def fixed_loss(params):
+    total, _ = detector.loss_fn(params, batch, jax.random.key(0), model=model,
+                                settings=settings, train=False)
+    return float(total)
+
+  return batch, state, step, fixed_loss
 
 
 def test_steps_are_finite_and_loss_decreases_on_a_fixed_batch(fixed_setup):
-  batch, state, step = fixed_setup
-  losses = []
+  batch, state, step, fixed_loss = fixed_setup
+  before = fixed_loss(state.params)
   for _ in range(8):
     state, metrics = step(state, batch)
     metrics = jax.device_get(metrics)
     assert metrics["finite"] and all(np.isfinite(metrics[k]) for k in ("total", "rpn_cls",
                                                                          "det_cls"))
-    losses.append(float(metrics["total"]))
   assert int(state.step) == 8 and int(state.nonfinite_skips) == 0
-  assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+  # The sampled anchors and RoIs change every step, so the step's own loss is noisy; the loss
+  # at one fixed key is not.
+  after = fixed_loss(state.params)
+  assert after < 0.8 * before, (before, after)
 
 
 def test_nonfinite_loss_is_skipped_and_counted_or_named(fixed_setup):
-  batch, state, step = fixed_setup
+  batch, state, step, _ = fixed_setup
   batch = dict(batch, gt_boxes=jnp.full_like(batch["gt_boxes"], jnp.nan))
   before = jax.tree.map(np.asarray, state.params)
   new_state, metrics = step(state, batch)
