@@ -14,14 +14,7 @@ import numpy as np
 import pytest
 
 from frcnn_jax.ops import targets
-
-
-def np_iou(a, b) -> float:
-  iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
-  ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
-  inter = iw * ih
-  union = ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-  return inter / union if union > 0 else 0.0
+from tests.ops.test_proposals import np_iou
 
 
 def np_encode(box, ref, weights):
