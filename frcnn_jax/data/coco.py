@@ -67,8 +67,7 @@ class COCOJsonSource(sources.IndexedFileSource):
       raise ValueError(f"{annotation_file}: no categories")
     self.classes = tuple(str(c["name"]) for c in categories)
     self.category_ids = tuple(int(c["id"]) for c in categories)
-    self.name = f"coco_json:{os.path.basename(annotation_file)}"
-    self.bad_input_log = sources.BadInputLog(bad_input)
+    super().__init__(f"coco_json:{os.path.basename(annotation_file)}", bad_input)
     self._drop_crowd = drop_crowd
     label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
 
@@ -81,12 +80,6 @@ class COCOJsonSource(sources.IndexedFileSource):
         continue
       by_image[ann["image_id"]].append(ann)
 
-    self._paths: list[str] = []
-    self._names: list[str] = []
-    self._hw: list[tuple[int, int]] = []
-    self._boxes: list[np.ndarray] = []
-    self._labels: list[np.ndarray] = []
-    self._difficult: list[np.ndarray] = []
     coco_ids = []
     for info in image_infos:
       path = os.path.join(image_dir, str(info.get("file_name", "")))

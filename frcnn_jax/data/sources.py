@@ -199,21 +199,22 @@ def check_index(index: int, length: int, source_name: str) -> int:
 class IndexedFileSource:
   """Read path shared by sources whose annotations are parsed and checked up front.
 
-  Subclasses fill, in their constructor, one entry per usable record of `_paths` (image file),
-  `_names`, `_hw` ((height, width) from the annotation), `_boxes`, `_labels`, `_difficult`, and
-  set `name` and `bad_input_log`. `source[i]` is then the Example of record i, or None when its
+  Subclass constructors call `super().__init__(name, bad_input)`, then append one entry per
+  usable record to `_paths` (image file), `_names`, `_hw` ((height, width) from the
+  annotation), `_boxes`, `_labels` and `_difficult`. `source[i]` is then the Example of record i, or None when its
   image cannot be decoded (or its size differs from the annotation's) under "skip"; under
   "error" that raises ValueError naming the file.
   """
 
-  name: str
-  bad_input_log: BadInputLog
-  _paths: list[str]
-  _names: list[str]
-  _hw: list[tuple[int, int]]
-  _boxes: list[np.ndarray]
-  _labels: list[np.ndarray]
-  _difficult: list[np.ndarray]
+  def __init__(self, name: str, bad_input: str):
+    self.name = name
+    self.bad_input_log = BadInputLog(bad_input)
+    self._paths: list[str] = []
+    self._names: list[str] = []
+    self._hw: list[tuple[int, int]] = []
+    self._boxes: list[np.ndarray] = []
+    self._labels: list[np.ndarray] = []
+    self._difficult: list[np.ndarray] = []
 
   def __len__(self) -> int:
     return len(self._paths)

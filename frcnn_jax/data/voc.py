@@ -78,15 +78,8 @@ class VOCFolderSource(sources.IndexedFileSource):
     if isinstance(years, str):
       years = (years,)
     self.classes = tuple(classes)
-    self.name = f"voc_folder:{'+'.join(years)}/{split}"
-    self.bad_input_log = sources.BadInputLog(bad_input)
+    super().__init__(f"voc_folder:{'+'.join(years)}/{split}", bad_input)
     self._label_of = {c: i + 1 for i, c in enumerate(self.classes)}
-    self._paths: list[str] = []
-    self._names: list[str] = []
-    self._hw: list[tuple[int, int]] = []
-    self._boxes: list[np.ndarray] = []
-    self._labels: list[np.ndarray] = []
-    self._difficult: list[np.ndarray] = []
     devkit = find_devkit(root)
     for year in years:
       year_dir = devkit / f"VOC{year}"
