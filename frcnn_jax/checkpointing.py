@@ -84,11 +84,21 @@ class IteratorRestore(ocp.args.CheckpointArgs):
   item: StatefulIterator
 
 
+def absolute(path: str | os.PathLike[str]) -> epath.Path:
+  """`path` made absolute against the working directory (gs:// and other URLs are kept).
+
+  Orbax's asynchronous save refuses relative paths, and `--workdir runs/x` is one.
+  """
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.absolute()
+
+
 class Checkpointer:
   """Saves the train state (+ data iterator) every so often and restores the newest good one.
 
   Args:
-    directory: where step directories go (`WORKDIR/checkpoints`).
+    directory: where step directories go (`WORKDIR/checkpoints`); relative to the working
+      directory if not absolute.
     keep: how many of the newest checkpoints to keep.
     async_save: write in a background thread.
   """
@@ -96,7 +106,7 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike[str], *, keep: int, async_save: bool = True):
     if keep < 1:
       raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}.")
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

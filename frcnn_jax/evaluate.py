@@ -36,9 +36,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
-from etils import epath
 
 from frcnn_jax import builders
+from frcnn_jax import checkpointing
 from frcnn_jax import config_flags
 from frcnn_jax import detector
 from frcnn_jax import parallel
@@ -95,7 +95,7 @@ def restore_params(workdir: str | os.PathLike, mesh: jax.sharding.Mesh,
     FileNotFoundError: no checkpoint (or not that step) under `workdir`.
     ValueError: the checkpoint's state has no "params" entry.
   """
-  directory = epath.Path(workdir) / "checkpoints"
+  directory = checkpointing.absolute(workdir) / "checkpoints"
   if not directory.exists():
     raise FileNotFoundError(f"no checkpoints in {directory}: train first "
                             "(python -m frcnn_jax.train --config ... --workdir ...)")

@@ -63,6 +63,18 @@ def test_round_trip_restores_state_iterator_and_meta(tmp_path, iterator_cls):
   checkpointer.close()
 
 
+def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  _save_steps(os.path.join("runs", "x", "checkpoints"), (5,), _Counter())
+  assert (tmp_path / "runs" / "x" / "checkpoints" / "5").is_dir()
+  checkpointer = checkpointing.Checkpointer("runs/x/checkpoints", keep=3)
+  assert checkpointer.directory.is_absolute()
+  state, meta = checkpointer.restore_latest(_abstract(_state(0)), _Counter())
+  jax.tree.map(np.testing.assert_array_equal, state, _state(5))
+  assert meta["step"] == 5
+  checkpointer.close()
+
+
 def test_keeps_only_the_newest(tmp_path):
   _save_steps(tmp_path / "ck", (1, 2, 3, 4), _Counter(), keep=2)
   assert checkpointing.Checkpointer(tmp_path / "ck", keep=2).all_steps() == [3, 4]

@@ -122,8 +122,9 @@ def test_nonfinite_loss_is_skipped_and_counted_or_named(fixed_setup):
     train._check_finite(7, metrics, "error")
 
 
-def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path):
-  workdir = str(tmp_path / "run")
+def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  workdir = "run"   # relative, as in the README's command (orbax needs absolute paths)
   result = train.train_and_evaluate(tiny_config(), workdir)
   assert result["step"] == 4 and not result["preempted"]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
