@@ -110,6 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every = 20
   c.train.eval_every = 0            # 0: evaluate only at the end
   c.train.nonfinite = "error"       # error | skip (skip the update, count it)
+  c.train.reuse_host_memory = True  # glibc keeps freed memory (frcnn_jax/host_memory.py)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1             # global

@@ -49,6 +49,7 @@ from frcnn_jax import checkpointing
 from frcnn_jax import config_flags
 from frcnn_jax import detector
 from frcnn_jax import evaluate
+from frcnn_jax import host_memory
 from frcnn_jax import metrics_writer
 from frcnn_jax import parallel
 
@@ -323,6 +324,8 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   if not f.workdir:
     raise app.UsageError("--workdir is required")
+  if f.config.train.reuse_host_memory:
+    host_memory.keep_freed_memory()
   parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
   try:
     result = train_and_evaluate(f.config, f.workdir)

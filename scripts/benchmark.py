@@ -9,7 +9,8 @@ Usage:
       [--sweep_sizes 300x500,450x750,600x1000] [--sweep_proposals 100,300,1000]
 
 The config is loaded as train.py loads it (a config file plus `--config.key=value` overrides);
-`model.pretrained` is ignored (random weights). Every combination of `--dtype`, `--sizes` and
+`model.pretrained` is ignored (random weights) and `train.reuse_host_memory` applies as in
+training (frcnn_jax/host_memory.py). Every combination of `--dtype`, `--sizes` and
 `--batch` (images per device; the global batch spans every device, sharded as in training) is
 one row. `--sweep` instead shows how the cost grows with pixels (training and inference at each
 of `--sweep_sizes`) and with the number of proposals (inference at the first sweep size for each
@@ -64,6 +65,7 @@ from frcnn_jax import builders
 from frcnn_jax import config_flags
 from frcnn_jax import detector
 from frcnn_jax import flops
+from frcnn_jax import host_memory
 from frcnn_jax import parallel
 from frcnn_jax import train
 from frcnn_jax.models import vgg
@@ -507,6 +509,8 @@ def main(argv):
     raise app.UsageError("--config is required (e.g. experiments/voc.py)")
   if f.steps < 1:
     raise app.UsageError(f"--steps must be >= 1, got {f.steps}")
+  if config.train.reuse_host_memory:   # before JAX starts its thread pools, as in train.py
+    host_memory.keep_freed_memory()
   try:
     cases = make_cases(config, dtypes=f.dtype, sizes=f.sizes, height=f.height, width=f.width,
                        batch=f.batch, parts=f.parts, sweep=f.sweep, sweep_sizes=f.sweep_sizes,
