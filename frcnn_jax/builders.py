@@ -187,7 +187,8 @@ def source_from_config(config: ml_collections.ConfigDict, split: str):
     return shapes.ShapesSource(
         d.shapes_num_train if split == "train" else d.shapes_num_test,
         split="train" if split == "train" else "test", image_size=d.shapes_image_size,
-        seed=config.seed)
+        seed=config.seed,
+        cache_bytes=int(_positive("data.shapes_cache_mb", d.shapes_cache_mb, 0, True) * 2**20))
   if split == "train":
     return sources.make_source(d.name, d.train_split, data_dir=d.data_dir, years=d.years,
                                classes=d.classes, bad_input=d.bad_input,

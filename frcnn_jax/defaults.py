@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shapes_num_train = 512
   c.data.shapes_num_test = 128
   c.data.shapes_image_size = 128
+  c.data.shapes_cache_mb = 512      # rendered images kept per process (0: render every time)
   c.data.min_size = 600             # shorter side after resizing
   c.data.max_size = 1000            # cap on the longer side
   c.data.pad_hw = (1000, 1000)      # static canvas; images are also scaled to fit in it

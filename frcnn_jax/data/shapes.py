@@ -15,6 +15,10 @@ is at least half visible by default and no object is flagged difficult.
 Boxes are computed from the rendered ownership map (which object each pixel shows), never from
 the parametric description, so they are exactly tight around the visible pixels of each object
 in the DESIGN convention: `x1` = first pixel column, `x2` = last pixel column + 1.
+
+Rendering a 256 x 256 image takes ~12 ms of Python and NumPy, a third of a core at the shapes
+training rate; with `cache_bytes` the source keeps the examples it rendered (each process its
+own cache, never pickled), so every later epoch reads them back instead.
 """
 
 from typing import Any
@@ -101,7 +105,7 @@ class ShapesSource:
   def __init__(self, num_images: int, *, split: str = "train", image_size: int | tuple[int, int]
                = 128, seed: int = 0, max_objects: int = 6, min_object: float = 0.08,
                max_object: float = 0.6, min_visible: float = 0.5, noise_std: float = 8.0,
-               texture: bool = True):
+               texture: bool = True, cache_bytes: int = 0):
     """Configures the dataset.
 
     Args:
@@ -117,6 +121,8 @@ class ShapesSource:
       min_visible: an object must keep at least this fraction of its drawn area visible.
       noise_std: standard deviation of the Gaussian pixel noise (0 disables).
       texture: textured background (gradient and blobs); False gives a flat grey background.
+      cache_bytes: keep rendered examples (`self[i]`) up to this many bytes of images; 0: no
+        cache. Returned examples are copies, so callers may modify them.
     """
     if split not in _SPLITS:
       raise ValueError(f"shapes split must be one of {tuple(_SPLITS)}, got {split!r}")
@@ -137,6 +143,9 @@ class ShapesSource:
     self.noise_std = noise_std
     self.texture = texture
     self.name = f"shapes_{split}"
+    self.cache_bytes = cache_bytes
+    self._cache: dict[int, dict[str, Any]] = {}
+    self._cached_bytes = 0
 
   def __len__(self) -> int:
     return self.num_images
@@ -148,7 +157,17 @@ class ShapesSource:
             f"noise_std={self.noise_std}, texture={self.texture})")
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return self.render(index)[0]
+    example = self._cache.get(index)
+    if example is None:
+      example = self.render(index)[0]
+      if self._cached_bytes + example["image"].nbytes <= self.cache_bytes:
+        self._cache[index] = example
+        self._cached_bytes += example["image"].nbytes
+    return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in example.items()}
+
+  def __getstate__(self) -> dict[str, Any]:
+    """Pickles the configuration only: each process fills its own cache."""
+    return {**self.__dict__, "_cache": {}, "_cached_bytes": 0}
 
   def annotation(self, index: int) -> dict[str, Any]:
     """The annotation fields of `self[index]` (sources.ANNOTATION_KEYS).

@@ -1,5 +1,7 @@
 """Tests for frcnn_jax.data.shapes: tight boxes, determinism, splits, variety, the Example dict."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -72,6 +74,23 @@ def test_deterministic_and_splits_differ():
   assert all(not np.array_equal(a[i]["image"], test[i]["image"]) for i in range(5))
   other_seed = shapes.ShapesSource(5, image_size=32, seed=4)
   assert not np.array_equal(a[0]["image"], other_seed[0]["image"])
+
+
+def test_cache_returns_equal_copies_up_to_its_budget():
+  image_bytes = 32 * 32 * 3
+  source = shapes.ShapesSource(5, image_size=32, seed=3, cache_bytes=2 * image_bytes)
+  plain = shapes.ShapesSource(5, image_size=32, seed=3)
+  for i in (0, 1, 2, 0, 1, 2):
+    example = source[i]
+    for key, value in plain[i].items():
+      np.testing.assert_array_equal(example[key], value)
+    example["image"][:] = 0          # callers may modify what they get
+    example["boxes"][:] = -1
+  assert sorted(source._cache) == [0, 1]
+  np.testing.assert_array_equal(source[0]["image"], plain[0]["image"])
+  clone = pickle.loads(pickle.dumps(source))
+  assert clone._cache == {} and clone.cache_bytes == source.cache_bytes
+  np.testing.assert_array_equal(clone[1]["boxes"], plain[1]["boxes"])
 
 
 def test_annotation_equals_example_fields():
