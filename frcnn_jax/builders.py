@@ -56,14 +56,15 @@ def model_from_config(config: ml_collections.ConfigDict,
   if not 0 <= m.frozen_blocks <= len(convs):
     raise ValueError(f"model.frozen_blocks must be in [0, {len(convs)}], got "
                      f"{m.frozen_blocks!r}")
-  if m.anchor_stride != vgg.STRIDE:
-    raise ValueError(f"model.anchor_stride must be the VGG16 trunk stride {vgg.STRIDE}, got "
-                     f"{m.anchor_stride!r}")
+  if m.anchor_stride not in vgg.STRIDES:
+    raise ValueError(f"model.anchor_stride is the trunk stride and must be one of {vgg.STRIDES}, "
+                     f"got {m.anchor_stride!r}")
   return faster_rcnn.FasterRCNN(
       num_classes=int(num_classes),
       width=float(_positive("model.width", m.width)),
       convs_per_block=convs,
       frozen_blocks=int(m.frozen_blocks),
+      stride=int(m.anchor_stride),
       input_norm=_choice("model.input_norm", m.input_norm, faster_rcnn.INPUT_NORMS),
       num_anchors=len(m.anchor_sizes) * len(m.anchor_ratios),
       rpn_objectness=_choice("model.rpn_objectness", m.rpn_objectness, rpn.OBJECTNESS_MODES),

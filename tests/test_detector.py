@@ -1,5 +1,6 @@
 """Tests for frcnn_jax/detector.py and the model part of frcnn_jax/builders.py."""
 
+import dataclasses
 import functools
 
 import chex
@@ -145,6 +146,20 @@ def test_roi_align_sigmoid_bfloat16_variant():
   assert out["boxes"].shape == (2, 10, 4) and np.isfinite(np.asarray(out["boxes"])).all()
 
 
+def test_stride_8_trunk_trains_on_anchors_of_stride_8(params):
+  model = tiny.model(stride=8)
+  settings = dataclasses.replace(SETTINGS, anchor_stride=8)
+  grads, terms = jax.jit(jax.grad(functools.partial(detector.loss_fn, model=model,
+                                                    settings=settings), has_aux=True))(
+                                                        params, _batch(), jax.random.key(0))
+  assert all(np.isfinite(float(v)) for v in terms.values())
+  assert float(jnp.abs(grads["trunk"]["conv5_1"]["kernel"]).sum()) > 0
+  out = detector.proposals(params, _batch(), model=model, settings=settings)
+  assert np.asarray(out["valid"]).any()
+  with pytest.raises(ValueError, match="trunk stride"):
+    detector.proposals(params, _batch(), model=model, settings=SETTINGS)
+
+
 def test_settings_must_match_the_model(params):
   settings = detector.DetectorSettings(anchor_sizes=(16.0,))
   with pytest.raises(ValueError, match="num_anchors"):
@@ -163,7 +178,7 @@ def test_builders_map_the_default_config():
 @pytest.mark.parametrize("key, value, builder", [
     ("model.roi_op", "psroi_pool", "model"), ("model.input_norm", "rgb", "model"),
     ("model.rpn_objectness", "tanh", "model"), ("model.dtype", "float16", "model"),
-    ("model.convs_per_block", (2, 2), "model"), ("model.anchor_stride", 8, "model"),
+    ("model.convs_per_block", (2, 2), "model"), ("model.anchor_stride", 32, "model"),
     ("rpn.nms_threshold", 1.5, "settings"), ("roi.fg_fraction", -0.1, "settings"),
     ("test.detections_per_image", 0, "settings")])
 def test_builders_reject_bad_values_naming_the_key(key, value, builder):

@@ -59,6 +59,7 @@ class FasterRCNN(nn.Module):
     width: channel multiplier of the trunk and RPN conv (1.0: VGG16).
     convs_per_block: convolutions per trunk block ((2, 2, 3, 3, 3): VGG16).
     frozen_blocks: leading trunk blocks without gradient (2: conv1, conv2).
+    stride: trunk output stride, 16 (VGG16) or 8 (no pool after block 4).
     input_norm: "caffe" or "torchvision" (must match the pretrained weights).
     num_anchors: k anchors per location.
     rpn_objectness: "softmax" (2k) or "sigmoid" (k).
@@ -76,6 +77,7 @@ class FasterRCNN(nn.Module):
   width: float = 1.0
   convs_per_block: Sequence[int] = vgg.VGG16_CONVS_PER_BLOCK
   frozen_blocks: int = 2
+  stride: int = vgg.STRIDE
   input_norm: str = "caffe"
   num_anchors: int = 9
   rpn_objectness: str = "softmax"
@@ -88,12 +90,11 @@ class FasterRCNN(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  stride = vgg.STRIDE
-
   def setup(self):
     precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.trunk = vgg.VGG16(width=self.width, convs_per_block=tuple(self.convs_per_block),
-                           frozen_blocks=self.frozen_blocks, **precision)
+                           frozen_blocks=self.frozen_blocks, stride=self.stride,
+                           **precision)
     self.rpn = rpn.RPNHead(num_anchors=self.num_anchors,
                            channels=vgg.scaled_channels(512, self.width),
                            objectness=self.rpn_objectness, **precision)
@@ -111,8 +112,8 @@ class FasterRCNN(nn.Module):
       image_hw: [B, 2] true image sizes inside the canvases.
 
     Returns:
-      features: [B, H // 16, W // 16, 512 * width] in the compute dtype.
-      rpn_logits: [B, A, 2 or 1] float32, A = (H // 16) * (W // 16) * k in anchor_grid order.
+      features: [B, H // s, W // s, 512 * width] in the compute dtype, s = stride.
+      rpn_logits: [B, A, 2 or 1] float32, A = (H // s) * (W // s) * k in anchor_grid order.
       rpn_deltas: [B, A, 4] float32.
     """
     x = normalize_images(images, image_hw, self.input_norm)

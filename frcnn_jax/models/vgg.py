@@ -1,4 +1,4 @@
-"""The VGG16 convolutional trunk (conv1_1 .. conv5_3, stride 16) and its frozen-block mask.
+"""The VGG16 convolutional trunk (conv1_1 .. conv5_3, stride 16 or 8) and its frozen-block mask.
 
 Parameters are named after the Caffe/torchvision layers (`conv1_1` ... `conv5_3`) so that
 `scripts/convert_vgg16.py` maps pretrained weights one to one.
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 BASE_CHANNELS = (64, 128, 256, 512, 512)
 VGG16_CONVS_PER_BLOCK = (2, 2, 3, 3, 3)
 STRIDE = 16
+STRIDES = (8, 16)
 _CONV_NAME = re.compile(r"^conv(\d+)_(\d+)$")
 
 
@@ -25,16 +26,22 @@ def scaled_channels(base: int, width: float) -> int:
 class VGG16(nn.Module):
   """VGG16 conv1_1 .. conv5_3 with ReLU and 2x2/2 floor max pools after blocks 1-4 (no pool5).
 
+  With `stride=8` the pool after block 4 is dropped too, so block 5 runs at 1/8 resolution
+  (finer anchors for small objects, at four times block 5's cost; no longer VGG16's layout, so
+  pretrained block 5 weights see features of a different scale).
+
   Attributes:
     width: channel multiplier (1.0 is VGG16; 1/16 gives a tiny test trunk).
     convs_per_block: number of 3x3 convolutions in each of the five blocks.
     frozen_blocks: the first this many blocks get no gradient (stop_gradient on their output).
+    stride: output stride, 16 (VGG16) or 8.
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """
   width: float = 1.0
   convs_per_block: Sequence[int] = VGG16_CONVS_PER_BLOCK
   frozen_blocks: int = 2
+  stride: int = STRIDE
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -50,18 +57,21 @@ class VGG16(nn.Module):
       x: [B, H, W, 3] normalised images.
 
     Returns:
-      [B, H // 16, W // 16, 512 * width] conv5_3 features after ReLU.
+      [B, H // stride, W // stride, 512 * width] conv5_3 features after ReLU.
     """
     if len(self.convs_per_block) != len(BASE_CHANNELS):
       raise ValueError(
           f"convs_per_block must have {len(BASE_CHANNELS)} entries, got {self.convs_per_block}")
+    if self.stride not in STRIDES:
+      raise ValueError(f"stride must be one of {STRIDES}, got {self.stride}")
+    num_pools = self.stride.bit_length() - 1
     x = x.astype(self.dtype)
     for block, (num_convs, base) in enumerate(zip(self.convs_per_block, BASE_CHANNELS), 1):
       for i in range(1, num_convs + 1):
         x = nn.Conv(scaled_channels(base, self.width), (3, 3), padding=1, dtype=self.dtype,
                     param_dtype=self.param_dtype, name=f"conv{block}_{i}")(x)
         x = nn.relu(x)
-      if block < len(BASE_CHANNELS):
+      if block <= num_pools:
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
       if block == self.frozen_blocks:
         x = jax.lax.stop_gradient(x)

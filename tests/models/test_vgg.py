@@ -17,6 +17,22 @@ def test_output_shape_is_floor_stride_16(hw):
   assert trunk.out_channels == 32
 
 
+@pytest.mark.parametrize("hw", [(64, 64), (70, 53)])
+def test_stride_8_drops_the_last_pool_and_keeps_the_parameters(hw):
+  x = jnp.zeros((1, *hw, 3))
+  y, params = jax.eval_shape(lambda: vgg.VGG16(width=1 / 16, stride=8).init_with_output(
+      jax.random.key(0), x))
+  assert y.shape == (1, hw[0] // 8, hw[1] // 8, 32)
+  stride_16 = jax.eval_shape(lambda: vgg.VGG16(width=1 / 16).init(jax.random.key(0), x))
+  assert jax.tree_util.tree_map(lambda a: a.shape, params) == jax.tree_util.tree_map(
+      lambda a: a.shape, stride_16)
+
+
+def test_unsupported_stride_is_an_error():
+  with pytest.raises(ValueError, match="stride must be one of"):
+    vgg.VGG16(width=1 / 16, stride=4).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
 def test_parameter_names_follow_vgg16():
   params = jax.eval_shape(
       lambda: vgg.VGG16(width=1 / 16).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
