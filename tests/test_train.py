@@ -1,6 +1,7 @@
 """Tests of the training loop (frcnn_jax/train.py) on a tiny shapes config, single process."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -154,6 +155,17 @@ def test_missing_dataset_and_weights_are_clear_errors(tmp_path):
   config = tiny_config(model__pretrained=str(tmp_path / "vgg.npz"))
   with pytest.raises(FileNotFoundError, match="vgg.npz"):
     train.train_and_evaluate(config, str(tmp_path / "b"))
+
+
+def test_orbax_info_logs_are_dropped_and_its_warnings_kept():
+  quiet = train.QuietOrbaxInfo()
+  orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "atomicity.py")
+
+  def record(level, pathname):
+    return logging.LogRecord("absl", level, pathname, 1, "message", None, None)
+  assert not quiet.filter(record(logging.INFO, orbax_file))
+  assert quiet.filter(record(logging.WARNING, orbax_file))
+  assert quiet.filter(record(logging.INFO, train.__file__))
 
 
 def test_command_line_help():
