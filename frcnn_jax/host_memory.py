@@ -16,6 +16,7 @@ computation); `frcnn_jax.train` calls it first thing when `train.reuse_host_memo
 import ctypes
 import ctypes.util
 import logging
+import platform
 
 # mallopt parameters (glibc malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -30,17 +31,14 @@ def keep_freed_memory() -> bool:
   Returns:
     True when applied; False where the C library is not glibc (nothing changes then).
   """
-  name = ctypes.util.find_library("c")
-  try:
-    libc = ctypes.CDLL(name)
-    libc.gnu_get_libc_version
-    mallopt = libc.mallopt
-  except (OSError, TypeError, AttributeError):
-    logging.info("host_memory: not glibc (%s); malloc left as it is", name)
+  if platform.libc_ver()[0] != "glibc":
+    logging.info("host_memory: the C library is not glibc; malloc left as it is")
     return False
+  mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  ok = all(mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX)))
+  applied = [mallopt(param, value) == 1 for param, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))]
+  ok = all(applied)
   if not ok:
     logging.warning("host_memory: glibc refused a mallopt setting; malloc partly unchanged")
   return ok

@@ -144,8 +144,8 @@ class ShapesSource:
     self.texture = texture
     self.name = f"shapes_{split}"
     self.cache_bytes = cache_bytes
+    self._cache_images = cache_bytes // (self.hw[0] * self.hw[1] * 3)
     self._cache: dict[int, dict[str, Any]] = {}
-    self._cached_bytes = 0
 
   def __len__(self) -> int:
     return self.num_images
@@ -160,14 +160,13 @@ class ShapesSource:
     example = self._cache.get(index)
     if example is None:
       example = self.render(index)[0]
-      if self._cached_bytes + example["image"].nbytes <= self.cache_bytes:
+      if len(self._cache) < self._cache_images:
         self._cache[index] = example
-        self._cached_bytes += example["image"].nbytes
     return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in example.items()}
 
   def __getstate__(self) -> dict[str, Any]:
     """Pickles the configuration only: each process fills its own cache."""
-    return {**self.__dict__, "_cache": {}, "_cached_bytes": 0}
+    return {**self.__dict__, "_cache": {}}
 
   def annotation(self, index: int) -> dict[str, Any]:
     """The annotation fields of `self[index]` (sources.ANNOTATION_KEYS).
