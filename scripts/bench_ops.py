@@ -1,23 +1,36 @@
 """Median milliseconds of the detection ops on this machine, next to torchvision's C++ kernels.
 
-  python scripts/bench_ops.py [--repeats 15]
+  python scripts/bench_ops.py [--repeats 15] [--ops all|nms|roi] [--compare_ref REV]
 
 Measures, each jitted, after warm-up, with block_until_ready: `nms` on 2000, 6000 and 12000
 RPN-like boxes (IoU 0.7, max_output_size = N so that every kept box is found, as torchvision's
-nms does), `roi_align` (sampling_ratio 2, aligned False) and `roi_pool` of 128 and 300 RoIs on a
+nms does), and as the detector calls it: the training proposals of a batch of 2 (12000 -> 2000,
+vmapped), the test proposals (6000 -> 300) and the per-class NMS of the detections
+(`batched_nms`, 20 classes x 300 boxes, 10% above the score threshold, 0.3 -> 100);
+`roi_align` (sampling_ratio 2, aligned False) and `roi_pool` of 128 and 300 RoIs on a
 38x63x512 map (a 600x1000 image at stride 16), 7x7 output, spatial scale 1/16, plus their
 gradients with respect to the features. The reference figures are torchvision's C++ CPU kernels
 on this kind of 2-thread machine. The machine, the device JAX runs on and the load average
 (other processes share the cores: compare medians taken under similar load) are printed first;
 the last line is one JSON object with every figure.
+
+`--compare_ref REV` also times the `frcnn_jax/ops/nms.py` of git revision REV (loaded from
+`git show` into a temporary module; or a copy of it at path REV, where there is no git
+checkout, e.g. on an accelerator machine) against the working tree's on the same inputs,
+interleaved (old, new, old, new, ...) so that both see the same load, checks that their
+outputs are equal, and reports the medians of wall and process-CPU milliseconds and their
+ratios (new / old; the CPU-time ratio is the steadier one on a loaded machine).
 """
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
 
 import jax
@@ -56,6 +69,68 @@ def median_ms(fn, *args, repeats: int, warmup: int = 2) -> float:
   return statistics.median(times)
 
 
+def nms_cases(rng: np.random.Generator) -> dict:
+  """name -> (function of an nms module returning the jitted call, its arguments)."""
+  cases = {}
+  for n in (2000, 6000, 12000):
+    cases[f"nms_{n}"] = (
+        lambda m, n=n: jax.jit(functools.partial(m.nms, iou_threshold=0.7, max_output_size=n)),
+        tuple(map(jnp.asarray, rpn_like_boxes(rng, n))))
+  pair = [rpn_like_boxes(rng, 12000) for _ in range(2)]
+  cases["nms_train_2x12000_to_2000"] = (
+      lambda m: jax.jit(jax.vmap(functools.partial(m.nms, iou_threshold=0.7,
+                                                   max_output_size=2000))),
+      tuple(jnp.asarray(np.stack(x)) for x in zip(*pair)))
+  cases["nms_test_6000_to_300"] = (
+      lambda m: jax.jit(functools.partial(m.nms, iou_threshold=0.7, max_output_size=300)),
+      tuple(map(jnp.asarray, rpn_like_boxes(rng, 6000))))
+  boxes, scores = rpn_like_boxes(rng, 6000)
+  classes = np.repeat(np.arange(1, 21, dtype=np.int32), 300)
+  cases["batched_nms_6000_to_100"] = (
+      lambda m: jax.jit(lambda b, s, c, v: m.batched_nms(b, s, c, 0.3, 100, v)),
+      tuple(map(jnp.asarray, (boxes, scores, classes, rng.uniform(size=6000) < 0.1))))
+  return cases
+
+
+def load_reference_nms(rev: str):
+  """The `frcnn_jax/ops/nms.py` of git revision `rev` (or the file at path `rev`), as a module."""
+  if os.path.isfile(rev):
+    with open(rev) as f:
+      source = f.read()
+  else:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{rev}:frcnn_jax/ops/nms.py"], cwd=root,
+                            check=True, capture_output=True, text=True).stdout
+  with tempfile.NamedTemporaryFile("w", suffix="_nms_ref.py", delete=False) as f:
+    f.write(source)
+  try:
+    spec = importlib.util.spec_from_file_location("nms_reference", f.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  finally:
+    os.unlink(f.name)
+  return module
+
+
+def compare(old_fn, new_fn, args, repeats: int) -> dict:
+  """Interleaved timing of two functions on the same arguments (equal outputs required)."""
+  np.testing.assert_array_equal(np.asarray(old_fn(*args)), np.asarray(new_fn(*args)))
+  median_ms(old_fn, *args, repeats=1)   # warm both up
+  median_ms(new_fn, *args, repeats=1)
+  times = {"old": ([], []), "new": ([], [])}
+  for _ in range(repeats):
+    for name, fn in (("old", old_fn), ("new", new_fn)):
+      wall, cpu = time.perf_counter(), time.process_time()
+      jax.block_until_ready(fn(*args))
+      times[name][0].append((time.perf_counter() - wall) * 1e3)
+      times[name][1].append((time.process_time() - cpu) * 1e3)
+  med = {name: (statistics.median(w), statistics.median(c)) for name, (w, c) in times.items()}
+  return {"old_ms": round(med["old"][0], 2), "new_ms": round(med["new"][0], 2),
+          "old_cpu_ms": round(med["old"][1], 2), "new_cpu_ms": round(med["new"][1], 2),
+          "ratio": round(med["new"][0] / med["old"][0], 3),
+          "cpu_ratio": round(med["new"][1] / med["old"][1], 3)}
+
+
 def machine() -> dict:
   cpu = platform.processor() or platform.machine()
   if os.path.exists("/proc/cpuinfo"):
@@ -69,17 +144,46 @@ def machine() -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--repeats", type=int, default=15, help="timed runs per op (median)")
+  parser.add_argument("--ops", choices=("all", "nms", "roi"), default="all",
+                      help="which ops to time")
+  parser.add_argument("--compare_ref", metavar="REV",
+                      help="also time nms.py of this git revision (or file) against the "
+                           "working tree's")
   args = parser.parse_args()
   info = machine()
   print(f"machine: {info}")
-  rng = np.random.default_rng(0)
-  figures = {}
+  figures, comparison = {}, {}
+  if args.ops in ("all", "nms"):
+    cases = nms_cases(np.random.default_rng(0))
+    for name, (make, fn_args) in cases.items():
+      figures[name] = median_ms(make(nms_ops), *fn_args, repeats=args.repeats)
+    if args.compare_ref:
+      reference = load_reference_nms(args.compare_ref)
+      for name, (make, fn_args) in cases.items():
+        comparison[name] = compare(make(reference), make(nms_ops), fn_args, args.repeats)
+        print(f"{name}: {args.compare_ref} vs working tree {comparison[name]}", flush=True)
+  if args.ops in ("all", "roi"):
+    rng = np.random.default_rng(0)
+    for n in (2000, 6000, 12000):   # the RoIs drawn after the first nms inputs, as always
+      rpn_like_boxes(rng, n)
+    roi_figures(rng, figures, args.repeats)
 
-  for n in (2000, 6000, 12000):
-    boxes, scores = map(jnp.asarray, rpn_like_boxes(rng, n))
-    fn = jax.jit(functools.partial(nms_ops.nms, iou_threshold=0.7, max_output_size=n))
-    figures[f"nms_{n}"] = median_ms(fn, boxes, scores, repeats=args.repeats)
+  print(f"{'op':<28}{'ms (median)':>12}{'torchvision':>13}{'ratio':>8}")
+  for name, ms in figures.items():
+    ref = TORCHVISION_MS.get(name)
+    ref_txt, ratio_txt = (f"{ref:.0f}", f"{ms / ref:.2f}") if ref else ("-", "-")
+    print(f"{name:<28}{ms:>12.1f}{ref_txt:>13}{ratio_txt:>8}")
+  ratios = {k: round(v / TORCHVISION_MS[k], 3) for k, v in figures.items() if k in TORCHVISION_MS}
+  result = {"machine": info, "ms": {k: round(v, 2) for k, v in figures.items()},
+            "torchvision_ms": TORCHVISION_MS, "ratio_to_torchvision": ratios}
+  if args.compare_ref:
+    result["compare_ref"] = {"rev": args.compare_ref,
+                             "load_avg_1min_end": round(os.getloadavg()[0], 2), **comparison}
+  print(json.dumps(result))
 
+
+def roi_figures(rng: np.random.Generator, figures: dict, repeats: int) -> None:
+  """Adds the RoI op timings to `figures`."""
   features = jax.random.normal(jax.random.key(0), FEATURE_SHAPE, jnp.float32)
   ops = {"roi_align": functools.partial(roi.roi_align, output_size=7, spatial_scale=1 / 16,
                                         sampling_ratio=2, aligned=False),
@@ -87,20 +191,11 @@ def main() -> None:
   for r in (128, 300):
     rois = jnp.asarray(rpn_like_boxes(rng, r)[0])
     for name, op in ops.items():
-      figures[f"{name}_{r}"] = median_ms(jax.jit(op), features, rois, repeats=args.repeats)
+      figures[f"{name}_{r}"] = median_ms(jax.jit(op), features, rois, repeats=repeats)
   rois = jnp.asarray(rpn_like_boxes(rng, 128)[0])
   for name, op in ops.items():
     grad = jax.jit(jax.grad(lambda f, b, op=op: jnp.sum(op(f, b))))
-    figures[f"{name}_128_grad"] = median_ms(grad, features, rois, repeats=max(3, args.repeats // 3))
-
-  print(f"{'op':<20}{'ms (median)':>12}{'torchvision':>13}{'ratio':>8}")
-  for name, ms in figures.items():
-    ref = TORCHVISION_MS.get(name)
-    ref_txt, ratio_txt = (f"{ref:.0f}", f"{ms / ref:.2f}") if ref else ("-", "-")
-    print(f"{name:<20}{ms:>12.1f}{ref_txt:>13}{ratio_txt:>8}")
-  ratios = {k: round(v / TORCHVISION_MS[k], 3) for k, v in figures.items() if k in TORCHVISION_MS}
-  print(json.dumps({"machine": info, "ms": {k: round(v, 2) for k, v in figures.items()},
-                    "torchvision_ms": TORCHVISION_MS, "ratio_to_torchvision": ratios}))
+    figures[f"{name}_128_grad"] = median_ms(grad, features, rois, repeats=max(3, repeats // 3))
 
 
 if __name__ == "__main__":

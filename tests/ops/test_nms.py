@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from frcnn_jax.ops import boxes as box_ops
 from frcnn_jax.ops import nms as nms_ops
 
 
@@ -232,3 +233,187 @@ def test_bad_arguments_raise():
     nms_ops.nms(boxes, scores, 0.5, 2.5)
   with pytest.raises(ValueError, match="tile_size"):
     nms_ops.nms(boxes, scores, 0.5, 3, tile_size=0)
+
+
+# The two schedules of the tiled loop (ops/nms.py): "cpu" skips finished work with lax.cond,
+# "accelerator" has no data-dependent control flow. nms() on this machine runs "cpu"; these
+# tests run both on the same inputs.
+SCHEDULES = ("cpu", "accelerator")
+
+
+def _run(boxes, scores, threshold, max_output_size, valid=None, classes=None, *,
+         tile_size=512, schedule):
+  n = len(boxes)
+  valid = np.ones(n, bool) if valid is None else valid
+  return nms_ops._tiled_nms(jnp.asarray(boxes, jnp.float32), jnp.asarray(scores, jnp.float32),
+                            None if classes is None else jnp.asarray(classes, jnp.int32),
+                            jnp.float32(threshold), jnp.asarray(valid),
+                            max_output_size=max_output_size, tile_size=tile_size,
+                            schedule=schedule)
+
+
+def _chain(n, step=1.0):
+  """Unit-height boxes of width 3 shifted by `step`: each overlaps its neighbours only
+  (IoU 0.5 with the next at step 1, 0.2 two apart)."""
+  x = np.arange(n, dtype=np.float32) * step
+  return np.stack([x, np.zeros(n), x + 3, np.ones(n)], 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("n,tile_size", [(5, 512), (70, 32), (37, 8)])
+def test_worst_cases_match_reference(schedule, n, tile_size):
+  """Chains (every kept box suppresses the next, across tile boundaries), identical boxes,
+  all invalid, the output filled early, N smaller than or not a multiple of the tile."""
+  rng = np.random.default_rng(n)
+  descending = np.linspace(1, 0, n).astype(np.float32)
+  cases = {
+      "chain": (_chain(n), descending, 0.4, n, None, None),
+      "chain, reversed scores": (_chain(n), descending[::-1].copy(), 0.4, n, None, None),
+      "chain, every box suppresses the next 3": (_chain(n, 0.5), descending, 0.3, n, None, None),
+      "identical": (np.tile(_chain(1), (n, 1)), np.ones(n, np.float32), 0.5, n, None, None),
+      "all invalid": (_chain(n), descending, 0.4, n, np.zeros(n, bool), None),
+      "full after 3": (_chain(n, 5.0), descending, 0.4, 3, None, None),
+      "chain, alternating classes": (_chain(n, 0.5), descending, 0.3, n, None,
+                                     np.arange(n) % 2),
+      "random valid, ties": (_chain(n, 0.7), (rng.integers(0, 3, n) / 3).astype(np.float32),
+                             0.3, n, rng.uniform(size=n) < 0.7, None),
+  }
+  for name, (boxes, scores, threshold, k, valid, classes) in cases.items():
+    threshold = _safe_threshold(boxes, threshold)
+    out = _run(boxes, scores, threshold, k, valid, classes, tile_size=tile_size,
+               schedule=schedule)
+    ref = _np_nms(boxes, scores, threshold, k, valid, classes)
+    np.testing.assert_array_equal(out, ref, err_msg=name)
+  # The chain keeps every other box: the worst case for any bounded in-tile pass.
+  chain = _run(_chain(n), descending, 0.4, n, tile_size=tile_size, schedule=schedule)
+  np.testing.assert_array_equal(chain[:(n + 1) // 2], np.arange(0, n, 2))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedules_match_reference_on_random_inputs(schedule):
+  """61 boxes in tiles of 16 (the last one partial), 25 output slots; half the cases
+  class-aware."""
+  rng = np.random.default_rng(11)
+  for case in range(30):
+    boxes = _clustered_boxes(rng, 61, num_clusters=int(rng.integers(1, 5)))
+    scores = ((rng.integers(0, 5, 61) / 4).astype(np.float32) if case % 2 else
+              rng.normal(size=61).astype(np.float32))
+    valid = rng.uniform(size=61) < rng.choice([0.3, 0.8, 1.0])
+    classes = rng.integers(0, 3, 61) if case % 4 < 2 else None
+    threshold = _safe_threshold(boxes, float(rng.choice([0.3, 0.5, 0.7])))
+    out = _run(boxes, scores, threshold, 25, valid, classes, tile_size=16, schedule=schedule)
+    np.testing.assert_array_equal(out, _np_nms(boxes, scores, threshold, 25, valid, classes),
+                                  err_msg=f"case {case}")
+
+
+def test_in_tile_resolvers_agree():
+  """_resolve_blocks (32-box bit masks) == _resolve_rows (one box a trip) on dense, sparse,
+  chain and empty overlap matrices, for tiles of 8, 16 (partial blocks) and 64."""
+  rng = np.random.default_rng(12)
+  rows, blocks = jax.jit(nms_ops._resolve_rows), jax.jit(nms_ops._resolve_blocks)
+  for t in (8, 16, 64):
+    upper = np.triu(np.ones((t, t), bool), 1)
+    chain = np.eye(t, k=1, dtype=bool)
+    for density in (0.0, 0.05, 0.3, 1.0):
+      for within in ((rng.uniform(size=(t, t)) < density) & upper, chain):
+        blocked = rng.uniform(size=t) < 0.2
+        keep = np.asarray(rows(blocked, within))
+        np.testing.assert_array_equal(blocks(blocked, within), keep)
+        expected = ~blocked.copy()       # the greedy definition, row by row
+        for j in range(t):
+          if expected[j]:
+            expected[within[j]] = False
+        np.testing.assert_array_equal(keep, expected)
+
+
+def _np_iou_float32(a, b):
+  """boxes.iou's formula evaluated in float32, one rounding per operation (torchvision's
+  kernel: areas first, then inter / (area_a + area_b - inter))."""
+  f = np.float32
+  area = lambda x: np.maximum(x[:, 2] - x[:, 0], f(0)) * np.maximum(x[:, 3] - x[:, 1], f(0))
+  p, q = a[:, None, :], b[None, :, :]
+  iw = np.maximum(np.minimum(p[..., 2], q[..., 2]) - np.maximum(p[..., 0], q[..., 0]), f(0))
+  ih = np.maximum(np.minimum(p[..., 3], q[..., 3]) - np.maximum(p[..., 1], q[..., 1]), f(0))
+  inter = iw * ih
+  union = area(a)[:, None] + area(b)[None, :] - inter
+  return np.where(union > 0, inter / np.where(union > 0, union, f(1)), f(0))
+
+
+def test_iou_is_float32_exact():
+  """The IoU inside NMS is boxes.iou's value rounded once per operation, bit for bit (inside
+  one fused jit; jitted boxes.iou itself may differ by an ulp where XLA fuses a
+  multiply-add)."""
+  rng = np.random.default_rng(13)
+  a, b = _clustered_boxes(rng, 300), _clustered_boxes(rng, 200)
+  a[:5] = [[1, 1, 1, 1], [2, 2, 1, 1], [0, 0, 0, 5], [3, 3, 9, 9], [3, 3, 9, 9]]
+  fast = jax.jit(lambda a, b: nms_ops._iou(nms_ops._columns(a), nms_ops._columns(b)))(a, b)
+  np.testing.assert_array_equal(fast, _np_iou_float32(a, b))
+  np.testing.assert_allclose(fast, box_ops.iou(a, b), rtol=1e-6, atol=1e-7)
+
+
+def test_numpy_inputs_eager_and_jit():
+  rng = np.random.default_rng(14)
+  boxes = _clustered_boxes(rng, 40).astype(np.float64)    # float64 NumPy, converted
+  scores, valid = rng.uniform(size=40), rng.uniform(size=40) < 0.9
+  classes = rng.integers(0, 3, 40)
+  threshold = _safe_threshold(boxes, 0.5)
+  ref = _np_nms(boxes, scores, threshold, 12, valid)
+  ref_classes = _np_nms(boxes, scores, threshold, 12, valid, classes)
+  np.testing.assert_array_equal(nms_ops.nms(boxes, scores, threshold, 12, valid), ref)
+  np.testing.assert_array_equal(
+      jax.jit(lambda: nms_ops.nms(boxes, scores, threshold, 12, valid))(), ref)
+  np.testing.assert_array_equal(
+      nms_ops.batched_nms(boxes, scores, classes, threshold, 12, valid), ref_classes)
+  np.testing.assert_array_equal(
+      jax.jit(lambda: nms_ops.batched_nms(boxes, scores, classes, threshold, 12, valid))(),
+      ref_classes)
+
+
+def test_batching_rule_nested_vmap_unbatched_arguments_and_grad():
+  """The CPU schedule's custom vmap rule: arguments without a batch axis are broadcast, a
+  vmap inside a vmap still matches the loop, and gradients flow around NMS."""
+  rng = np.random.default_rng(15)
+  boxes = np.stack([np.stack([_clustered_boxes(rng, 24) for _ in range(3)]) for _ in range(2)])
+  scores = rng.uniform(size=(2, 3, 24)).astype(np.float32)
+  valid = rng.uniform(size=24) < 0.8
+  fn = lambda b, s: nms_ops.nms(b, s, 0.45, 9, valid, tile_size=8)
+  nested = jax.jit(jax.vmap(jax.vmap(fn)))(boxes, scores)
+  shared_boxes = jax.jit(jax.vmap(fn, in_axes=(None, 0)))(boxes[0, 0], scores[0])
+  for i in range(2):
+    for j in range(3):
+      np.testing.assert_array_equal(nested[i, j],
+                                    _np_nms(boxes[i, j], scores[i, j], 0.45, 9, valid))
+    np.testing.assert_array_equal(shared_boxes[i],
+                                  _np_nms(boxes[0, 0], scores[0, i], 0.45, 9, valid))
+
+  def loss(scale, b, s):
+    keep = jax.vmap(lambda b, s: nms_ops.nms(b * scale, s, 0.45, 9, tile_size=8))(b, s)
+    return jnp.sum(jnp.where(keep >= 0, jnp.take_along_axis(s, jnp.maximum(keep, 0), 1), 0.0)
+                   * scale)
+  grad = jax.jit(jax.grad(loss))(1.0, boxes[0], scores[0])
+  assert np.isfinite(grad) and grad > 0
+
+
+def test_equals_torchvision():
+  """torchvision.ops.nms (float32 CPU kernel) on the same boxes, ties included; batched_nms
+  against torchvision's nms per class merged by score (skipped without torchvision)."""
+  torch = pytest.importorskip("torch")
+  torchvision = pytest.importorskip("torchvision")
+  rng = np.random.default_rng(16)
+  for case in range(12):
+    n = 300
+    boxes = _clustered_boxes(rng, n, num_clusters=int(rng.integers(1, 6)), degenerate=0.0)
+    scores = ((rng.integers(0, 6, n) / 5).astype(np.float32) if case % 2 else
+              rng.uniform(size=n).astype(np.float32))
+    threshold = float(rng.choice([0.3, 0.5, 0.7]))
+    expected = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                   threshold).numpy()
+    out = np.asarray(nms_ops.nms(boxes, scores, threshold, n, tile_size=64))
+    np.testing.assert_array_equal(out[out >= 0], expected, err_msg=f"case {case}")
+    classes = rng.integers(0, 4, n)
+    per_class = [i for c in range(4) for i in np.flatnonzero(classes == c)[
+        torchvision.ops.nms(torch.from_numpy(boxes[classes == c]),
+                            torch.from_numpy(scores[classes == c]), threshold).numpy()]]
+    per_class = sorted(per_class, key=lambda i: (-scores[i], i))
+    out = np.asarray(nms_ops.batched_nms(boxes, scores, classes, threshold, n, tile_size=64))
+    np.testing.assert_array_equal(out[out >= 0], per_class, err_msg=f"case {case}")
