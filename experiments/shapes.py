@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.learning_rate = 2e-3
   c.train.weight_decay = 1e-4
   c.train.bias_lr_mult = 1.0
+  c.train.bias_weight_decay = False  # as measured (the paper configs decay biases)
   c.train.num_steps = 1800
   c.train.batch_size = 8
   c.train.warmup_steps = 100

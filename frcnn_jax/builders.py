@@ -2,11 +2,15 @@
 
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from frcnn_jax import detector
 from frcnn_jax import optim
+from frcnn_jax import parallel
+from frcnn_jax import proposal_store
+from frcnn_jax.data import canvases as canvas_lib
 from frcnn_jax.data import pipeline
 from frcnn_jax.data import shapes
 from frcnn_jax.data import sources
@@ -14,6 +18,8 @@ from frcnn_jax.models import faster_rcnn
 from frcnn_jax.models import heads
 from frcnn_jax.models import rpn
 from frcnn_jax.models import vgg
+from frcnn_jax.ops import anchors as anchor_ops
+from frcnn_jax.ops import roi as roi_ops
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -65,10 +71,13 @@ def model_from_config(config: ml_collections.ConfigDict,
       convs_per_block=convs,
       frozen_blocks=int(m.frozen_blocks),
       stride=int(m.anchor_stride),
+      pool_ceil_mode=bool(m.pool_ceil_mode),
       input_norm=_choice("model.input_norm", m.input_norm, faster_rcnn.INPUT_NORMS),
       num_anchors=len(m.anchor_sizes) * len(m.anchor_ratios),
       rpn_objectness=_choice("model.rpn_objectness", m.rpn_objectness, rpn.OBJECTNESS_MODES),
       roi_op=_choice("model.roi_op", m.roi_op, heads.ROI_OPS),
+      roi_pool_coordinates=_choice("model.roi_pool_coordinates", m.roi_pool_coordinates,
+                                   roi_ops.ROI_POOL_COORDINATES),
       roi_size=int(_positive("model.roi_size", m.roi_size, 1, inclusive=True)),
       roi_sampling_ratio=int(m.roi_sampling_ratio),
       roi_aligned=bool(m.roi_aligned),
@@ -100,6 +109,8 @@ def detector_settings_from_config(config: ml_collections.ConfigDict) -> detector
       anchor_sizes=tuple(float(s) for s in m.anchor_sizes),
       anchor_ratios=tuple(float(s) for s in m.anchor_ratios),
       anchor_stride=int(m.anchor_stride),
+      anchor_style=_choice("model.anchor_style", m.anchor_style, anchor_ops.ANCHOR_STYLES),
+      legacy_plus_one=bool(m.legacy_plus_one),
       rpn_pre_nms_top_n_train=int(r.pre_nms_top_n_train),
       rpn_post_nms_top_n_train=int(r.post_nms_top_n_train),
       rpn_pre_nms_top_n_test=int(r.pre_nms_top_n_test),
@@ -123,6 +134,8 @@ def detector_settings_from_config(config: ml_collections.ConfigDict) -> detector
       test_nms_threshold=_fraction("test.nms_threshold", t.nms_threshold),
       test_score_threshold=float(t.score_threshold),
       test_detections_per_image=int(t.detections_per_image),
+      test_min_size=float(_positive("test.min_size", t.min_size, 0.0, inclusive=True)),
+      loss_mode=_choice("train.loss_mode", config.train.loss_mode, detector.LOSS_MODES),
   )
 
 
@@ -141,15 +154,42 @@ def init_params_from_config(config: ml_collections.ConfigDict, model: faster_rcn
   if path:
     if not os.path.isfile(path):
       raise FileNotFoundError(
-          f"model.pretrained={path!r} does not exist; create it with "
-          "`python scripts/convert_vgg16.py` or set --config.model.pretrained=''")
+          f"model.pretrained={path!r} does not exist; create it from ImageNet VGG16 weights "
+          f"with `python scripts/convert_vgg16.py --input VGG16.v2.caffemodel --output {path}` "
+          "(or a Keras .h5 / torchvision .pth, see the README) or set "
+          "--config.model.pretrained=''")
     params = faster_rcnn.load_pretrained(params, path, input_norm=config.model.input_norm)
+  if config.train.init_from:
+    params = _params_of_run(config.train.init_from, params)
   return params
+
+
+def _params_of_run(workdir: str, like: dict) -> dict:
+  """The newest checkpoint's parameters of the run in `workdir` (`train.init_from`).
+
+  Raises:
+    FileNotFoundError: no checkpoint there.
+    ValueError: its parameters differ from `like`'s in structure, shape or dtype.
+  """
+  from frcnn_jax import evaluate   # evaluate imports this module
+  params, step = evaluate.restore_params(workdir, parallel.make_mesh())
+  expected = jax.tree.map(lambda x: (x.shape, x.dtype), like)
+  found = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+  if jax.tree.structure(like) != jax.tree.structure(params) or expected != found:
+    raise ValueError(f"train.init_from={workdir!r}: its checkpoint {step} holds parameters of "
+                     "another model (layers, shapes or dtypes differ from this config's)")
+  return params
+
+
+# What each train.loss_mode trains (the frozen trunk blocks aside); README "Alternating training".
+TRAINED_PARTS = {"joint": ("trunk", "rpn", "head"), "rpn": ("trunk", "rpn"),
+                 "head": ("trunk", "head")}
 
 
 def optimizer_from_config(config: ml_collections.ConfigDict, params,
                           model: faster_rcnn.FasterRCNN):
-  """The optimizer of `config.train` for `params` (frozen trunk blocks masked).
+  """The optimizer of `config.train` for `params` (frozen trunk blocks and the parts that
+  `train.loss_mode` does not train masked: neither updated nor decayed).
 
   Step counts in the config (num_steps, warmup_steps, lr_boundaries) count train steps; with
   `train.grad_accum_steps = k` an update happens every k steps, so the schedule runs on
@@ -166,11 +206,12 @@ def optimizer_from_config(config: ml_collections.ConfigDict, params,
                                                ("piecewise", "cosine")),
       num_steps=max(t.num_steps // k, 1), warmup_steps=t.warmup_steps // k,
       boundaries=tuple(b // k for b in t.lr_boundaries), decay=float(t.lr_decay))
+  parts = TRAINED_PARTS[_choice("train.loss_mode", t.loss_mode, TRAINED_PARTS)]
   tx = optim.make_optimizer(
       params, lr_fn, optimizer=t.optimizer, momentum=float(t.momentum),
       weight_decay=float(t.weight_decay),
       bias_lr_mult=float(t.bias_lr_mult), bias_weight_decay=bool(t.bias_weight_decay),
-      trainable=faster_rcnn.trainable_mask(model, params),
+      trainable=faster_rcnn.trainable_mask(model, params, parts),
       grad_clip_norm=float(t.grad_clip_norm), grad_accum_steps=k)
   return tx, lr_fn
 
@@ -178,12 +219,31 @@ def optimizer_from_config(config: ml_collections.ConfigDict, params,
 def source_from_config(config: ml_collections.ConfigDict, split: str):
   """The dataset source of the train split ("train") or the eval split ("eval").
 
+  The train split of a file-backed dataset leaves out images without an object that training
+  uses when `data.drop_images_without_objects` (`sources.WithObjects`); the eval split is whole.
+
+  The train split carries the stored proposals of `data.proposals` when given
+  (`proposal_store.WithProposals`, for `train.loss_mode` "head").
+
   Raises:
     ValueError / FileNotFoundError: unknown dataset name or missing data (naming the path).
   """
   d = config.data
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  if split == "train" and (config.train.loss_mode == "head") != bool(d.proposals):
+    raise ValueError("train.loss_mode=head trains on stored proposals: give data.proposals "
+                     "with it and only with it (python -m frcnn_jax.dump_proposals)")
+  source = _dataset_source(config, split)
+  if split == "train" and d.proposals:
+    source = proposal_store.WithProposals(source, proposal_store.load(d.proposals),
+                                          int(d.num_proposals))
+  return source
+
+
+def _dataset_source(config: ml_collections.ConfigDict, split: str):
+  """The dataset's own source of "train" or "eval" (see `source_from_config`)."""
+  d = config.data
   if d.name == "shapes":
     return shapes.ShapesSource(
         d.shapes_num_train if split == "train" else d.shapes_num_test,
@@ -191,14 +251,80 @@ def source_from_config(config: ml_collections.ConfigDict, split: str):
         seed=config.seed,
         cache_bytes=int(_positive("data.shapes_cache_mb", d.shapes_cache_mb, 0, True) * 2**20))
   if split == "train":
-    return sources.make_source(d.name, d.train_split, data_dir=d.data_dir, years=d.years,
-                               classes=d.classes, bad_input=d.bad_input,
-                               annotation_file=d.coco_train_json,
-                               image_dir=d.coco_train_images, training=True)
+    source = sources.make_source(d.name, d.train_split, data_dir=d.data_dir, years=d.years,
+                                 classes=d.classes, bad_input=d.bad_input,
+                                 annotation_file=d.coco_train_json,
+                                 image_dir=d.coco_train_images, training=True)
+    return sources.WithObjects(source) if d.drop_images_without_objects else source
   return sources.make_source(d.name, d.eval_split, data_dir=d.data_dir, years=(d.eval_year,),
                              classes=d.classes, bad_input=d.bad_input,
                              annotation_file=d.coco_eval_json, image_dir=d.coco_eval_images,
                              training=False)
+
+
+def canvases_from_config(config: ml_collections.ConfigDict, source=None,
+                         sizes=None) -> tuple[tuple[int, int], ...]:
+  """The static canvases (h, w) of `config.data` (README "Canvases").
+
+  `data.pad_hw` (one canvas) or `data.canvases` when given; otherwise `data.num_canvases`
+  canvases chosen for the resized sizes of `source`'s records (or of `sizes`, original
+  (height, width) pairs, e.g. the images `detect` is given), sides multiples of
+  `data.canvas_multiple`; with neither, for `GENERIC_ASPECTS` (common photo shapes).
+
+  Raises:
+    ValueError: naming the key: both pad_hw and canvases given, a side of data.canvases
+      that is not a positive multiple of the trunk's stride (`model.anchor_stride`; pad_hw,
+      the fixed canvas of older configs, may be any size), or num_canvases < 1.
+  """
+  d = config.data
+  stride = int(config.model.anchor_stride)
+  if len(d.pad_hw) and len(d.canvases):
+    raise ValueError("give data.canvases or data.pad_hw (one canvas), not both")
+  multiple = int(d.canvas_multiple)
+  if multiple <= 0 or multiple % stride:
+    raise ValueError(f"data.canvas_multiple={multiple} must be a positive multiple of the "
+                     f"trunk's stride model.anchor_stride={stride}")
+  _positive("data.num_canvases", d.num_canvases, 1, inclusive=True)
+  if len(d.pad_hw):   # the one fixed canvas of older configs: any size
+    return pipeline.check_canvases([d.pad_hw], "data.pad_hw")
+  if len(d.canvases):
+    found = pipeline.check_canvases(d.canvases)
+    bad = [c for c in found if c[0] % stride or c[1] % stride]
+    if bad:
+      raise ValueError(f"data.canvases: canvas sides must be multiples of the trunk's stride "
+                       f"model.anchor_stride={stride}, got {bad}")
+    return found
+  kw = dict(min_size=int(d.min_size), max_size=int(d.max_size))
+  if source is not None:
+    return canvas_lib.canvases_for_source(source, num_canvases=int(d.num_canvases),
+                                          multiple=multiple, **kw)
+  hws = GENERIC_ASPECTS if sizes is None else sizes
+  resized = [canvas_lib.resized_hw(hw, **kw) for hw in hws]
+  return canvas_lib.choose_canvases(resized, int(d.num_canvases), multiple)
+
+
+# (height, width) of common photo shapes: the canvases of an export (or of `detect` without
+# images) when the config names none: 4:3, 3:2, 16:9, 1:1, 2:1, each both ways.
+GENERIC_ASPECTS = ((3, 4), (4, 3), (2, 3), (3, 2), (9, 16), (16, 9), (1, 1), (1, 2), (2, 1))
+
+
+def compilation_cache_from_config(config: ml_collections.ConfigDict) -> str | None:
+  """Turns on JAX's persistent compilation cache in `train.compilation_cache_dir` ("": off).
+
+  Call before the first compilation. A resumed run, an evaluation or an export then loads
+  the programs an earlier run compiled (one per canvas) instead of compiling them again.
+  The environment variable JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
+
+  Returns:
+    The cache folder, or None when off.
+  """
+  path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or config.train.compilation_cache_dir
+  if not path:
+    return None
+  path = os.path.abspath(os.path.expanduser(path))
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
 
 
 def train_data_from_config(config: ml_collections.ConfigDict, source, mesh):
@@ -209,18 +335,20 @@ def train_data_from_config(config: ml_collections.ConfigDict, source, mesh):
   d = config.data
   return pipeline.train_loader(
       source, batch_size=config.train.batch_size, seed=config.seed, min_size=d.min_size,
-      max_size=d.max_size, pad_hw=tuple(d.pad_hw), max_gt=d.max_gt, flip=d.flip,
-      num_workers=d.num_workers, prefetch=d.prefetch, mesh=mesh)
+      max_size=d.max_size, canvases=canvases_from_config(config, source), max_gt=d.max_gt,
+      flip=d.flip, num_workers=d.num_workers, prefetch=d.prefetch, mesh=mesh)
 
 
 def eval_data_from_config(config: ml_collections.ConfigDict, source, mesh=None):
   """One pass over the eval split: this process's numpy slices of the eval Batches.
 
-  `mesh` is accepted for symmetry with `train_data_from_config`; the evaluator assembles the
-  slices into global arrays itself.
+  Canvases are chosen for the eval split's own sizes (no image shrunk) unless the config
+  names them. `mesh` is accepted for symmetry with `train_data_from_config`; the evaluator
+  assembles the slices into global arrays itself.
   """
   del mesh
   d = config.data
   return pipeline.eval_batches(
       source, batch_size=config.eval.batch_size, min_size=d.min_size, max_size=d.max_size,
-      pad_hw=tuple(d.pad_hw), max_gt=d.max_gt, num_workers=d.num_workers)
+      canvases=canvases_from_config(config, source), max_gt=d.max_gt,
+      num_workers=d.num_workers)

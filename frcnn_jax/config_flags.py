@@ -4,13 +4,17 @@ Every entry point (`python -m frcnn_jax.train`, `... .evaluate`, sweeps) takes
 `--config experiments/X.py` (a file whose `get_config()` returns a locked ConfigDict) and any
 number of `--config.section.key=value` overrides (ml_collections config flags; values are
 parsed to the type of the default). A misspelt key, a value of the wrong type or a value
-outside its allowed set stops the program at start with a message naming the key.
+outside its allowed set stops the program at start with a message naming the key. Without
+`--config`, a `--workdir` holding a run's `config.json` supplies it (frcnn_jax/run_config.py).
+`parse_flags` also answers `--help` (exit code 0) and keeps known console noise out.
 """
 
 import difflib
 import importlib.util
+import logging
 import os
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,9 +26,11 @@ from ml_collections import config_flags
 CHOICES = {
     "data.name": ("shapes", "voc_tfds", "voc_folder", "coco_json"),
     "data.bad_input": ("skip", "error"),
-    "model.input_norm": ("caffe", "torchvision"),
+    "model.input_norm": ("caffe", "keras", "torchvision"),
     "model.rpn_objectness": ("softmax", "sigmoid"),
     "model.roi_op": ("roi_pool", "roi_align"),
+    "model.roi_pool_coordinates": ("torchvision", "caffe"),
+    "model.anchor_style": ("exact", "py-faster-rcnn"),
     "model.dtype": ("float32", "bfloat16"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("piecewise", "cosine"),
@@ -86,8 +92,23 @@ def _missing_key(config: ml_collections.ConfigDict, dotted: str) -> str | None:
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   """Parses `argv` like absl, exiting with a one-line error naming a bad config key or value.
 
-  Pass as `app.run(main, flags_parser=parse_flags)`.
+  Pass as `app.run(main, flags_parser=parse_flags)`. Besides absl's parsing:
+  * `--help` (`-h`) prints the command's usage with `--config` and exits 0;
+  * without `--config`, a `--workdir` holding a run's `config.json` supplies the config
+    (`frcnn_jax/run_config.py`), overrides included; with neither, a one-line error;
+  * a tuple key given twice as a whole tuple (`--config.model.anchor_sizes=(16,32)` then
+    `=(64,128)`) takes the last one (ml_collections would concatenate them); one element per
+    flag (`--config.data.years=2007 --config.data.years=2012`) still builds a tuple;
+  * orbax INFO records and other known-harmless console noise are filtered (`quiet_logs`).
   """
+  argv = list(argv)
+  if any(arg in ("--help", "-h", "-?", "--helpshort") for arg in argv[1:]):
+    print(usage(flag_values))
+    sys.exit(0)
+  quiet_logs()
+  if "config" in flag_values:
+    argv = _last_tuple_wins(argv)
+    argv = _config_from_workdir(argv)
   try:
     remaining = flag_values(argv)
   except flags.Error as e:
@@ -108,6 +129,122 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
     except (ConfigError, OSError) as e:  # OSError: the config file failed to load
       sys.exit(f"error: {e}")
   return remaining
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+  """The value of `--name=v` / `--name v` in argv (the last one), or None."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _config_from_workdir(argv: list[str]) -> list[str]:
+  """Adds `--config=<run_config.py>:WORKDIR` when no --config is given and WORKDIR has a run.
+
+  Exits with a message when there is neither; a --config file that does not exist exits too.
+  """
+  from frcnn_jax import run_config  # pylint: disable=g-import-not-at-top
+
+  path = _flag_value(argv, "config")
+  if path is not None:
+    file_path = path.partition(":")[0]
+    if not os.path.isfile(file_path):
+      sys.exit(f"error: config file {file_path!r} does not exist (--config names an "
+               "experiments/*.py file)")
+    return argv
+  workdir = _flag_value(argv, "workdir")
+  if workdir and run_config.config_path(workdir).is_file():
+    try:
+      run_config.read(workdir)
+    except run_config.RunConfigError as e:
+      sys.exit(f"error: {e}")
+    return argv[:1] + [f"--config={os.path.abspath(run_config.__file__)}:{workdir}"] + argv[1:]
+  where = (f"{run_config.config_path(workdir)} does not exist" if workdir
+           else "no --workdir with a run's config.json was given")
+  sys.exit(f"error: --config is required ({where}): give an experiment file, e.g. "
+           "--config experiments/shapes.py\nRun with --help for usage.")
+
+
+def _last_tuple_wins(argv: list[str]) -> list[str]:
+  """Keeps only the last `--config.key=value` of a key given more than once as a whole tuple.
+
+  ml_collections joins the values of a repeated tuple flag into one tuple (`=1 =2` -> (1, 2));
+  given as whole tuples (`=(16,32) =(64,128)`) that would silently concatenate them.
+  """
+  values: dict[str, list[int]] = {}
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config.") and "=" in arg:
+      values.setdefault(arg.split("=", 1)[0], []).append(i)
+  drop = set()
+  for key, positions in values.items():
+    whole = [argv[i].split("=", 1)[1].strip()[:1] in ("(", "[") for i in positions]
+    if len(positions) > 1 and any(whole):
+      drop.update(positions[:-1])
+  return [arg for i, arg in enumerate(argv) if i not in drop]
+
+
+class _QuietFilter(logging.Filter):
+  """Drops log records that say nothing a user can act on.
+
+  Orbax's INFO records (about 200 per shapes run, 30 per evaluation), its warnings about the
+  read-only checkpoint manager that evaluation opens on purpose, and JAX's note that it found
+  no TPU library when it probes the backends on a CPU or GPU machine. Orbax's other warnings
+  and all errors pass.
+  """
+
+  _HARMLESS = ("CheckpointManagerOptions.read_only=True", "Given directory is read only",
+               "could not be restored. Please provide a `CheckpointHandlerRegistry`")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR:
+      return True
+    path = record.pathname
+    if f"{os.sep}orbax{os.sep}" in path:
+      return record.levelno >= logging.WARNING and not any(
+          h in record.getMessage() for h in self._HARMLESS)
+    if path.endswith("xla_bridge.py") and record.levelno < logging.WARNING:
+      return not record.getMessage().startswith("Unable to initialize backend")
+    return True
+
+
+def quiet_logs() -> None:
+  """Installs `_QuietFilter` on absl's handler and on the root logger's handlers (idempotent)."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  handlers = [absl_logging.get_absl_handler(), *logging.getLogger().handlers]
+  for handler in handlers:
+    if not any(isinstance(f, _QuietFilter) for f in handler.filters):
+      handler.addFilter(_QuietFilter())
+
+
+def usage(flag_values: flags.FlagValues = flags.FLAGS) -> str:
+  """The command's usage: its module docstring, its flags, `--config` and the overrides."""
+  main = sys.modules.get("__main__")
+  doc = ((getattr(main, "__doc__", None) or "").strip() + "\n") if main else ""
+  names = {f.name for f in flag_values.get_flags_for_module(sys.argv[0])}
+  if main is not None and getattr(main, "__file__", None):
+    names |= {f.name for f in flag_values.get_flags_for_module(main.__file__)}
+  entries = []
+  if "config" in flag_values:
+    entries.append(("--config", "Experiment config file (experiments/X.py[:arg]). Optional when "
+                    "--workdir holds a run's config.json: the run's config is then used "
+                    "(frcnn_jax/run_config.py)."))
+    entries.append(("--config.KEY=VALUE", "Override one config key, e.g. "
+                    "--config.train.num_steps=100. Every key with its value and meaning: "
+                    "python -m frcnn_jax.config experiments/X.py"))
+  for name in sorted(names):
+    flag = flag_values[name]
+    default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+    entries.append((f"--{name}", f"{flag.help}{default}"))
+  lines = [doc, "flags:"]
+  for name, text in entries:
+    lines.append(textwrap.fill(f"{name}: {text}", width=100, initial_indent="  ",
+                               subsequent_indent="      "))
+  return "\n".join(lines)
 
 
 def _load_quietly(argv: Sequence[str]) -> ml_collections.ConfigDict | None:

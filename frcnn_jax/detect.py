@@ -2,17 +2,25 @@ r"""Runs a trained detector on image files and writes JSON detections and annota
 
 Usage:
 
-  python -m frcnn_jax.detect --config experiments/voc.py --workdir runs/voc07 \
-      --output out/ [--step N] [--threshold 0.5] image.jpg more/*.png folder/
+  python -m frcnn_jax.detect --workdir runs/voc07 --output out/ [--step N] \
+      [--threshold 0.5] [--config.test.score_threshold=0.1 ...] image.jpg more/*.png folder/
+
+The run's config (WORKDIR/config.json) is used; test-time keys may be overridden (see
+frcnn_jax/run_config.py). The output folder must lie outside the input folders; files left
+there by an earlier run are kept unless --overwrite. An unreadable image is skipped with a
+message, the others are processed, and the exit code is 1 at the end.
 
 For each image `<name>.<ext>`: `OUT/<name>.json` with every detection (score above the
 config's `test.score_threshold`; boxes xyxy in original-image pixels, continuous coordinates)
 and `OUT/<name>.png` with the detections scoring at least `--threshold` drawn and labelled.
 Images of any size and mode (grayscale, palette, RGBA: alpha dropped) are resized and padded
-exactly as in evaluation.
+exactly as in evaluation, each onto the smallest canvas that holds it: the config's
+`data.pad_hw` / `data.canvases`, else `data.num_canvases` canvases chosen for the sizes of the
+images given (one compiled program per canvas).
 """
 
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -31,6 +39,8 @@ from frcnn_jax import detector
 from frcnn_jax import drawing
 from frcnn_jax import evaluate
 from frcnn_jax import parallel
+from frcnn_jax import run_config
+from frcnn_jax.data import canvases as canvas_lib
 from frcnn_jax.data import images as image_io
 from frcnn_jax.data import shapes
 from frcnn_jax.data import transforms
@@ -67,15 +77,43 @@ def class_names_from_config(config: ml_collections.ConfigDict) -> tuple[str, ...
   return tuple(builders.source_from_config(config, "eval").classes)
 
 
-def prepare(image: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """One RGB image -> a batch of one (canvas, image_hw, scale), resized as in evaluation."""
+def prepare(image: np.ndarray, config: ml_collections.ConfigDict,
+            canvases: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+  """One RGB image -> a batch of one (canvas, image_hw, scale), resized as in evaluation.
+
+  Args:
+    image: uint8 [h, w, 3].
+    config: the run's config (resize rule, canvases).
+    canvases: the canvases to pick from (default: `builders.canvases_from_config` for this
+      image's size). The image goes on the smallest that holds it
+      (`canvases.place_canvases`).
+
+  Returns:
+    {"image" uint8 [1, H, W, 3], "image_hw" int32 [1, 2], "scale" float32 [1]}.
+  """
   d = config.data
-  pad_hw = tuple(int(v) for v in d.pad_hw)
-  scale = transforms.resize_scale(image.shape[:2], d.min_size, d.max_size, pad_hw)
+  if canvases is None:
+    canvases = builders.canvases_from_config(config, sizes=[image.shape[:2]])
+  size = canvas_lib.resized_hw(image.shape[:2], d.min_size, d.max_size)
+  pad_hw = tuple(int(v) for v in canvases[int(canvas_lib.place_canvases([size], canvases)[0])])
+  scale = transforms.fit_scale(image.shape[:2], d.min_size, d.max_size, pad_hw)
   resized, _ = transforms.resize(image, np.zeros((0, 4), np.float32), scale, pad_hw)
   return {"image": transforms.pad_image(resized, pad_hw)[None],
           "image_hw": np.array([resized.shape[:2]], np.int32),
           "scale": np.array([scale], np.float32)}
+
+
+def canvases_for_images(config: ml_collections.ConfigDict, paths: Sequence[pathlib.Path]
+                        ) -> tuple[tuple[int, int], ...]:
+  """The canvases `run` uses: the config's (`data.pad_hw` / `data.canvases`), else
+  `data.num_canvases` chosen for the images' sizes (read from their headers)."""
+  sizes = []
+  for path in paths:
+    try:
+      sizes.append(image_io.image_size(path))
+    except (image_io.ImageDecodeError, OSError):
+      continue   # `run` reports it when it reads the image
+  return builders.canvases_from_config(config, sizes=sizes or None)
 
 
 def detections_record(path: pathlib.Path, image: np.ndarray, out: dict[str, np.ndarray],
@@ -91,10 +129,62 @@ def detections_record(path: pathlib.Path, image: np.ndarray, out: dict[str, np.n
           "detections": dets}
 
 
+def output_names(paths: Sequence[pathlib.Path]) -> list[str]:
+  """The output stem of each input: its file stem, `_` appended until unique."""
+  names, used = [], set()
+  for path in paths:
+    name = path.stem
+    while name in used:
+      name += "_"
+    used.add(name)
+    names.append(name)
+  return names
+
+
+def check_output(output: str | os.PathLike, inputs: Sequence[str],
+                 paths: Sequence[pathlib.Path], *, overwrite: bool = False) -> None:
+  """Refuses an output folder that would write over an input or an earlier result.
+
+  Args:
+    output: the output folder.
+    inputs: the files and folders given on the command line.
+    paths: the image files found in them.
+    overwrite: allow replacing `<name>.json` / `<name>.png` of an earlier run (never inputs).
+
+  Raises:
+    ValueError: the output folder is an input folder, lies inside one or contains one; an
+      output file would be an input image; or (without `overwrite`) an output file exists.
+  """
+  out_dir = pathlib.Path(output).resolve()
+  for item in inputs:
+    folder = pathlib.Path(item).resolve()
+    if folder.is_dir() and (out_dir == folder or out_dir.is_relative_to(folder)
+                            or folder.is_relative_to(out_dir)):
+      raise ValueError(f"--output {output} {'is' if out_dir == folder else 'overlaps'} the "
+                       f"input folder {item}: choose an output folder outside the inputs")
+  images = {p.resolve() for p in paths}
+  existing = []
+  for name in output_names(paths):
+    for suffix in (".json", ".png"):
+      target = out_dir / f"{name}{suffix}"
+      if target in images:
+        raise ValueError(f"--output {output} would write {target} over an input image: "
+                         "choose another output folder")
+      if target.exists():
+        existing.append(str(target))
+  if existing and not overwrite:
+    raise ValueError(f"{len(existing)} output files exist already (e.g. {existing[0]}), from "
+                     "an earlier run: choose another --output, or pass --overwrite")
+
+
 def run(config: ml_collections.ConfigDict, params: Any, paths: Sequence[pathlib.Path],
-        output: str | os.PathLike, *, class_names: Sequence[str], threshold: float = 0.5
-        ) -> list[pathlib.Path]:
+        output: str | os.PathLike, *, class_names: Sequence[str], threshold: float = 0.5,
+        skipped: list[tuple[pathlib.Path, str]] | None = None,
+        extra: dict[str, Any] | None = None) -> list[pathlib.Path]:
   """Detects objects in each image and writes `<name>.json` and `<name>.png` into `output`.
+
+  An image that cannot be read or decoded is skipped with a message on stderr (and appended
+  to `skipped`); the others are still processed.
 
   Args:
     config: the experiment config (model, test settings, resizing).
@@ -103,6 +193,8 @@ def run(config: ml_collections.ConfigDict, params: Any, paths: Sequence[pathlib.
     output: output folder (created).
     class_names: C names; label c is class_names[c - 1].
     threshold: minimum score of the drawn detections (the JSON keeps them all).
+    skipped: where to append (path, reason) of each image that could not be read.
+    extra: more fields for every JSON record (e.g. the checkpoint step, config overrides).
 
   Returns:
     The JSON paths written, in input order.
@@ -111,18 +203,22 @@ def run(config: ml_collections.ConfigDict, params: Any, paths: Sequence[pathlib.
   settings = builders.detector_settings_from_config(config)
   out_dir = pathlib.Path(output)
   out_dir.mkdir(parents=True, exist_ok=True)
-  written, used = [], set()
-  for path in paths:
-    image = image_io.read_image(path)
-    out = jax.device_get(detector.predict(params, prepare(image, config), model=model,
-                                          settings=settings))
+  canvases = canvases_for_images(config, paths)
+  written = []
+  for path, name in zip(paths, output_names(paths)):
+    try:
+      image = image_io.read_image(path)
+    except image_io.ImageDecodeError as e:
+      print(f"skipped {path}: {e}", file=sys.stderr, flush=True)
+      if skipped is not None:
+        skipped.append((path, str(e)))
+      continue
+    out = jax.device_get(detector.predict(params, prepare(image, config, canvases),
+                                          model=model, settings=settings))
     out = {k: v[0] for k, v in out.items()}
     out["boxes"] = evaluate.clip_to_image(out["boxes"], *image.shape[:2])
-    name = path.stem
-    while name in used:
-      name += "_"
-    used.add(name)
     record = detections_record(path, image, out, class_names)
+    record.update(extra or {})
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(record, indent=1) + "\n")
     shown = out["valid"] & (out["scores"] >= threshold)
@@ -137,29 +233,43 @@ def run(config: ml_collections.ConfigDict, params: Any, paths: Sequence[pathlib.
 def define_flags() -> None:
   """Defines the command's flags."""
   config_flags.define_config_flag()
-  flags.DEFINE_string("workdir", None, "Training run directory (reads checkpoints/).")
-  flags.DEFINE_string("output", None, "Output folder for <name>.json and <name>.png.")
+  flags.DEFINE_string("workdir", None, "Training run directory (reads checkpoints/ and "
+                      "config.json).")
+  flags.DEFINE_string("output", None, "Output folder for <name>.json and <name>.png (created; "
+                      "never an input folder).")
   flags.DEFINE_integer("step", -1, "Checkpoint step; -1: the newest.")
   flags.DEFINE_float("threshold", 0.5, "Minimum score of the detections drawn on the PNGs "
                      "(the JSON keeps every detection above test.score_threshold).")
+  flags.DEFINE_bool("overwrite", False, "Replace <name>.json / <name>.png left in --output by "
+                    "an earlier run (inputs are never replaced).")
 
 
 def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   if len(argv) < 2:
     raise app.UsageError("give at least one image file or folder")
-  for name in ("config", "workdir", "output"):
+  for name in ("workdir", "output"):
     if f[name].value is None:
       raise app.UsageError(f"--{name} is required")
+  skipped = []
   try:
+    resolved = run_config.from_flags(f.workdir)
+    for note in resolved.notes:
+      logging.warning("%s", note)
     paths = list_images(argv[1:])
-    class_names = class_names_from_config(f.config)
+    check_output(f.output, argv[1:], paths, overwrite=f.overwrite)
+    class_names = class_names_from_config(resolved.config)
     mesh = parallel.make_mesh(jax.local_devices()[:1])
     params, step = evaluate.restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
     print(f"checkpoint step {step}, {len(paths)} images", flush=True)
-    run(f.config, params, paths, f.output, class_names=class_names, threshold=f.threshold)
+    run(resolved.config, params, paths, f.output, class_names=class_names,
+        threshold=f.threshold, skipped=skipped,
+        extra={"step": step, "overrides": resolved.overrides})
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
+  if skipped:
+    sys.exit(f"error: {len(skipped)} of {len(paths)} images could not be read: "
+             + ", ".join(str(p) for p, _ in skipped))
 
 
 if __name__ == "__main__":

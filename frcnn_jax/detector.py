@@ -6,7 +6,8 @@ program; `model` and `settings` are static (hashable) arguments. Per-image ops a
 the batch. `params` is the network's `params` collection (`init_params(model, key)`).
 
 Batch keys used: "image" uint8 [B, H, W, 3], "image_hw" int32 [B, 2], "scale" float32 [B], and
-for the loss "gt_boxes" [B, G, 4], "gt_labels" [B, G], "gt_valid" [B, G]; "valid" [B] (optional)
+for the loss "gt_boxes" [B, G, 4], "gt_labels" [B, G], "gt_valid" [B, G] (and, for the "head"
+loss mode, stored "proposals" [B, R, 4] with "proposals_valid" [B, R]); "valid" [B] (optional)
 masks the detections of padding examples.
 """
 
@@ -27,6 +28,8 @@ from frcnn_jax.ops import targets
 
 Batch = dict[str, jax.Array]
 LOSS_TERMS = ("rpn_cls", "rpn_box", "det_cls", "det_box")
+LOSS_MODES = ("joint", "rpn", "head")   # DetectorSettings.loss_mode (README "Alternating
+                                        # training"): what loss_fn trains
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,7 @@ class DetectorSettings:
   anchor_sizes: tuple[float, ...] = (128.0, 256.0, 512.0)
   anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
   anchor_stride: int = 16
+  anchor_style: str = "exact"   # or "py-faster-rcnn" (ops/anchors.py)
   rpn_pre_nms_top_n_train: int = 12000
   rpn_post_nms_top_n_train: int = 2000
   rpn_pre_nms_top_n_test: int = 6000
@@ -58,6 +62,10 @@ class DetectorSettings:
   test_nms_threshold: float = 0.3
   test_score_threshold: float = 0.05
   test_detections_per_image: int = 100
+  test_min_size: float = 0.01
+  legacy_plus_one: bool = False   # py-faster-rcnn's decoded boxes, 1 px larger (ops/proposals.py)
+  loss_mode: str = "joint"   # joint (end to end) | rpn (RPN losses only) | head (detection
+                             # losses on the batch's stored "proposals"): LOSS_MODES
 
   @property
   def num_anchors(self) -> int:
@@ -65,12 +73,13 @@ class DetectorSettings:
 
 
 def _rpn_and_proposals(params: Any, batch: Batch, model: faster_rcnn.FasterRCNN,
-                       settings: DetectorSettings, train: bool):
+                       settings: DetectorSettings, train: bool, proposals: bool = True):
   """Trunk, RPN and per-image proposals (resized-image frame).
 
   Returns:
     features [B, h, w, C], rpn_logits [B, A, 2 or 1], rpn_deltas [B, A, 4], anchors [A, 4],
-    proposals ([B, R, 4] boxes, [B, R] scores, [B, R] valid).
+    proposals ([B, R, 4] boxes, [B, R] scores, [B, R] valid); (None, None, None) when
+    `proposals` is False (the RPN-only and head-only losses generate none).
   """
   if settings.anchor_stride != model.stride:
     raise ValueError(f"anchor_stride {settings.anchor_stride} must equal the trunk stride "
@@ -83,18 +92,22 @@ def _rpn_and_proposals(params: Any, batch: Batch, model: faster_rcnn.FasterRCNN,
       method=faster_rcnn.FasterRCNN.features_and_rpn)
   feat_h, feat_w = features.shape[1:3]
   anchors = anchor_ops.anchor_grid(feat_h, feat_w, settings.anchor_stride,
-                                   settings.anchor_sizes, settings.anchor_ratios)
+                                   settings.anchor_sizes, settings.anchor_ratios,
+                                   style=settings.anchor_style)
+  if not proposals:
+    return features, logits, deltas, anchors, (None, None, None)
   if train:
     pre_nms, post_nms = settings.rpn_pre_nms_top_n_train, settings.rpn_post_nms_top_n_train
   else:
     pre_nms, post_nms = settings.rpn_pre_nms_top_n_test, settings.rpn_post_nms_top_n_test
   generate = functools.partial(
       proposal_ops.generate_proposals, pre_nms_top_n=pre_nms, post_nms_top_n=post_nms,
-      nms_threshold=settings.rpn_nms_threshold)
-  scores = rpn_module.objectness_scores(logits)
-  min_size = settings.rpn_min_size * batch["scale"].astype(jnp.float32)
-  proposals = jax.vmap(lambda s, d, hw, m: generate(s, d, anchors, hw, min_size=m))(
-      scores, deltas, batch["image_hw"], min_size)
+      nms_threshold=settings.rpn_nms_threshold, legacy_plus_one=settings.legacy_plus_one)
+  with jax.named_scope("proposals"):   # stage names: scripts/accelerator_check.py
+    log_odds = rpn_module.objectness_logits(logits)   # ranks without float32 saturation
+    min_size = settings.rpn_min_size * batch["scale"].astype(jnp.float32)
+    proposals = jax.vmap(lambda s, d, hw, m: generate(s, d, anchors, hw, min_size=m))(
+        log_odds, deltas, batch["image_hw"], min_size)
   return features, logits, deltas, anchors, proposals
 
 
@@ -102,6 +115,12 @@ def _rpn_and_proposals(params: Any, batch: Batch, model: faster_rcnn.FasterRCNN,
 def loss_fn(params: Any, batch: Batch, key: jax.Array, *, model: faster_rcnn.FasterRCNN,
             settings: DetectorSettings, train: bool = True) -> tuple[jax.Array, dict]:
   """Approximate-joint-training loss of a batch (mean over images).
+
+  `settings.loss_mode` selects the terms (the paper's 4-step alternating training): "joint"
+  all four; "rpn" the RPN terms only (no proposals are generated, the detection terms are
+  0); "head" the detection terms only, on RoIs sampled from the batch's stored
+  "proposals" [B, R, 4] (resized-image frame) where "proposals_valid" [B, R] (plus the
+  ground truth, as always), the RPN terms 0.
 
   Args:
     params: network parameters.
@@ -116,44 +135,80 @@ def loss_fn(params: Any, batch: Batch, key: jax.Array, *, model: faster_rcnn.Fas
     terms: {"rpn_cls", "rpn_box", "det_cls", "det_box"} scalars, plus "rpn_positives" and
       "det_foreground": mean sampled positive anchors / foreground RoIs per image.
   """
+  if settings.loss_mode not in LOSS_MODES:
+    raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {settings.loss_mode!r}")
   rpn_key, roi_key, dropout_key = jax.random.split(key, 3)
   batch_size = batch["image"].shape[0]
+  joint = settings.loss_mode == "joint"
   features, logits, deltas, anchors, (props, _, props_valid) = _rpn_and_proposals(
-      params, batch, model, settings, train=True)
+      params, batch, model, settings, train=True, proposals=joint)
+  zeros = jnp.zeros((batch_size,), jnp.float32)
+  rpn_cls = rpn_box = det_cls = det_box = zeros
+  rpn_positives = det_foreground = zeros
+  if settings.loss_mode in ("joint", "rpn"):
+    rpn_cls, rpn_box, rpn_positives = _rpn_loss_terms(logits, deltas, anchors, batch, rpn_key,
+                                                      settings)
+  if settings.loss_mode in ("joint", "head"):
+    if settings.loss_mode == "head":   # stored proposals (proposal_store.WithProposals)
+      props, props_valid = batch["proposals"], batch["proposals_valid"]
+    det_cls, det_box, det_foreground = _head_loss_terms(
+        params, features, props, props_valid, batch, roi_key, dropout_key, model, settings,
+        train)
 
+  terms = {"rpn_cls": rpn_cls.mean(), "rpn_box": rpn_box.mean(),
+           "det_cls": det_cls.mean(), "det_box": det_box.mean()}
+  total = sum(terms[name] for name in LOSS_TERMS)
+  terms["rpn_positives"] = rpn_positives.mean().astype(jnp.float32)
+  terms["det_foreground"] = det_foreground.mean().astype(jnp.float32)
+  return total, terms
+
+
+def _rpn_loss_terms(logits: jax.Array, deltas: jax.Array, anchors: jax.Array, batch: Batch,
+                    key: jax.Array, settings: DetectorSettings):
+  """Per-image RPN losses: ([B] rpn_cls, [B] rpn_box, [B] sampled positive anchors)."""
+  batch_size = logits.shape[0]
   rpn_targets = functools.partial(
       targets.rpn_targets, batch_size_per_image=settings.rpn_batch_size_per_image,
       positive_fraction=settings.rpn_positive_fraction, positive_iou=settings.rpn_positive_iou,
       negative_iou=settings.rpn_negative_iou, allowed_border=settings.rpn_allowed_border)
-  anchor_labels, anchor_targets = jax.vmap(rpn_targets, in_axes=(None, 0, 0, 0, 0))(
-      anchors, batch["gt_boxes"], batch["gt_valid"], batch["image_hw"],
-      jax.random.split(rpn_key, batch_size))
+  with jax.named_scope("rpn_targets"):
+    anchor_labels, anchor_targets = jax.vmap(rpn_targets, in_axes=(None, 0, 0, 0, 0))(
+        anchors, batch["gt_boxes"], batch["gt_valid"], batch["image_hw"],
+        jax.random.split(key, batch_size))
   rpn_logits = logits if logits.shape[-1] == 2 else logits[..., 0]
   rpn_loss = functools.partial(losses.rpn_loss, sigma=settings.rpn_sigma,
                                box_loss_weight=settings.rpn_box_loss_weight)
-  rpn_cls, rpn_box = jax.vmap(rpn_loss)(rpn_logits, deltas, anchor_labels, anchor_targets)
+  with jax.named_scope("losses"):
+    rpn_cls, rpn_box = jax.vmap(rpn_loss)(rpn_logits, deltas, anchor_labels, anchor_targets)
+  return rpn_cls, rpn_box, (anchor_labels == 1).sum(axis=1)
 
+
+def _head_loss_terms(params: Any, features: jax.Array, props: jax.Array, props_valid: jax.Array,
+                     batch: Batch, roi_key: jax.Array, dropout_key: jax.Array,
+                     model: faster_rcnn.FasterRCNN, settings: DetectorSettings, train: bool):
+  """Per-image detection losses on sampled RoIs of `props` [B, R, 4] (resized-image frame).
+
+  Returns:
+    ([B] det_cls, [B] det_box, [B] sampled foreground RoIs).
+  """
+  batch_size = features.shape[0]
   sample = functools.partial(
       targets.sample_proposals, batch_size_per_image=settings.roi_batch_size_per_image,
       fg_fraction=settings.roi_fg_fraction, fg_iou=settings.roi_fg_iou,
       bg_iou_lo=settings.roi_bg_iou_lo, weights=settings.roi_box_weights)
-  rois, roi_labels, box_targets, box_weights, roi_valid = jax.vmap(sample)(
-      jax.lax.stop_gradient(props), props_valid, batch["gt_boxes"], batch["gt_labels"],
-      batch["gt_valid"], jax.random.split(roi_key, batch_size))
+  with jax.named_scope("roi_sampling"):
+    rois, roi_labels, box_targets, box_weights, roi_valid = jax.vmap(sample)(
+        jax.lax.stop_gradient(props), props_valid, batch["gt_boxes"], batch["gt_labels"],
+        batch["gt_valid"], jax.random.split(roi_key, batch_size))
   class_logits, box_deltas = model.apply(
       {"params": params}, features, rois, train=train, rngs={"dropout": dropout_key},
       method=faster_rcnn.FasterRCNN.roi_head)
   det_loss = functools.partial(losses.detection_loss, sigma=settings.roi_sigma,
                                box_loss_weight=settings.roi_box_loss_weight)
-  det_cls, det_box = jax.vmap(det_loss)(class_logits, box_deltas, roi_labels, box_targets,
-                                        box_weights, roi_valid)
-
-  terms = {"rpn_cls": rpn_cls.mean(), "rpn_box": rpn_box.mean(),
-           "det_cls": det_cls.mean(), "det_box": det_box.mean()}
-  total = sum(terms[name] for name in LOSS_TERMS)
-  terms["rpn_positives"] = (anchor_labels == 1).sum(axis=1).mean().astype(jnp.float32)
-  terms["det_foreground"] = (roi_labels >= 1).sum(axis=1).mean().astype(jnp.float32)
-  return total, terms
+  with jax.named_scope("losses"):
+    det_cls, det_box = jax.vmap(det_loss)(class_logits, box_deltas, roi_labels, box_targets,
+                                          box_weights, roi_valid)
+  return det_cls, det_box, (roi_labels >= 1).sum(axis=1)
 
 
 def _batch_valid(batch: Batch) -> jax.Array:
@@ -166,7 +221,7 @@ def proposals(params: Any, batch: Batch, *, model: faster_rcnn.FasterRCNN,
   """RPN proposals with the test settings, for inspection and visualisation.
 
   Returns:
-    {"boxes": [B, R, 4] xyxy in original-image pixels, "scores": [B, R] objectness,
+    {"boxes": [B, R, 4] xyxy in original-image pixels, "scores": [B, R] object probability,
      "valid": [B, R] bool}, R = rpn_post_nms_top_n_test, by descending score.
   """
   *_, (boxes, scores, valid) = _rpn_and_proposals(params, batch, model, settings, train=False)
@@ -193,9 +248,13 @@ def predict(params: Any, batch: Batch, *, model: faster_rcnn.FasterRCNN,
   detect = functools.partial(
       postprocess.detections, weights=settings.roi_box_weights,
       score_threshold=settings.test_score_threshold, nms_threshold=settings.test_nms_threshold,
-      max_detections=settings.test_detections_per_image)
-  boxes, scores, labels, valid = jax.vmap(detect)(class_scores, box_deltas, rois, rois_valid,
-                                                  batch["image_hw"])
+      max_detections=settings.test_detections_per_image, min_size=settings.test_min_size,
+      legacy_plus_one=settings.legacy_plus_one)
+  with jax.named_scope("postprocess"):
+    boxes, scores, labels, valid = jax.vmap(
+        lambda *args, s: detect(*args, image_scale=s))(
+            class_scores, box_deltas, rois, rois_valid, batch["image_hw"],
+            s=batch["scale"].astype(jnp.float32))
   valid = valid & _batch_valid(batch)[:, None]
   scale = batch["scale"].astype(jnp.float32)[:, None, None]
   return {"boxes": jnp.where(valid[..., None], boxes / scale, 0.0),

@@ -2,7 +2,11 @@
 
 Usage:
 
-  python -m frcnn_jax.evaluate --config experiments/voc.py --workdir runs/voc07 [--step N]
+  python -m frcnn_jax.evaluate --workdir runs/voc07 [--step N] [--config.test.nms_threshold=0.4]
+
+The run's config (WORKDIR/config.json) is used; test-time keys may be overridden, and the
+report's name and contents record them (frcnn_jax/run_config.py). An earlier report is never
+replaced: a second evaluation of the same step and settings is written as `<name>.2.json`.
 
 Restores the newest checkpoint of `WORKDIR/checkpoints` (or step N), runs the jitted `predict`
 data-parallel over every device of every process (the batch sharded on the mesh's `data`
@@ -37,11 +41,13 @@ import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
 
+from frcnn_jax import atomic_io
 from frcnn_jax import builders
 from frcnn_jax import checkpointing
 from frcnn_jax import config_flags
 from frcnn_jax import detector
 from frcnn_jax import parallel
+from frcnn_jax import run_config
 from frcnn_jax.evaluation import coco as coco_eval
 from frcnn_jax.evaluation import plots
 from frcnn_jax.evaluation import voc as voc_eval
@@ -137,13 +143,16 @@ class _Progress:
     self.total, self.enabled = total, enabled
     self.start = time.monotonic()
     self.last = -math.inf
+    self.last_done = -1
     self.tty = sys.stderr.isatty()
 
   def update(self, done: int, final: bool = False) -> None:
     now = time.monotonic()
     if not self.enabled or (not final and now - self.last < (0.5 if self.tty else 10.0)):
       return
-    self.last = now
+    if final and not self.tty and done == self.last_done:
+      return                      # the same line is already on the console
+    self.last, self.last_done = now, done
     rate = done / max(now - self.start, 1e-9)
     total = f"/{self.total}" if self.total else ""
     line = f"eval {done}{total} images, {rate:.1f} img/s"
@@ -284,15 +293,25 @@ def _json_value(value: Any) -> Any:
 
 
 def write_report(result: Mapping[str, Any], out_dir: str | os.PathLike, *, split: str,
-                 step: int, class_names: Sequence[str]) -> pathlib.Path:
-  """Writes `<out_dir>/<split>-<step>.json` and the PR plots in `<out_dir>/<split>-<step>/`.
+                 step: int, class_names: Sequence[str], stem: str | None = None,
+                 extra: Mapping[str, Any] | None = None) -> pathlib.Path:
+  """Writes `<out_dir>/<stem>.json` and the PR plots in `<out_dir>/<stem>/`.
+
+  Args:
+    result: `compute_metrics`'s result.
+    out_dir: the folder (created).
+    split: the eval split's name.
+    step: the checkpoint step.
+    class_names: C names.
+    stem: the file name without ".json"; default `<split>-<step>`.
+    extra: more JSON fields (e.g. the command's config overrides).
 
   Returns:
-    The JSON path.
+    The JSON path (written atomically: a temporary file renamed into place).
   """
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  stem = f"{split}-{step}"
+  stem = stem or f"{split}-{step}"
   voc = result["voc"]
   report = {
       "map": _json_value(result["map"]), "ap": result["ap"], "step": int(step),
@@ -303,8 +322,9 @@ def write_report(result: Mapping[str, Any], out_dir: str | os.PathLike, *, split
   }
   if "coco" in result:
     report["coco"] = {k: _json_value(v) for k, v in result["coco"].items() if k != "summary"}
+  report.update(extra or {})
   path = out_dir / f"{stem}.json"
-  path.write_text(json.dumps(report, indent=2) + "\n")
+  atomic_io.write_text(path, json.dumps(report, indent=2) + "\n")
   plots.plot_pr_curves(out_dir / stem, voc, class_names)
   return path
 
@@ -350,8 +370,9 @@ def evaluate_params(params: Any, batches: Iterable[Mapping[str, Any]], *, source
   if workdir is not None and jax.process_index() == 0:
     result["path"] = str(write_report(result, pathlib.Path(workdir) / "eval", split=split,
                                       step=step, class_names=class_names))
-  logging.info("eval step %d: %s mAP %.4f over %d images", step, result["metric"],
-               result["map"], result["num_images"])
+  # DEBUG: the callers print the result once (train its eval line, this command its table).
+  logging.debug("eval step %d: %s mAP %.4f over %d images", step, result["metric"],
+                result["map"], result["num_images"])
   return result
 
 
@@ -382,6 +403,7 @@ def run_evaluation(config: ml_collections.ConfigDict, params: Any, *, step: int,
   Returns:
     See `evaluate_params`.
   """
+  builders.compilation_cache_from_config(config)
   mesh = parallel.make_mesh() if mesh is None else mesh
   devices = mesh.devices.size
   if config.eval.batch_size % devices:
@@ -420,19 +442,44 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not f.workdir:
     raise app.UsageError("--workdir is required")
-  if f.config is None:
-    raise app.UsageError("--config is required")
   parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
   mesh = parallel.make_mesh()
   try:
+    resolved = run_config.from_flags(f.workdir)
+    for note in resolved.notes:
+      logging.warning("%s", note)
     params, step = restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
-    result = run_evaluation(f.config, params, step=step, workdir=f.workdir, mesh=mesh,
-                            progress=True, also_coco=f.also_coco)
+    result = run_evaluation(resolved.config, params, step=step, mesh=mesh, progress=True,
+                            also_coco=f.also_coco)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   if jax.process_index() == 0:
     print(format_table(result))
-    print(f"wrote {result['path']}")
+    print(f"wrote {write_command_report(result, resolved, f.workdir, split_name(resolved.config))}")
+
+
+def write_command_report(result: Mapping[str, Any], resolved: "run_config.CommandConfig",
+                         workdir: str | os.PathLike, split: str) -> pathlib.Path:
+  """Writes the command's report without replacing an earlier one.
+
+  The name is `eval/<split>-<step>[-<override tag>].json` (the tag names the test-time keys that
+  differ from the run's config, e.g. `test-1800-test.nms_threshold=0.4.json`); when that file
+  (or its plot folder) exists, `.2`, `.3` ... is added and a line says so. The report records
+  "overrides" ({key: value}) and "config" (where the config came from).
+  """
+  out_dir = pathlib.Path(workdir) / "eval"
+  step = result["step"]
+  tag = run_config.override_tag(resolved.overrides)
+  wanted = f"{split}-{step}" + (f"-{tag}" if tag else "")
+  stem = run_config.free_stem(out_dir, wanted)
+  if stem != wanted:
+    print(f"{out_dir / wanted}.json exists (an earlier evaluation): keeping it, writing "
+          f"{stem}.json", flush=True)
+  extra = {"overrides": {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in resolved.overrides.items()},
+           "config": resolved.source}
+  return write_report(result, out_dir, split=split, step=step,
+                      class_names=list(result["ap"]), stem=stem, extra=extra)
 
 
 if __name__ == "__main__":

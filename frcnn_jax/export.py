@@ -2,16 +2,26 @@ r"""Exports the inference function with its parameters (jax.export, StableHLO) t
 
 Usage:
 
-  python -m frcnn_jax.export --config experiments/voc.py --workdir runs/voc07 \
-      --output model.bin [--step N] [--batch_size 1] [--platforms cpu,cuda]
+  python -m frcnn_jax.export --workdir runs/voc07 --output model.bin [--step N] \
+      [--batch_size 1] [--platforms cpu,cuda] [--canvases 608x800,800x608] \
+      [--config.test.score_threshold=0.3 ...]
 
-The file is a NumPy .npz archive holding the serialised `jax.export.Exported` program of
-`detector.predict` for a fixed canvas (`data.pad_hw`) and batch size, the parameter arrays
-(inputs of the program, not constants baked into it) and a JSON description (canvas size,
-resize rule, class names). `load(path)` needs only JAX and NumPy, no model code:
+The run's config (WORKDIR/config.json) is used; test-time keys may be overridden (recorded in
+the file's description, see frcnn_jax/run_config.py). An existing --output is kept unless
+--overwrite.
 
-  from frcnn_jax import export
-  model = export.load("model.bin")
+The file is a NumPy .npz archive holding one serialised `jax.export.Exported` program of
+`detector.predict` per canvas (the config's `data.pad_hw` / `data.canvases`, or
+`data.num_canvases` canvases chosen for common photo shapes (`builders.GENERIC_ASPECTS`), or
+`--canvases 608x800,800x608`) for a fixed batch size, the parameter arrays they share (inputs
+of the programs, not constants baked into them) and a JSON description (canvases, resize
+rule, class names). `detect(image)` runs the program of the smallest canvas that holds the
+resized image (one that fits none is scaled down onto the canvas where it shrinks least).
+`load(path)` (frcnn_jax/export_loader.py, a file that imports only JAX and NumPy and can be
+copied alone) needs no model code:
+
+  from frcnn_jax import export_loader      # or export.load, the same function
+  model = export_loader.load("model.bin")
   out = model(images, image_hw, scale)    # uint8 [B, H, W, 3] canvases, int32 [B, 2], f32 [B]
   out = model.detect(image)               # one uint8 [h, w, 3] RGB image of any size
 
@@ -26,13 +36,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app
-from absl import flags
-from PIL import Image
 
-from frcnn_jax import config_flags
-
-FORMAT = "frcnn_jax.export/1"
+# The loader (JAX and NumPy only), re-exported: `export.load` is `export_loader.load`.
+from frcnn_jax.export_loader import FORMAT  # pylint: disable=unused-import
+from frcnn_jax.export_loader import ExportedDetector  # pylint: disable=unused-import
+from frcnn_jax.export_loader import load  # pylint: disable=unused-import
+from frcnn_jax.export_loader import resize_and_pad  # pylint: disable=unused-import
 
 
 def export_predict(params: Any, *, model, settings, height: int, width: int,
@@ -69,137 +78,127 @@ def export_predict(params: Any, *, model, settings, height: int, width: int,
   return exported, [np.asarray(jax.device_get(x)) for x in leaves]
 
 
-def save(path: str | os.PathLike, exported: jax.export.Exported,
-         param_leaves: Sequence[np.ndarray], meta: dict[str, Any]) -> None:
-  """Writes the program, its parameters and `meta` (JSON-able) to one .npz file."""
-  arrays = {f"param_{i:05d}": np.asarray(x) for i, x in enumerate(param_leaves)}
-  arrays["program"] = np.frombuffer(bytes(exported.serialize()), np.uint8)
-  arrays["meta"] = np.frombuffer(json.dumps({"format": FORMAT, **meta}).encode(), np.uint8)
-  with open(path, "wb") as f:
-    np.savez(f, **arrays)
+def export_canvases(params: Any, canvases: Sequence[Sequence[int]], *, model, settings,
+                    batch_size: int = 1, platforms: Sequence[str] | None = None
+                    ) -> tuple[list[jax.export.Exported], list[np.ndarray]]:
+  """`export_predict` for each canvas (h, w): (programs in canvas order, parameter leaves)."""
+  programs, leaves = [], []
+  for height, width in canvases:
+    exported, leaves = export_predict(params, model=model, settings=settings,
+                                      height=int(height), width=int(width),
+                                      batch_size=batch_size, platforms=platforms)
+    programs.append(exported)
+  return programs, leaves
 
 
-def resize_and_pad(image: np.ndarray, *, min_size: int, max_size: int,
-                   pad_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.float32]:
-  """One image to a model input: scaled so the shorter side is `min_size` (the longer at most
-  `max_size`, and fitting `pad_hw`), bilinear, zero-padded at the bottom and right.
+def parse_canvases(values: Sequence[str]) -> tuple[tuple[int, int], ...]:
+  """["600x800", "800x600"] -> ((600, 800), (800, 600)).
 
-  Args:
-    image: uint8 [h, w, 3] RGB.
-    min_size: target shorter side.
-    max_size: cap on the longer side.
-    pad_hw: (H, W) canvas.
-
-  Returns:
-    canvas uint8 [H, W, 3], image_hw int32 [2], scale float32 (resized / original).
+  Raises:
+    ValueError: an item not of the form HxW with positive integers.
   """
-  h, w = image.shape[:2]
-  scale = min(min_size / min(h, w), max_size / max(h, w), pad_hw[0] / h, pad_hw[1] / w)
-  new_h = min(max(int(round(h * scale)), 1), pad_hw[0])
-  new_w = min(max(int(round(w * scale)), 1), pad_hw[1])
-  resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-  canvas = np.zeros((*pad_hw, 3), np.uint8)
-  canvas[:new_h, :new_w] = resized
-  return canvas, np.array([new_h, new_w], np.int32), np.float32(scale)
+  out = []
+  for value in values:
+    try:
+      h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+      raise ValueError(f"--canvases items must be HxW (e.g. 608x800), got {value!r}") from None
+    if h <= 0 or w <= 0:
+      raise ValueError(f"--canvases items must be positive, got {value!r}")
+    out.append((h, w))
+  return tuple(out)
 
 
-class ExportedDetector:
-  """A loaded export: call it on canvases, or `detect` one image of any size."""
-
-  def __init__(self, exported: jax.export.Exported, param_leaves: list[np.ndarray],
-               meta: dict[str, Any]):
-    self.exported = exported
-    self.meta = meta
-    self.class_names = tuple(meta.get("class_names", ()))
-    self._params = [jax.device_put(x) for x in param_leaves]
-    self._call = jax.jit(exported.call)
-
-  def __call__(self, images: np.ndarray, image_hw: np.ndarray,
-               scale: np.ndarray) -> dict[str, np.ndarray]:
-    """Detections of prepared canvases (uint8 [B, H, W, 3], int32 [B, 2], float32 [B])."""
-    out = self._call(self._params, np.asarray(images, np.uint8),
-                     np.asarray(image_hw, np.int32), np.asarray(scale, np.float32))
-    return {k: np.asarray(v) for k, v in out.items()}
-
-  def detect(self, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Detections of one uint8 RGB image [h, w, 3] (grayscale [h, w] and RGBA accepted).
-
-    Returns:
-      {"boxes" [K, 4] original pixels (clipped to the image), "scores" [K], "labels" [K]}:
-      the valid detections.
-    """
-    image = np.asarray(image)
-    if image.ndim == 2:
-      image = np.repeat(image[..., None], 3, axis=2)
-    image = image[..., :3].astype(np.uint8)
-    m = self.meta
-    canvas, hw, scale = resize_and_pad(image, min_size=m["min_size"], max_size=m["max_size"],
-                                       pad_hw=tuple(m["pad_hw"]))
-    b = m["batch_size"]
-    out = self(np.repeat(canvas[None], b, 0), np.repeat(hw[None], b, 0), np.full(b, scale))
-    keep = out["valid"][0]
-    h, w = image.shape[:2]
-    boxes = np.clip(out["boxes"][0][keep], 0.0, np.array([w, h, w, h], np.float32))
-    return {"boxes": boxes, "scores": out["scores"][0][keep], "labels": out["labels"][0][keep]}
-
-
-def load(path: str | os.PathLike) -> ExportedDetector:
-  """Loads a file written by `save` (or the export command) into a callable detector."""
-  with np.load(path) as data:
-    meta = json.loads(data["meta"].tobytes().decode())
-    if meta.get("format") != FORMAT:
-      raise ValueError(f"{path}: not a {FORMAT} file (format {meta.get('format')!r})")
-    exported = jax.export.deserialize(bytearray(data["program"].tobytes()))
-    names = sorted(n for n in data.files if n.startswith("param_"))
-    leaves = [data[n] for n in names]
-  return ExportedDetector(exported, leaves, meta)
+def save(path: str | os.PathLike, exported: Sequence[jax.export.Exported],
+         param_leaves: Sequence[np.ndarray], meta: dict[str, Any]) -> None:
+  """Writes the programs (one per canvas of `meta["canvases"]`, in that order), their shared
+  parameters and `meta` (JSON-able) to one .npz file."""
+  if len(exported) != len(meta["canvases"]):
+    raise ValueError(f"{len(exported)} programs for {len(meta['canvases'])} canvases")
+  arrays = {f"param_{i:05d}": np.asarray(x) for i, x in enumerate(param_leaves)}
+  for i, program in enumerate(exported):
+    arrays[f"program_{i:03d}"] = np.frombuffer(bytes(program.serialize()), np.uint8)
+  arrays["meta"] = np.frombuffer(json.dumps({"format": FORMAT, **meta}).encode(), np.uint8)
+  temporary = f"{os.fspath(path)}.tmp"
+  with open(temporary, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(temporary, path)
 
 
 def define_flags() -> None:
   """Defines the command's flags."""
+  from absl import flags  # pylint: disable=g-import-not-at-top  # `load` needs no absl
+  from frcnn_jax import config_flags  # pylint: disable=g-import-not-at-top
+
   config_flags.define_config_flag()
-  flags.DEFINE_string("workdir", None, "Training run directory (reads checkpoints/).")
-  flags.DEFINE_string("output", None, "File to write, e.g. model.bin.")
+  flags.DEFINE_string("workdir", None, "Training run directory (reads checkpoints/ and "
+                      "config.json).")
+  flags.DEFINE_string("output", None, "File to write, e.g. model.bin (its folder is created).")
   flags.DEFINE_integer("step", -1, "Checkpoint step; -1: the newest.")
   flags.DEFINE_integer("batch_size", 1, "Images per call of the exported program.")
   flags.DEFINE_list("platforms", [], "Platforms to lower for (cpu, cuda, rocm, tpu); default: "
                     "the current backend.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --output file.")
+  flags.DEFINE_list("canvases", [], "Canvases HxW to export a program for (e.g. "
+                    "608x800,800x608); default: the config's data.pad_hw / data.canvases, else "
+                    "data.num_canvases chosen for common photo shapes.")
 
 
 def main(argv: Sequence[str]) -> None:
   # The command needs the model code; `load` above does not.
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from frcnn_jax import builders  # pylint: disable=g-import-not-at-top
   from frcnn_jax import detect  # pylint: disable=g-import-not-at-top
   from frcnn_jax import evaluate  # pylint: disable=g-import-not-at-top
   from frcnn_jax import parallel  # pylint: disable=g-import-not-at-top
+  from frcnn_jax import run_config  # pylint: disable=g-import-not-at-top
 
   f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  for name in ("config", "workdir", "output"):
+  for name in ("workdir", "output"):
     if f[name].value is None:
       raise app.UsageError(f"--{name} is required")
-  config = f.config
+  if os.path.exists(f.output) and not f.overwrite:
+    sys.exit(f"error: {f.output} exists: choose another --output, or pass --overwrite")
   try:
+    resolved = run_config.from_flags(f.workdir)
+    for note in resolved.notes:
+      logging.warning("%s", note)
+    config = resolved.config
     class_names = detect.class_names_from_config(config)
     mesh = parallel.make_mesh(jax.local_devices()[:1])
     params, step = evaluate.restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  height, width = (int(v) for v in config.data.pad_hw)
-  exported, leaves = export_predict(
-      params, model=builders.model_from_config(config, len(class_names)),
-      settings=builders.detector_settings_from_config(config), height=height, width=width,
-      batch_size=f.batch_size, platforms=f.platforms or None)
+  try:
+    canvases = (parse_canvases(f.canvases) if f.canvases
+                else builders.canvases_from_config(config))
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  exported, leaves = export_canvases(
+      params, canvases, model=builders.model_from_config(config, len(class_names)),
+      settings=builders.detector_settings_from_config(config), batch_size=f.batch_size,
+      platforms=f.platforms or None)
+  os.makedirs(os.path.dirname(os.path.abspath(f.output)), exist_ok=True)
   save(f.output, exported, leaves, {
-      "class_names": list(class_names), "pad_hw": [height, width],
+      "class_names": list(class_names), "canvases": [list(c) for c in canvases],
       "min_size": int(config.data.min_size), "max_size": int(config.data.max_size),
-      "batch_size": int(f.batch_size), "step": step, "platforms": list(exported.platforms)})
+      "batch_size": int(f.batch_size), "step": step, "platforms": list(exported[0].platforms),
+      "overrides": {k: list(v) if isinstance(v, tuple) else v
+                    for k, v in resolved.overrides.items()}})
   size = os.path.getsize(f.output) / 2**20
-  print(f"wrote {f.output} ({size:.1f} MiB): step {step}, input uint8 [{f.batch_size}, "
-        f"{height}, {width}, 3], platforms {', '.join(exported.platforms)}")
+  shapes = ", ".join(f"{h}x{w}" for h, w in canvases)
+  print(f"wrote {f.output} ({size:.1f} MiB): step {step}, {len(canvases)} program(s), input "
+        f"uint8 [{f.batch_size}, H, W, 3] for canvases (HxW) {shapes}, platforms "
+        f"{', '.join(exported[0].platforms)}")
 
 
 if __name__ == "__main__":
+  from absl import app as absl_app  # pylint: disable=g-import-not-at-top
+  from frcnn_jax import config_flags as cli_flags  # pylint: disable=g-import-not-at-top
+
   define_flags()
-  app.run(main, flags_parser=config_flags.parse_flags)
+  absl_app.run(main, flags_parser=cli_flags.parse_flags)

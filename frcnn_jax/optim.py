@@ -5,11 +5,15 @@
 Built from plain arguments (`frcnn_jax/builders.py` maps the config onto them):
 
 * learning-rate schedule: optional linear warmup, then piecewise-constant decay or cosine;
-* weight decay added to the gradient (L2), masked: biases are not decayed unless asked;
+* weight decay added to the gradient (L2), of biases too unless `bias_weight_decay=False`
+  (py-faster-rcnn decays them: its prototxts give biases `lr_mult: 2` and Caffe's default
+  `decay_mult: 1`);
 * biases learn `bias_lr_mult` times faster (py-faster-rcnn uses 2);
 * frozen parameters (e.g. conv1/conv2 of VGG16) get a zero update and no optimizer state;
 * optional global-norm gradient clipping (over the trainable parameters only);
-* optional gradient accumulation over `grad_accum_steps` micro-batches (`optax.MultiSteps`).
+* optional gradient accumulation over `grad_accum_steps` micro-batches (`optax.MultiSteps`):
+  the mean of their gradients makes one update, as Caffe's `iter_size`, and `learning_rate`
+  is then a function of the update count (config step counts are divided by k in builders).
 
 Caffe's update is `v = momentum * v + lr * (g + wd * w); w -= v`: the learning rate enters
 before the momentum, so a learning-rate drop takes effect at once instead of being smeared over

@@ -17,10 +17,16 @@ Each point trains in its own workdir `WORKDIR/<point name>` (its overrides are r
 interrupted resumes from its checkpoints when the sweep is run again. Extra `--config.k=v`
 arguments apply to every point. The table `WORKDIR/results.{md,csv}` has one row per point: its
 overrides, the last step, the final training losses and the final evaluation's mAP.
+
+A sweep whose points change only test-time keys (`run_config.TEST_TIME_KEYS`, e.g. the number
+of test proposals) trains one model in `WORKDIR/train` and evaluates it at each point
+(`eval/test-<step>-<overrides>.json` there): the points would train identical models.
+`--print_only` creates no folder; `--gather_only` says so when nothing has run yet.
 """
 
 import csv
 import glob
+import io
 import json
 import os
 import re
@@ -33,7 +39,9 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from frcnn_jax import atomic_io
 from frcnn_jax import config_flags
+from frcnn_jax import run_config
 
 
 def define_flags() -> None:
@@ -47,6 +55,7 @@ def define_flags() -> None:
 
 
 RESULT_COLUMNS = ("step", "map", "total", "rpn_cls", "rpn_box", "det_cls", "det_box")
+TRAIN_DIR = "train"   # the one run of a test-time sweep
 
 
 def load_sweep(path: str) -> list[dict[str, Any]]:
@@ -99,8 +108,21 @@ def point_command(config_path: str, workdir: str, point: Mapping[str, Any],
   return command
 
 
-def read_result(run_dir: str) -> dict[str, Any]:
-  """Final metrics of one run: the latest metrics.jsonl values and the newest eval/*.json."""
+def _evaluations(run_dir: str) -> list[dict[str, Any]]:
+  """The reports in `run_dir/eval/*.json` (with "map"); "overrides" is {} when absent."""
+  reports = []
+  for path in sorted(glob.glob(os.path.join(run_dir, "eval", "*.json"))):
+    with open(path) as f:
+      record = json.load(f)
+    if "map" in record:
+      record.setdefault("overrides", {})
+      reports.append(record)
+  return reports
+
+
+def read_result(run_dir: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Final metrics of one run: the latest metrics.jsonl values and the newest evaluation made
+  with the given test-time overrides (default: the run's own settings)."""
   result: dict[str, Any] = {}
   metrics_path = os.path.join(run_dir, "metrics.jsonl")
   if os.path.exists(metrics_path):
@@ -108,12 +130,8 @@ def read_result(run_dir: str) -> dict[str, Any]:
       records = [json.loads(line) for line in f if line.strip()]
     for record in records:  # later records override earlier ones
       result.update(record)
-  evals = []
-  for path in glob.glob(os.path.join(run_dir, "eval", "*.json")):
-    with open(path) as f:
-      record = json.load(f)
-    if "map" in record:
-      evals.append(record)
+  wanted = _jsonable(overrides or {})
+  evals = [r for r in _evaluations(run_dir) if r["overrides"] == wanted]
   if evals:
     last = max(evals, key=lambda r: r.get("step", -1))
     result["map"] = last["map"]
@@ -121,30 +139,71 @@ def read_result(run_dir: str) -> dict[str, Any]:
   return result
 
 
-def gather(workdir: str, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """Writes WORKDIR/results.md and results.csv; returns the rows."""
+def _jsonable(overrides: Mapping[str, Any]) -> dict[str, Any]:
+  return json.loads(json.dumps(dict(overrides)))
+
+
+def is_test_time(points: Sequence[Mapping[str, Any]]) -> bool:
+  """Whether every point changes only test-time keys (`run_config.TEST_TIME_KEYS`): then one
+  trained model is evaluated at each point instead of training one model per point."""
+  return all(run_config.kind_of(key) == "test" for point in points for key in point)
+
+
+def evaluate_command(run_dir: str, point: Mapping[str, Any]) -> list[str]:
+  """The `python -m frcnn_jax.evaluate` argv that evaluates `run_dir` at one point."""
+  return [sys.executable, "-m", "frcnn_jax.evaluate", "--workdir", run_dir,
+          *[f"--config.{key}={_flag_value(value)}" for key, value in point.items()]]
+
+
+def _run_logged(command: Sequence[str], log_path: str, what: str) -> None:
+  with open(log_path, "a") as log:
+    code = subprocess.call(list(command), stdout=log, stderr=subprocess.STDOUT)
+  if code != 0:
+    raise RuntimeError(f"{what} failed with exit code {code}; see {log_path}")
+
+
+def _point_overrides(run_dir: str, point: Mapping[str, Any]) -> dict[str, Any]:
+  """The keys of `point` whose value differs from the trained run's config (what evaluate
+  records as overrides)."""
+  run = run_config.read(run_dir)
+  if run is None:
+    return dict(point)
+  values = run_config.flatten(run)
+  return {k: v for k, v in point.items() if run_config.as_tuple(v) != values.get(k)}
+
+
+def gather(workdir: str, points: Sequence[Mapping[str, Any]], *,
+           test_time: bool = False) -> list[dict[str, Any]]:
+  """Writes WORKDIR/results.md and results.csv; returns the rows.
+
+  With `test_time`, every point is an evaluation of the one run in WORKDIR/TRAIN_DIR.
+  """
   keys = sorted({key for point in points for key in point})
   rows = []
   for i, point in enumerate(points):
     name = point_name(i, point)
     row: dict[str, Any] = {"point": name}
     row.update({key: _format(point[key]) if key in point else "" for key in keys})
-    result = read_result(os.path.join(workdir, name))
+    if test_time:
+      run_dir = os.path.join(workdir, TRAIN_DIR)
+      result = read_result(run_dir, _point_overrides(run_dir, point))
+    else:
+      result = read_result(os.path.join(workdir, name))
     row.update({column: result.get(column, "") for column in RESULT_COLUMNS})
     rows.append(row)
   columns = ["point", *keys, *RESULT_COLUMNS]
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO()
+  writer = csv.DictWriter(table, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  atomic_io.write_text(os.path.join(workdir, "results.csv"), table.getvalue())
 
   def cell(value):
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  atomic_io.write_text(os.path.join(workdir, "results.md"), "\n".join(lines) + "\n")
   return rows
 
 
@@ -152,34 +211,86 @@ def run_sweep(config_path: str, workdir: str, *, extra_args: Sequence[str] = (),
               print_only: bool = False, gather_only: bool = False) -> list[dict[str, Any]]:
   """Runs (or prints) every point of the sweep, then gathers the table.
 
+  A sweep over test-time keys only (`is_test_time`) trains once, in WORKDIR/TRAIN_DIR, and
+  evaluates that model at each point (`python -m frcnn_jax.evaluate --config.key=value`); an
+  evaluation already made with a point's settings is not repeated. Otherwise each point trains
+  in its own folder.
+
   Returns:
     The table rows (empty with `print_only`).
 
   Raises:
-    RuntimeError: a point's training run failed (the message names the point and its log).
+    RuntimeError: a training run or evaluation failed (the message names it and its log), or
+      `gather_only` found no finished point.
   """
   points = load_sweep(config_path)
-  os.makedirs(workdir, exist_ok=True)
-  for i, point in enumerate(points):
-    run_dir = os.path.join(workdir, point_name(i, point))
-    command = point_command(config_path, run_dir, point, extra_args)
-    if print_only:
-      print(shlex.join(command))
-      continue
-    if gather_only:
-      continue
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "sweep_point.json"), "w") as f:
-      json.dump({"index": i, "overrides": point, "command": command}, f, indent=2)
-    print(f"[sweep] point {i + 1}/{len(points)}: {shlex.join(command)}", flush=True)
-    log_path = os.path.join(run_dir, "train.log")
-    with open(log_path, "a") as log:
-      code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
-    if code != 0:
-      raise RuntimeError(f"sweep point {i} ({point}) failed with exit code {code}; see {log_path}")
+  if is_test_time(points):
+    return _run_test_time_sweep(config_path, workdir, points, extra_args=extra_args,
+                                print_only=print_only, gather_only=gather_only)
+  commands = [point_command(config_path, os.path.join(workdir, point_name(i, point)), point,
+                            extra_args) for i, point in enumerate(points)]
   if print_only:
+    for command in commands:
+      print(shlex.join(command))
     return []
-  rows = gather(workdir, points)
+  if gather_only:
+    _check_something_ran(workdir, [point_name(i, p) for i, p in enumerate(points)])
+  else:
+    for i, (point, command) in enumerate(zip(points, commands)):
+      run_dir = os.path.join(workdir, point_name(i, point))
+      os.makedirs(run_dir, exist_ok=True)
+      atomic_io.write_json(os.path.join(run_dir, "sweep_point.json"),
+                           {"index": i, "overrides": point, "command": command})
+      print(f"[sweep] point {i + 1}/{len(points)}: {shlex.join(command)}", flush=True)
+      _run_logged(command, os.path.join(run_dir, "train.log"), f"sweep point {i} ({point})")
+  return _gather_and_print(workdir, points, test_time=False)
+
+
+def _run_test_time_sweep(config_path: str, workdir: str, points: Sequence[Mapping[str, Any]],
+                         *, extra_args: Sequence[str], print_only: bool,
+                         gather_only: bool) -> list[dict[str, Any]]:
+  """One training run, then one evaluation per point (see `run_sweep`)."""
+  run_dir = os.path.join(workdir, TRAIN_DIR)
+  train = point_command(config_path, run_dir, {}, extra_args)
+  if print_only:
+    print("# test-time sweep: train once, then evaluate at each point (after training ends)")
+    print(shlex.join(train))
+    for point in points:
+      print(shlex.join(evaluate_command(run_dir, point)))
+    return []
+  if gather_only:
+    _check_something_ran(workdir, [TRAIN_DIR])
+  else:
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_io.write_json(os.path.join(run_dir, "sweep_point.json"),
+                         {"points": [dict(p) for p in points], "command": train})
+    print(f"[sweep] train once: {shlex.join(train)}", flush=True)
+    log_path = os.path.join(run_dir, "train.log")
+    _run_logged(train, log_path, "the sweep's training run")
+    for i, point in enumerate(points):
+      overrides = _jsonable(_point_overrides(run_dir, point))
+      if any(r["overrides"] == overrides for r in _evaluations(run_dir)):
+        print(f"[sweep] point {i + 1}/{len(points)}: evaluated already", flush=True)
+        continue
+      command = evaluate_command(run_dir, point)
+      print(f"[sweep] point {i + 1}/{len(points)}: {shlex.join(command)}", flush=True)
+      _run_logged(command, log_path, f"the evaluation of sweep point {i} ({point})")
+  return _gather_and_print(workdir, points, test_time=True)
+
+
+def _check_something_ran(workdir: str, run_names: Sequence[str]) -> None:
+  """Raises RuntimeError when no run folder under `workdir` has metrics or evaluations."""
+  for name in run_names:
+    run_dir = os.path.join(workdir, name)
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or _evaluations(run_dir):
+      return
+  raise RuntimeError(f"nothing to gather: no point of the sweep has run under {workdir} yet "
+                     "(run the sweep without --gather_only, or the commands of --print_only)")
+
+
+def _gather_and_print(workdir: str, points: Sequence[Mapping[str, Any]], *,
+                      test_time: bool) -> list[dict[str, Any]]:
+  rows = gather(workdir, points, test_time=test_time)
   with open(os.path.join(workdir, "results.md")) as f:
     print(f.read(), end="")
   return rows
@@ -193,8 +304,11 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--workdir is required")
   config_path = config_flags.get_config_path(f["config"])
   extra = [arg for arg in sys.argv[1:] if arg.startswith("--config.")]
-  run_sweep(config_path, f.workdir, extra_args=extra, print_only=f.print_only,
-            gather_only=f.gather_only)
+  try:
+    run_sweep(config_path, f.workdir, extra_args=extra, print_only=f.print_only,
+              gather_only=f.gather_only)
+  except (RuntimeError, ValueError, OSError) as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ of the seed, so the same config, seed and device count give bitwise-identical pa
 CPU, straight through or resumed from any checkpoint.
 """
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -42,9 +44,9 @@ import numpy as np
 import optax
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
+from frcnn_jax import atomic_io
 from frcnn_jax import builders
 from frcnn_jax import checkpointing
 from frcnn_jax import config_flags
@@ -53,6 +55,7 @@ from frcnn_jax import evaluate
 from frcnn_jax import host_memory
 from frcnn_jax import metrics_writer
 from frcnn_jax import parallel
+from frcnn_jax import workdir_lock
 
 Batch = dict[str, jax.Array]
 PyTree = Any
@@ -74,13 +77,6 @@ class TrainState:
   step: jax.Array
   rng: jax.Array
   nonfinite_skips: jax.Array
-
-
-class QuietOrbaxInfo(logging.Filter):
-  """Drops orbax's INFO records (about 200 per shapes run); its warnings and errors pass."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -107,12 +103,14 @@ def make_train_step(model: Any, settings: detector.DetectorSettings,
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     for name in detector.LOSS_TERMS:
       finite &= jnp.isfinite(terms[name])
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(
-        params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-        step=state.step + 1, nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32))
+    with jax.named_scope("optimizer"):   # stage name: scripts/accelerator_check.py
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      new_state = state.replace(
+          params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+          step=state.step + 1,
+          nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32))
     metrics = {"total": total, **terms, "grad_norm": grad_norm,
                "learning_rate": lr_fn(state.step // grad_accum_steps), "finite": finite}
     return new_state, metrics
@@ -136,27 +134,71 @@ def _abstract(tree: PyTree) -> PyTree:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls; multi-process runs agree on the step via JAX."""
+  """SIGTERM and SIGINT (Ctrl-C) become a stop request the run honours at a safe point.
+
+  `main` creates it first thing, before JAX starts, so a signal during start-up is a clean
+  exit too. Single process: the handler sets a flag that start-up (`now`) and the loop
+  (`reached`) poll. Several processes: at start-up the processes agree on their flags (`now`
+  is collective); in the loop JAX's preemption service, which takes SIGTERM over once the
+  distributed runtime starts, stops every process at the same step, and SIGINT is passed on
+  to it as a SIGTERM. A second Ctrl-C interrupts at once (KeyboardInterrupt).
+
+  Attributes:
+    signal_name: "SIGTERM" or "SIGINT" once one arrived ("" before).
+    multi: the run spans several processes (set once the runtime is up).
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
-    self._multi = jax.process_count() > 1
-    if not self._multi:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.signal_name = ""
+    self.multi = False
+    self._previous = {sig: signal.signal(sig, self._handle)
+                      for sig in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.signal_name == "SIGINT":
+      raise KeyboardInterrupt
+    self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGINT and self.multi:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service
+
+  def now(self) -> bool:
+    """Whether a stop was requested, agreed by all processes (call at the same points)."""
+    requested = bool(self.signal_name)
+    if self.multi:
+      requested = bool(np.max(multihost_utils.process_allgather(np.int32(requested))))
+    return requested
 
   def reached(self, step: int) -> bool:
-    if self._multi:
+    """Whether to stop after `step` (every process of a multi-process run calls it each step)."""
+    if self.multi:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    return bool(self.signal_name)
 
   def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    """Puts the previous handlers back."""
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
+
+
+@dataclasses.dataclass
+class _Open:
+  """What a run has open; `close` shuts it down in a safe order (pending saves first)."""
+  log: metrics_writer.ConsoleLog | None = None
+  checkpointer: checkpointing.Checkpointer | None = None
+  data: Any = None
+  writer: metrics_writer.MetricsWriter | None = None
+
+  def close(self) -> None:
+    """Closes each part, even when another fails: pending saves first, the log last."""
+    parts = [self.log, self.data, self.writer, self.checkpointer]
+    self.log = self.data = self.writer = self.checkpointer = None
+    with contextlib.ExitStack() as stack:  # calls them last-registered first
+      for part in parts:
+        close = getattr(part, "close", None)  # the data loader's stops its workers
+        if close is not None:
+          stack.callback(close)
 
 
 def _check_finite(step: int, metrics: dict[str, Any], mode: str) -> None:
@@ -172,24 +214,70 @@ def _check_finite(step: int, metrics: dict[str, Any], mode: str) -> None:
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes WORKDIR/config.json, warning about keys that differ from an earlier run's."""
+  """Writes WORKDIR/config.json atomically, warning about keys that differ from an earlier
+  run's; an unreadable earlier file is a warning too."""
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())
   if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
-    changed = _diff(previous, current)
-    if changed:
-      logging.warning("config differs from the run already in %s: %s", workdir, changed)
-  with open(path, "w") as f:
-    json.dump(current, f, indent=2)
+    try:
+      with open(path) as f:
+        previous = json.load(f)
+    except (OSError, ValueError) as e:
+      logging.warning("%s is unreadable (%s); replacing it with this run's config.", path, e)
+    else:
+      changed = checkpointing.config_differences(previous, current)
+      if changed:
+        logging.warning("config differs from the run already in %s: %s", workdir,
+                        "; ".join(changed))
+  atomic_io.write_text(path, json.dumps(current, indent=2) + "\n")
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-  if isinstance(a, dict) and isinstance(b, dict):
-    return [d for key in sorted(set(a) | set(b))
-            for d in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
-  return [prefix.rstrip(".")] if a != b else []
+def _input_counts(data: Any) -> dict[str, float]:
+  """The input pipeline's counters (records skipped, boxes dropped, ...), summed over processes."""
+  counts = dict(getattr(data, "counts", None) or {})
+  names = sorted(counts)
+  values = np.asarray([counts[name] for name in names], np.int32)
+  if names and jax.process_count() > 1:
+    values = np.asarray(multihost_utils.process_allgather(values)).sum(0)
+  return {name: float(value) for name, value in zip(names, values)}
+
+
+def _final_eval_record(workdir: str, step: int) -> dict[str, Any] | None:
+  """The evaluation record of `step` in WORKDIR/metrics.jsonl, or None (process 0 reads)."""
+  record = None
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            candidate = json.loads(line)
+          except json.JSONDecodeError:
+            continue
+          if candidate.get("step") == step and "eval/map" in candidate:
+            record = candidate
+  found = record is not None
+  if jax.process_count() > 1:
+    found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+  return (record or {}) if found else None
+
+
+def _lock_workdir(workdir: str) -> workdir_lock.WorkdirLock | None:
+  """Process 0 locks the workdir; every process raises if that failed."""
+  lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  message = ""
+  if lock is not None:
+    try:
+      lock.acquire()
+    except workdir_lock.WorkdirLockedError as e:
+      message = str(e)
+  failed = bool(message)
+  if jax.process_count() > 1:
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+  if failed:
+    raise workdir_lock.WorkdirLockedError(
+        message or f"{workdir} is in use by another training run (see process 0's message).")
+  return lock
 
 
 def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
@@ -197,22 +285,82 @@ def _mean_metrics(window: list[dict[str, Any]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in window])) for k in keys}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       restart_data_iterator: bool = False, evaluate_again: bool = False,
+                       stop: _Preemption | None = None) -> dict[str, Any]:
   """Trains to `config.train.num_steps` (resuming from WORKDIR/checkpoints) and evaluates.
 
-  Every process of a multi-process run calls this with the same arguments.
+  Every process of a multi-process run calls this with the same arguments. Process 0 holds
+  the workdir's lock (WORKDIR/train.lock) for the whole call. A finished run (its last
+  checkpoint at `train.num_steps` and its final evaluation in metrics.jsonl) is reported
+  complete and left as it is.
+
+  Args:
+    config: the run's config.
+    workdir: the run directory.
+    restart_data_iterator: resume parameters and optimizer state from a checkpoint whose data
+      position does not fit (another process count, or a position the input pipeline refuses:
+      another dataset, canvas set, batch size or seed) and start the data iterator afresh.
+    evaluate_again: evaluate a finished run again (its earlier eval record is replaced).
+    stop: the SIGTERM / SIGINT handler (`main` installs it first thing); None installs one
+      for this call.
 
   Returns:
     {"step": final step, "train": last logged metrics, "eval": final evaluation ({} when
-     preempted), "nonfinite_skips": int, "preempted": bool, "params": final parameters}.
+     stopped), "nonfinite_skips": int, "preempted": bool (stopped by a signal), "complete":
+     bool (the run was already finished), "params": final parameters}.
 
   Raises:
     NonFiniteLossError: a non-finite loss with `train.nonfinite == "error"`.
     ValueError / FileNotFoundError: bad config values or a missing dataset (from the builders).
+    checkpointing.CheckpointMismatchError: the checkpoint does not fit this config (a
+      ValueError; nothing was moved).
+    workdir_lock.WorkdirLockedError: another run holds the workdir.
   """
   config_flags.validate_config(config)
+  own_stop = stop is None
+  stop = stop or _Preemption()
+  stop.multi = jax.process_count() > 1
+  lock = _lock_workdir(workdir)
+  opened = _Open()
+  try:
+    return _train(config, workdir, stop, opened, restart_data_iterator=restart_data_iterator,
+                  evaluate_again=evaluate_again)
+  except Exception as e:
+    if opened.log is not None:
+      opened.log.note(f"error: {type(e).__name__}: {e}")
+    raise
+  finally:
+    try:
+      opened.close()
+    finally:
+      if lock is not None:
+        lock.release()
+      if own_stop:
+        stop.restore()
+
+
+def _result(state: TrainState, **fields: Any) -> dict[str, Any]:
+  return {"train": {}, "eval": {}, "preempted": False, "complete": False, **fields,
+          "step": int(state.step), "nonfinite_skips": int(state.nonfinite_skips),
+          "params": state.params}
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, opened: _Open,
+           *, restart_data_iterator: bool, evaluate_again: bool) -> dict[str, Any]:
+  """`train_and_evaluate` inside the workdir lock; what it opens goes into `opened`."""
   primary = jax.process_index() == 0
   t = config.train
+  console = opened.log = metrics_writer.ConsoleLog(
+      os.path.join(workdir, "console.log") if primary else None)
+
+  def stopped_at_start(state: TrainState) -> dict[str, Any]:
+    if primary:
+      print(f"{stop.signal_name or 'stop request'} during start-up: stopped before training, "
+            f"at step {int(state.step)}; nothing new to save.", file=console, flush=True)
+    return _result(state, preempted=True)
+
+  builders.compilation_cache_from_config(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(t.batch_size, mesh)
   train_source = builders.source_from_config(config, "train")
@@ -220,40 +368,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = builders.model_from_config(config, len(train_source.classes))
   settings = builders.detector_settings_from_config(config)
   state, tx, lr_fn = create_train_state(config, model, mesh)
+  if stop.now():
+    return stopped_at_start(state)
+  checkpointer = opened.checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+      config=json.loads(config.to_json_best_effort()))
+  final_eval = None if evaluate_again else _final_eval_record(workdir, t.num_steps)
+  if final_eval is not None and checkpointer.all_steps()[-1:] == [t.num_steps]:
+    restored = checkpointer.restore_latest(_abstract(state))  # no iterator: any topology
+    if restored is not None and int(restored[0].step) == t.num_steps:
+      state = restored[0]
+      if primary:
+        value = final_eval.get("eval/map")
+        print(f"the run in {workdir} is complete: step {t.num_steps} of {t.num_steps}, eval "
+              f"mAP {'n/a' if value is None else f'{value:.4f}'}. Nothing to do "
+              "(--evaluate_again evaluates it again).", file=console, flush=True)
+      return _result(state, complete=True,
+                     eval={"map": final_eval.get("eval/map"), "step": t.num_steps})
   data = builders.train_data_from_config(config, train_source, mesh)
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            keep=t.keep_checkpoints)
-  restored = checkpointer.restore_latest(_abstract(state), data)
+  opened.data = data
+  restored = checkpointer.restore_latest(_abstract(state), data,
+                                         restart_data_iterator=restart_data_iterator)
   if restored is not None:
     state = restored[0]
-    logging.info("resumed from checkpoint step %d in %s", int(state.step), workdir)
+    logging.info("resumed from checkpoint step %d in %s%s", int(state.step), workdir,
+                 " (data iterator restarted)" if restart_data_iterator else "")
   start = int(state.step)
+  if stop.now():
+    return stopped_at_start(state)
   if primary:
     _write_config(config, workdir)
-    metrics_writer.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start)
-  writer = metrics_writer.MetricsWriter(workdir, enabled=primary)
-  progress = metrics_writer.ProgressLine(t.num_steps, start, enabled=primary)
+    metrics_writer.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start,
+                                  drop_eval=evaluate_again)
+  writer = opened.writer = metrics_writer.MetricsWriter(workdir, enabled=primary)
+  progress = metrics_writer.ProgressLine(t.num_steps, start, enabled=primary, stream=console)
   step_fn = make_train_step(model, settings, tx, lr_fn, grad_accum_steps=t.grad_accum_steps)
   train_step = jax.jit(step_fn, in_shardings=(parallel.replicated(mesh),
                                               parallel.batch_sharding(mesh)),
                        out_shardings=parallel.replicated(mesh), donate_argnums=0)
   evaluate_now = lambda step: _evaluate(config, model, settings, mesh, state.params, workdir,
-                                        step, writer)
-  preemption = _Preemption()
+                                        step, writer, console)
   result: dict[str, Any] = {"train": {}, "eval": {}, "preempted": False}
   window: list[dict[str, Any]] = []   # fetched metrics since the last log line
   pending: tuple[int, dict[str, jax.Array]] | None = None   # dispatched, not yet checked
   timed_steps, window_start = 0, time.monotonic()
+  compiled: set[tuple[int, int]] = set()   # canvases whose train step has run
   try:
     for step in range(start + 1, t.num_steps + 1):
-      state, metrics = train_step(state, next(data))
+      batch = next(data)
+      canvas = tuple(batch["image"].shape[1:3])   # one compiled program per canvas
+      state, metrics = train_step(state, batch)
       timed_steps += 1
       if pending is not None:  # check the previous step while this one runs
         window.append(jax.device_get(pending[1]))
         _check_finite(pending[0], window[-1], t.nonfinite)
       pending = (step, metrics)
-      if step == start + 1:  # exclude compilation from the speed and the ETA
+      if canvas not in compiled:  # exclude compilation from the speed and the ETA
+        compiled.add(canvas)
         jax.block_until_ready(metrics)
         progress.restart_clock(step)
         timed_steps, window_start = 0, time.monotonic()
@@ -268,19 +439,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           scalars["step_time"] = elapsed / timed_steps
           scalars["images_per_sec"] = t.batch_size * timed_steps / max(elapsed, 1e-9)
         scalars["nonfinite_skips"] = float(state.nonfinite_skips)
+        counts = _input_counts(data)
+        scalars.update(counts)
         writer.write(step, scalars)
-        progress.update(step, {k: scalars[k] for k in ("total", *detector.LOSS_TERMS,
-                                                        "learning_rate", "images_per_sec")
-                               if k in scalars})
+        progress.update(step, {**{k: scalars[k] for k in ("total", *detector.LOSS_TERMS,
+                                                           "learning_rate", "images_per_sec")
+                                  if k in scalars},
+                               **{k: v for k, v in counts.items() if v}})
         result["train"] = scalars
         window, timed_steps, window_start = [], 0, time.monotonic()
       if step % t.checkpoint_every == 0 or last:
         checkpointer.save(step, state, data)
-      if preemption.reached(step):
+      if stop.reached(step):
         if pending is not None:
           _check_finite(pending[0], jax.device_get(pending[1]), t.nonfinite)
         checkpointer.save(step, state, data)
-        logging.warning("SIGTERM: saved checkpoint %d in %s, exiting.", step, workdir)
+        if primary:
+          print(f"{stop.signal_name or 'SIGTERM'}: preempted at step {step}; checkpoint saved "
+                f"in {checkpointer.directory}, run the same command to resume.", file=console,
+                flush=True)
         result["preempted"] = True
         break
       if t.eval_every and step % t.eval_every == 0 and not last:
@@ -291,18 +468,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpointer.save(int(state.step), state, data)
       result["eval"] = evaluate_now(int(state.step))
   finally:
-    preemption.restore()
-    checkpointer.close()
-    writer.close()
-  result["step"] = int(state.step)
-  result["nonfinite_skips"] = int(state.nonfinite_skips)
-  result["params"] = state.params
-  return result
+    opened.close()  # waits for the last save
+  return _result(state, **result)
 
 
 def _evaluate(config: ml_collections.ConfigDict, model: Any,
               settings: detector.DetectorSettings, mesh: jax.sharding.Mesh, params: PyTree,
-              workdir: str, step: int, writer: metrics_writer.MetricsWriter) -> dict[str, Any]:
+              workdir: str, step: int, writer: metrics_writer.MetricsWriter,
+              console: metrics_writer.ConsoleLog) -> dict[str, Any]:
   """Evaluates on the eval split: WORKDIR/eval/<split>-<step>.json, mAP to the metrics."""
   start = time.monotonic()
   result = evaluate.run_evaluation(config, params, step=step, workdir=workdir, mesh=mesh,
@@ -311,7 +484,7 @@ def _evaluate(config: ml_collections.ConfigDict, model: Any,
   writer.write(step, {"map": result["map"], "seconds": seconds}, "eval")
   if jax.process_index() == 0:
     print(f"eval step {step}: {result['metric']} mAP {result['map']:.4f} "
-          f"({result['num_images']} images, {seconds:.0f}s)", flush=True)
+          f"({result['num_images']} images, {seconds:.0f}s)", file=console, flush=True)
   return {"map": result["map"], "ap": result["ap"], "step": step, "path": result["path"]}
 
 
@@ -324,25 +497,31 @@ def define_flags() -> None:
                       "clusters).")
   flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+  flags.DEFINE_bool("restart_data_iterator", False, "Resume parameters and optimizer state from "
+                    "a checkpoint whose data position does not fit (another process count, "
+                    "dataset, batch size or seed), and start the data iterator afresh.")
+  flags.DEFINE_bool("evaluate_again", False, "Evaluate a finished run again (otherwise it is "
+                    "reported complete and left as it is).")
 
 
 def main(argv: Sequence[str]) -> None:
+  stop = _Preemption()  # first: from here on SIGTERM and Ctrl-C are a clean exit
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
   if not f.workdir:
     raise app.UsageError("--workdir is required")
-  if f.config.train.reuse_host_memory:
+  if host_memory.wanted(f.config.train.reuse_host_memory):   # auto: XLA:CPU only
     host_memory.keep_freed_memory()
-  absl_logging.get_absl_handler().addFilter(QuietOrbaxInfo())
   parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
   try:
-    result = train_and_evaluate(f.config, f.workdir)
-  except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
-    logging.error("%s: %s", type(e).__name__, e)
+    train_and_evaluate(f.config, f.workdir, restart_data_iterator=f.restart_data_iterator,
+                       evaluate_again=f.evaluate_again, stop=stop)
+  except (NonFiniteLossError, ValueError, FileNotFoundError,
+          workdir_lock.WorkdirLockedError) as e:
     sys.exit(f"error: {e}")
-  if result["preempted"]:
-    print(f"preempted at step {result['step']}; checkpoint saved", flush=True)
+  finally:
+    stop.restore()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 Writes `--num_images` random 500x375 JPEGs with VOC XML annotations into a temporary VOCdevkit
 tree, reads them through `frcnn_jax.data.voc.VOCFolderSource` and runs the training pipeline
 (decode, resize to 600/1000, random flip, pad to 1000x1000, batch) with numpy output, for each
-worker count. Also times the per-image work (decode + transform) in this process alone.
+worker count. Also times the per-image work in this process alone, interleaved (A, B, A, B):
+decode + transform (the host path) and decode only (the record read and decoded, the image
+placed on a fixed 500x500 source canvas, its resized size computed: what the host does when
+`frcnn_jax.ops.images.resize_flip_pad` resizes, flips and pads on the device), and the device
+op's own rate on this machine's first JAX device.
 
 Usage:
 
@@ -11,13 +15,16 @@ Usage:
                                 [--target_images_per_s 20]
 
 Prints one line per setting and, last, a JSON line:
-  {"per_core_images_per_s": ..., "workers": {"0": images/s, ...}, "cores_to_feed_target": ...}
+  {"per_core_images_per_s": ..., "decode_only_per_core_images_per_s": ...,
+   "device_resize_images_per_s": ..., "workers": {"0": images/s, ...},
+   "cores_to_feed_target": ..., "decode_only_cores_to_feed_target": ...}
 where per_core_images_per_s is the median single-process rate of decode + transform and
 cores_to_feed_target = ceil(target / per-core rate): the CPU cores the input pipeline needs to
 keep one accelerator consuming `target_images_per_s` fed.
 """
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -78,14 +85,56 @@ def write_tree(root: pathlib.Path, num_images: int, seed: int = 0) -> None:
   (year / "ImageSets" / "Main" / "trainval.txt").write_text("".join(n + "\n" for n in names))
 
 
-def time_in_process(source, repeats: int) -> float:
-  """Median images/s of decode + transform in this process (one core)."""
-  rates = []
+SOURCE_CANVAS = (500, 500)   # VOC images are at most 500 pixels a side
+
+
+def decode_only(example, flip: bool) -> dict[str, np.ndarray]:
+  """The host's share of the device path: the decoded image on the source canvas, its size,
+  its resized size and the flip flag (`frcnn_jax.ops.images.resize_flip_pad`'s inputs)."""
+  image = example["image"]
+  hw = image.shape[:2]
+  scale = transforms.fit_scale(hw, SIZES["min_size"], SIZES["max_size"], SIZES["pad_hw"])
+  return {"image": transforms.pad_image(image, SOURCE_CANVAS),
+          "source_hw": np.asarray(hw, np.int32),
+          "target_hw": np.asarray(transforms.scaled_hw(hw, scale, SIZES["pad_hw"]), np.int32),
+          "scale": np.float32(scale), "flip": np.bool_(flip)}
+
+
+def time_in_process(source, repeats: int) -> dict[str, float]:
+  """Median images per wall second and per process-CPU second (one core; the latter does not
+  depend on what else runs on the machine) of decode + transform ("host") and of decode only
+  ("decode"), measured interleaved."""
+  rates: dict[str, list[float]] = collections.defaultdict(list)
   for r in range(repeats):
+    for mode in ("host", "decode"):
+      start, cpu_start = time.perf_counter(), time.process_time()
+      for i in range(len(source)):
+        flip = bool((i + r) % 2)
+        if mode == "host":
+          transforms.prepare(source[i], training=True, flip=flip, **SIZES)
+        else:
+          decode_only(source[i], flip)
+      rates[mode].append(len(source) / (time.perf_counter() - start))
+      rates[mode + "_cpu"].append(len(source) / (time.process_time() - cpu_start))
+  return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def time_device_resize(source, batch_size: int, repeats: int) -> float:
+  """Median images/s of `resize_flip_pad` (jitted) on the first JAX device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from frcnn_jax.ops import images as image_ops  # pylint: disable=g-import-not-at-top
+  fields = [decode_only(source[i % len(source)], bool(i % 2)) for i in range(batch_size)]
+  batch = {k: jax.device_put(np.stack([f[k] for f in fields]))
+           for k in ("image", "source_hw", "target_hw", "flip")}
+  run = lambda: image_ops.resize_flip_pad(batch["image"], batch["source_hw"],
+                                          batch["target_hw"], batch["flip"],
+                                          canvas_hw=tuple(SIZES["pad_hw"]))
+  jax.block_until_ready(run())
+  rates = []
+  for _ in range(repeats):
     start = time.perf_counter()
-    for i in range(len(source)):
-      transforms.prepare(source[i], training=True, flip=bool((i + r) % 2), **SIZES)
-    rates.append(len(source) / (time.perf_counter() - start))
+    jax.block_until_ready(run())
+    rates.append(batch_size / (time.perf_counter() - start))
   return statistics.median(rates)
 
 
@@ -117,8 +166,14 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     write_tree(pathlib.Path(tmp), args.num_images)
     source = voc.VOCFolderSource(tmp, ("2007",), "trainval")
-    per_core = time_in_process(source, args.repeats)
-    print(f"in-process decode + transform: {per_core:.1f} images/s (1 core)", flush=True)
+    rates = time_in_process(source, args.repeats)
+    per_core, decode_rate = rates["host"], rates["decode"]
+    print(f"in-process decode + transform: {per_core:.1f} images/s (1 core; "
+          f"{rates['host_cpu']:.1f} per CPU-second)", flush=True)
+    print(f"in-process decode only (device resizes): {decode_rate:.1f} images/s (1 core; "
+          f"{rates['decode_cpu']:.1f} per CPU-second)", flush=True)
+    device_rate = time_device_resize(source, args.batch_size, args.repeats)
+    print(f"device resize + flip + pad: {device_rate:.1f} images/s", flush=True)
     loader_rates = {}
     for w in workers:
       loader_rates[str(w)] = time_loader(source, w, args.batch_size, args.repeats)
@@ -128,10 +183,16 @@ def main() -> None:
       "image_hw": [HEIGHT, WIDTH], "canvas": list(SIZES["pad_hw"]),
       "num_images": args.num_images, "batch_size": args.batch_size,
       "per_core_images_per_s": round(per_core, 2),
+      "decode_only_per_core_images_per_s": round(decode_rate, 2),
+      "per_cpu_second_images": round(rates["host_cpu"], 2),
+      "decode_only_per_cpu_second_images": round(rates["decode_cpu"], 2),
+      "device_resize_images_per_s": round(device_rate, 2),
       "workers": {k: round(v, 2) for k, v in loader_rates.items()},
       "cpu_count": os.cpu_count(),
       "target_images_per_s": args.target_images_per_s,
       "cores_to_feed_target": math.ceil(args.target_images_per_s / per_core),
+      "decode_only_cores_to_feed_target": math.ceil(args.target_images_per_s / decode_rate),
+      "load_avg_1min": round(os.getloadavg()[0], 2),
   }))
 
 

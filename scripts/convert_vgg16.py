@@ -1,17 +1,26 @@
-"""Converts ImageNet VGG16 weights (torchvision .pth or Keras .h5) to frcnn_jax's .npz.
+"""Converts ImageNet VGG16 weights (Caffe .caffemodel, torchvision .pth or Keras .h5) to .npz.
 
-Usage:
-  python scripts/convert_vgg16.py --input vgg16-397923af.pth --output vgg16_torchvision.npz
+Usage (each input is the published ImageNet VGG16 file of that framework):
+  python scripts/convert_vgg16.py --input VGG16.v2.caffemodel --output weights/vgg16_caffe.npz
+  python scripts/convert_vgg16.py --input vgg16-397923af.pth --output weights/vgg16_tv.npz
   python scripts/convert_vgg16.py --input vgg16_weights_tf_dim_ordering_tf_kernels.h5 \
-      --output vgg16_keras.npz
+      --output weights/vgg16_keras.npz
 
-The .npz holds "conv1_1/kernel" [3, 3, in, out] (HWIO), "conv1_1/bias" ... "conv5_3/bias",
-"fc6/kernel" [7 * 7 * 512, 4096] (input flattened in HWC order, as the RoI head does),
-"fc6/bias", "fc7/kernel", "fc7/bias" when the source has the classifier, and the metadata
-"input_norm" (the normalisation the weights were trained with: "torchvision" for torchvision,
-RGB / 255 with ImageNet mean / std; "caffe" for Keras, BGR minus the mean pixel) and "source".
-Point `model.pretrained` at it and set `model.input_norm` to the recorded value;
-`frcnn_jax.models.faster_rcnn.load_pretrained` refuses a mismatch.
+`VGG16.v2.caffemodel` is the file py-faster-rcnn starts from (its
+`data/scripts/fetch_imagenet_models.sh`); it is read with a small protobuf wire-format reader
+(Caffe's NetParameter, both the `layer` and the legacy V1 `layers` formats), without Caffe or
+the protobuf package. The .npz holds "conv1_1/kernel" [3, 3, in, out] (HWIO), "conv1_1/bias" ...
+"conv5_3/bias", "fc6/kernel" [7 * 7 * 512, 4096] (input flattened in HWC order, as the RoI head
+does; Caffe and torchvision flatten CHW), "fc6/bias", "fc7/kernel", "fc7/bias" when the source
+has the classifier, and the metadata "source", "input_norm" and "pixel_mean" (plus
+"pixel_std"): the input normalisation the weights were trained with, each file its own:
+  * Caffe: "caffe", BGR 0..255 minus py-faster-rcnn's PIXEL_MEANS (102.9801, 115.9465, 122.7717)
+    (conv1_1 takes BGR input, as our "caffe" normalisation feeds it);
+  * Keras: "keras", BGR 0..255 minus the Keras VGG16 mean pixel (103.939, 116.779, 123.68);
+  * torchvision: "torchvision", RGB / 255 with ImageNet mean / std.
+Point `model.pretrained` at the .npz and set `model.input_norm` to the recorded value (printed);
+`frcnn_jax.models.faster_rcnn.load_pretrained` refuses a mismatch. An existing output file is
+not overwritten unless `--overwrite` is given.
 
 torchvision needs `torch` (optional dependency); Keras files need `h5py`. Only Keras's HDF5
 weights layout (root attribute "layer_names", per-layer "weight_names") is read, as in the
@@ -19,22 +28,23 @@ weights layout (root attribute "layer_names", per-layer "weight_names") is read,
 """
 
 import argparse
+import os
 import re
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
 _TORCH_FEATURE = re.compile(r"^features\.(\d+)\.(weight|bias)$")
 _KERAS_CONV = re.compile(r"^block(\d+)_conv(\d+)$")
+_CAFFE_CONV = re.compile(r"^conv\d+_\d+$")
 
 
 def _fc_from_chw(weight: np.ndarray, channels: int) -> np.ndarray:
-  """torch Linear weight [out, C * s * s] (CHW flattening) -> kernel [s * s * C, out] (HWC)."""
+  """fc6 weight [out, C * s * s] (torch / Caffe CHW flattening) -> kernel [s * s * C, out] (HWC)."""
   out_features, in_features = weight.shape
   side = int(round(np.sqrt(in_features // channels)))
   if side * side * channels != in_features:
-    raise ValueError(f"classifier.0 has {in_features} inputs, not a square map of {channels} "
-                     "channels")
+    raise ValueError(f"fc6 has {in_features} inputs, not a square map of {channels} channels")
   kernel = weight.reshape(out_features, channels, side, side).transpose(2, 3, 1, 0)
   return kernel.reshape(side * side * channels, out_features)
 
@@ -118,29 +128,234 @@ def convert_keras(layers: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarra
   return out
 
 
+# --- Caffe: protobuf wire format (https://protobuf.dev/programming-guides/encoding/) with the
+# field numbers of Caffe's src/caffe/proto/caffe.proto. ---
+_VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
+_NET_LAYER, _NET_V1_LAYERS = 100, 2                       # NetParameter.layer / .layers
+_LAYER_NAME, _LAYER_BLOBS = 1, 7                          # LayerParameter
+_V1_NAME, _V1_BLOBS, _V1_V0 = 4, 6, 1                     # V1LayerParameter (+ V0 inside)
+_V0_NAME, _V0_BLOBS = 1, 50                               # V0LayerParameter
+_BLOB_SHAPE, _BLOB_DATA, _BLOB_DOUBLE_DATA = 7, 5, 8      # BlobProto
+_BLOB_LEGACY_DIMS = (1, 2, 3, 4)                          # num, channels, height, width
+_SHAPE_DIM = 1                                            # BlobShape.dim
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+  """Decodes the base-128 varint at `pos`; returns (value, next position)."""
+  value, shift = 0, 0
+  while True:
+    if pos >= len(buf):
+      raise ValueError("truncated varint: not a valid .caffemodel (protobuf) file")
+    byte = buf[pos]
+    pos += 1
+    value |= (byte & 0x7F) << shift
+    if byte < 0x80:
+      return value, pos
+    shift += 7
+    if shift > 63:
+      raise ValueError("varint longer than 10 bytes: not a valid .caffemodel (protobuf) file")
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
+  """Yields (field number, wire type, value) of one message: an int for varints, the payload
+  bytes for length-delimited, 8- and 4-byte fields.
+
+  Raises:
+    ValueError: malformed data (bad wire type, lengths past the end).
+  """
+  pos = 0
+  while pos < len(buf):
+    key, pos = _varint(buf, pos)
+    number, wire = key >> 3, key & 7
+    if wire == _VARINT:
+      value, pos = _varint(buf, pos)
+    elif wire in (_BYTES, _FIXED64, _FIXED32):
+      if wire == _BYTES:
+        size, pos = _varint(buf, pos)
+      else:
+        size = 8 if wire == _FIXED64 else 4
+      if pos + size > len(buf):
+        raise ValueError(f"field {number} runs past the end of its message: not a valid "
+                         ".caffemodel (protobuf) file")
+      value, pos = buf[pos:pos + size], pos + size
+    else:
+      raise ValueError(f"unsupported protobuf wire type {wire} (field {number})")
+    yield number, wire, value
+
+
+def _packed(values: list, wire_types: list[int], scalar: str) -> np.ndarray:
+  """Concatenates a repeated numeric field read packed (bytes) and/or unpacked."""
+  parts = []
+  for value, wire in zip(values, wire_types):
+    if scalar == "varint":
+      if wire == _BYTES:
+        pos, out = 0, []
+        while pos < len(value):
+          item, pos = _varint(value, pos)
+          out.append(item)
+        parts.append(np.asarray(out, np.int64))
+      else:
+        parts.append(np.asarray([value], np.int64))
+    else:
+      parts.append(np.frombuffer(value, scalar))
+  return np.concatenate(parts) if parts else np.zeros((0,), np.int64)
+
+
+def _blob(buf: memoryview) -> np.ndarray:
+  """A BlobProto as a float32 array of its shape (BlobShape, else legacy num/channels/h/w)."""
+  dims, legacy, data, double = None, {}, [], []
+  for number, wire, value in _fields(buf):
+    if number == _BLOB_SHAPE and wire == _BYTES:
+      found = [(v, w) for n, w, v in _fields(value) if n == _SHAPE_DIM]
+      dims = _packed([v for v, _ in found], [w for _, w in found], "varint")
+    elif number == _BLOB_DATA:
+      data.append((value, wire))
+    elif number == _BLOB_DOUBLE_DATA:
+      double.append((value, wire))
+    elif number in _BLOB_LEGACY_DIMS and wire == _VARINT:
+      legacy[number] = value
+  if data:
+    values = _packed([v for v, _ in data], [w for _, w in data], "<f4")
+  else:
+    values = _packed([v for v, _ in double], [w for _, w in double], "<f8")
+  if dims is None:
+    dims = np.asarray([legacy.get(n, 0) for n in _BLOB_LEGACY_DIMS], np.int64)
+  if int(np.prod(dims)) != values.size:
+    raise ValueError(f"blob of shape {dims.tolist()} holds {values.size} values")
+  return values.astype(np.float32).reshape(tuple(int(d) for d in dims))
+
+
+def _layer(buf: memoryview, name_field: int, blobs_field: int,
+           v0_field: int | None = None) -> tuple[str, list[np.ndarray]]:
+  """(name, blobs) of a LayerParameter or V1LayerParameter (whose V0 part may hold them)."""
+  name, blobs = "", []
+  for number, wire, value in _fields(buf):
+    if number == name_field and wire == _BYTES:
+      name = bytes(value).decode()
+    elif number == blobs_field and wire == _BYTES:
+      blobs.append(_blob(value))
+    elif v0_field is not None and number == v0_field and wire == _BYTES:
+      v0_name, v0_blobs = _layer(value, _V0_NAME, _V0_BLOBS)
+      name, blobs = name or v0_name, blobs or v0_blobs
+  return name, blobs
+
+
+def parse_caffemodel(data: bytes) -> dict[str, list[np.ndarray]]:
+  """Reads a binary Caffe NetParameter: {layer name: [blobs]} for layers with blobs.
+
+  Both layer formats are read: `layer` (field 100, LayerParameter: name 1, blobs 7) and the
+  legacy `layers` (field 2, V1LayerParameter: name 4, blobs 6, or those of its V0 `layer` 1).
+  Blobs (BlobProto) take their shape from `shape` (7, BlobShape dim 1) or the legacy
+  num / channels / height / width (1-4) and their values from `data` (5) or `double_data` (8).
+
+  Raises:
+    ValueError: malformed protobuf data.
+  """
+  layers = {}
+  for number, wire, value in _fields(memoryview(data)):
+    if wire != _BYTES:
+      continue
+    if number == _NET_LAYER:
+      name, blobs = _layer(value, _LAYER_NAME, _LAYER_BLOBS)
+    elif number == _NET_V1_LAYERS:
+      name, blobs = _layer(value, _V1_NAME, _V1_BLOBS, _V1_V0)
+    else:
+      continue
+    if blobs:
+      layers[name] = blobs
+  return layers
+
+
+def read_caffemodel(path: str) -> dict[str, list[np.ndarray]]:
+  """Reads a .caffemodel file (see `parse_caffemodel`)."""
+  with open(path, "rb") as f:
+    return parse_caffemodel(f.read())
+
+
+def convert_caffe(layers: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+  """Maps Caffe VGG16 layers to frcnn_jax names.
+
+  conv{b}_{i}: weight [out, in, 3, 3] (OIHW, conv1_1's input channels BGR, which our "caffe"
+  normalisation feeds) -> HWIO; fc6: InnerProduct weight [4096, 512 * 7 * 7] over pool5 flattened
+  CHW -> [7 * 7 * 512, 4096] over HWC; fc7: [out, in] -> [in, out]. Legacy 4-D blob shapes
+  (1, 1, out, in) / (1, 1, 1, out) are accepted. Other layers (fc8, ...) are ignored.
+
+  Raises:
+    ValueError: no conv{b}_{i} layer, or a layer without its two blobs.
+  """
+  out = {}
+  for layer, blobs in layers.items():
+    if not (_CAFFE_CONV.match(layer) or layer in ("fc6", "fc7")):
+      continue
+    if len(blobs) != 2:
+      raise ValueError(f"caffe layer {layer} has {len(blobs)} blobs, expected weight and bias")
+    weight, bias = blobs[0], blobs[1].reshape(-1)
+    if layer.startswith("conv"):
+      if weight.ndim != 4:
+        raise ValueError(f"caffe layer {layer}: weight of shape {weight.shape} is not OIHW")
+      out[f"{layer}/kernel"] = weight.transpose(2, 3, 1, 0)
+    elif layer == "fc6":
+      out[f"{layer}/kernel"] = weight.reshape(bias.size, -1)   # CHW, permuted below
+    else:
+      out[f"{layer}/kernel"] = weight.reshape(bias.size, -1).T
+    out[f"{layer}/bias"] = bias
+  convs = sorted((tuple(int(v) for v in k.split("/")[0][4:].split("_")), k)
+                 for k in out if k.startswith("conv") and k.endswith("kernel"))
+  if not convs:
+    raise ValueError("no conv{b}_{i} layers: not a Caffe VGG16 model")
+  if "fc6/kernel" in out:
+    channels = out[convs[-1][1]].shape[-1]   # the last conv's outputs, pooled into fc6
+    out["fc6/kernel"] = _fc_from_chw(out["fc6/kernel"], channels)
+  return out
+
+
+# (input_norm, pixel mean in that normalisation's channel order and scale, pixel std) per source.
+NORMS = {
+    "caffe": ("caffe", (102.9801, 115.9465, 122.7717), (1.0, 1.0, 1.0)),
+    "keras": ("keras", (103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
+    "torchvision": ("torchvision", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
 def convert_file(path: str) -> tuple[dict[str, np.ndarray], str, str]:
   """Reads and converts one file; returns (arrays, input_norm, source)."""
+  if path.endswith(".caffemodel"):
+    return convert_caffe(read_caffemodel(path)), "caffe", "caffe"
   if path.endswith((".pth", ".pt")):
     return convert_torchvision(read_torchvision(path)), "torchvision", "torchvision"
   if path.endswith((".h5", ".hdf5")):
-    return convert_keras(read_keras_h5(path)), "caffe", "keras"
-  raise ValueError(f"{path}: expected a torchvision .pth/.pt or a Keras .h5/.hdf5 file")
+    return convert_keras(read_keras_h5(path)), "keras", "keras"
+  raise ValueError(f"{path}: expected a Caffe .caffemodel, a torchvision .pth/.pt or a Keras "
+                   ".h5/.hdf5 file")
 
 
 def save(arrays: Mapping[str, np.ndarray], input_norm: str, source: str, output: str) -> None:
-  """Writes the converted arrays and their metadata to `output` (.npz)."""
-  np.savez(output, input_norm=np.asarray(input_norm), source=np.asarray(source), **arrays)
+  """Writes the converted arrays and their metadata (source, input_norm, pixel_mean,
+  pixel_std) to `output` (.npz)."""
+  _, mean, std = NORMS[input_norm]
+  np.savez(output, input_norm=np.asarray(input_norm), source=np.asarray(source),
+           pixel_mean=np.asarray(mean, np.float64), pixel_std=np.asarray(std, np.float64),
+           **arrays)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--input", required=True, help="torchvision .pth or Keras .h5 weights")
-  parser.add_argument("--output", required=True, help="destination .npz")
-  args = parser.parse_args()
+  parser.add_argument("--input", required=True,
+                      help="Caffe .caffemodel, torchvision .pth or Keras .h5 weights")
+  parser.add_argument("--output", required=True, help="destination .npz (folders are created)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+  args = parser.parse_args(argv)
+  if not os.path.isfile(args.input):
+    parser.error(f"--input {args.input} does not exist")
+  if os.path.exists(args.output) and not args.overwrite:
+    parser.error(f"--output {args.output} exists; pass --overwrite to replace it")
   arrays, input_norm, source = convert_file(args.input)
+  if os.path.dirname(args.output):
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
   save(arrays, input_norm, source, args.output)
-  print(f"wrote {len(arrays)} arrays ({source}, model.input_norm={input_norm!r}) to "
-        f"{args.output}")
+  print(f"wrote {len(arrays)} arrays ({source}, pixel mean {NORMS[input_norm][1]}) to "
+        f"{args.output}: use --config.model.pretrained={args.output} "
+        f"--config.model.input_norm={input_norm}")
 
 
 if __name__ == "__main__":

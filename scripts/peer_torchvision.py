@@ -5,7 +5,8 @@
 
 Needs torch and torchvision (optional dependencies; without them the script exits with a message
 saying so). `scripts/benchmark.py --peer` imports `measure` and prints both figures and their
-ratio from one run.
+ratio from one run; `scripts/benchmark.py --mix ... --peer` uses `size_runners` (one model, one
+image per step at each image's own size, timed interleaved with ours).
 
 The model: torchvision's `FasterRCNN` with the VGG16 trunk `vgg16().features[:-1]` (conv1_1 ..
 conv5_3, stride 16, 512 channels; conv1/conv2 frozen as in ours), one feature map "0" with
@@ -208,6 +209,97 @@ def measure(batch_arrays: dict[str, np.ndarray], *, steps: int = 3, dtype: str =
   if device == "cuda":
     torch.cuda.empty_cache()
   return result
+
+
+def size_runners(sizes: list[tuple[int, int]], *, dtype: str = "float32", num_classes: int = 20,
+                 device: str | None = None, threads: int | None = None, num_gt: int = 5,
+                 **model_args) -> dict[str, Any]:
+  """One model and, per image size, a training step and an inference on one image of it.
+
+  For a size mix: torchvision trains and infers on each image at its own size (batch 1, no
+  canvas). One model serves every size; before each call its transform is set to that size
+  (`min_size` = the shorter side, `max_size` = the longer: scale exactly 1), so the runs of
+  different sizes share weights and optimizer state as consecutive training steps do.
+
+  Args:
+    sizes: (height, width) of the images, one random uint8 image with `num_gt` random boxes
+      each (`random_batch`, seed = the size's index).
+    dtype: "float32" or "bfloat16" (autocast).
+    num_classes: C foreground classes.
+    device: "cpu" or "cuda" (default: cuda when available).
+    threads: CPU intra-op threads (default: every core).
+    num_gt: ground-truth boxes per image.
+    **model_args: forwarded to `build_model`.
+
+  Returns:
+    {"train": {size: fn}, "infer": {size: fn}, "info": {"device", "dtype", "torch",
+     "torchvision", "threads"}}; each fn runs one step and returns when the device is done.
+
+  Raises:
+    PeerUnavailable: torch or torchvision is missing.
+    ValueError: unknown dtype or device, or no sizes.
+  """
+  torch, torchvision = import_torch()
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+  if not sizes:
+    raise ValueError("no sizes to run the peer at")
+  device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+  if device not in ("cpu", "cuda"):
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+  if device == "cpu":
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    sync = lambda: None
+  else:
+    sync = torch.cuda.synchronize
+  torch.manual_seed(0)
+  height, width = sizes[0]
+  model = build_model(torch, torchvision, height=height, width=width, num_classes=num_classes,
+                      **model_args).to(device)
+  optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                              momentum=0.9, weight_decay=5e-4)
+  autocast = lambda: torch.autocast(device_type=device, dtype=torch.bfloat16,
+                                    enabled=dtype == "bfloat16")
+
+  def runners(index: int, hw: tuple[int, int]):
+    arrays = random_batch(1, hw[0], hw[1], num_gt, num_classes, seed=index)
+    image = torch.from_numpy(np.ascontiguousarray(arrays["image"][0].transpose(2, 0, 1))
+                             ).to(device).float() / 255.0
+    target = {"boxes": torch.from_numpy(arrays["gt_boxes"][0]).to(device),
+              "labels": torch.from_numpy(arrays["gt_labels"][0].astype(np.int64)).to(device)}
+
+    def set_size():
+      model.transform.min_size = (min(hw),)
+      model.transform.max_size = max(hw)
+
+    def train_step():
+      set_size()
+      model.train()
+      optimizer.zero_grad(set_to_none=True)
+      with autocast():
+        losses = model([image], [target])
+      sum(losses.values()).backward()
+      optimizer.step()
+      sync()
+
+    def infer():
+      set_size()
+      model.eval()
+      with torch.inference_mode(), autocast():
+        model([image])
+      sync()
+
+    return train_step, infer
+
+  out = {"train": {}, "infer": {}}
+  for i, hw in enumerate(sizes):
+    hw = (int(hw[0]), int(hw[1]))
+    out["train"][hw], out["infer"][hw] = runners(i, hw)
+  out["info"] = {
+      "device": device if device == "cpu" else f"cuda:{torch.cuda.get_device_name()}",
+      "dtype": dtype, "torch": torch.__version__, "torchvision": torchvision.__version__,
+      "threads": torch.get_num_threads()}
+  return out
 
 
 def main() -> None:

@@ -21,43 +21,51 @@ import pathlib
 import sys
 import tempfile
 
-import tensorflow_datasets as tfds
-from tensorflow_datasets.object_detection import voc as tfds_voc
 
+def local_tar_builder():
+  """tfds' `voc` builder class reading the original tars (imported here: `--help` and the
+  argument check need no TensorFlow)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tensorflow_datasets.object_detection import voc as tfds_voc
 
-class LocalTarVoc(tfds_voc.Voc, skip_registration=True):
-  """tfds' `voc` builder reading the original tar files from a local folder.
+  class LocalTarVoc(tfds_voc.Voc, skip_registration=True):
+    """tfds' `voc` builder reading the original tar files from a local folder.
 
-  Only `_split_generators` differs from tfds' builder: the tars are extracted from `tar_dir`
-  instead of downloaded (so no checksum of the published files is required, and a user's own
-  VOC-format tars work too). Examples, features and the dataset name/version are tfds' own, so
-  `tfds.data_source("voc/<year>")` reads the result like a downloaded build.
-  """
+    Only `_split_generators` differs from tfds' builder: the tars are extracted from `tar_dir`
+    instead of downloaded (so no checksum of the published files is required, and a user's own
+    VOC-format tars work too). Examples, features and the dataset name/version are tfds' own, so
+    `tfds.data_source("voc/<year>")` reads the result like a downloaded build.
+    """
 
-  name = "voc"
+    name = "voc"
 
-  def __init__(self, *, tar_dir: str | os.PathLike, **kwargs):
-    self._tar_dir = pathlib.Path(tar_dir)
-    super().__init__(**kwargs)
+    def __init__(self, *, tar_dir: str | os.PathLike, **kwargs):
+      self._tar_dir = pathlib.Path(tar_dir)
+      super().__init__(**kwargs)
 
-  def _split_generators(self, dl_manager):
-    tars = {split: self._tar_dir / filename
-            for split, filename in self.builder_config.filenames.items()}
-    required = ["trainval"] + (["test"] if self.builder_config.has_test_annotations else [])
-    missing = [str(tars[split]) for split in required if not tars[split].is_file()]
-    if missing:
-      raise FileNotFoundError(f"VOC{self.builder_config.year}: missing {', '.join(missing)}")
-    paths = dl_manager.extract({split: tars[split] for split in required})
-    generators = [
-        tfds.core.SplitGenerator(name=tfds.Split.TRAIN,
-                                 gen_kwargs=dict(data_path=paths["trainval"], set_name="train")),
-        tfds.core.SplitGenerator(name=tfds.Split.VALIDATION,
-                                 gen_kwargs=dict(data_path=paths["trainval"], set_name="val")),
-    ]
-    if "test" in paths:
-      generators.append(tfds.core.SplitGenerator(
-          name=tfds.Split.TEST, gen_kwargs=dict(data_path=paths["test"], set_name="test")))
-    return generators
+    def _split_generators(self, dl_manager):
+      tars = {split: self._tar_dir / filename
+              for split, filename in self.builder_config.filenames.items()}
+      required = ["trainval"] + (["test"] if self.builder_config.has_test_annotations else [])
+      missing = [str(tars[split]) for split in required if not tars[split].is_file()]
+      if missing:
+        raise FileNotFoundError(f"VOC{self.builder_config.year}: missing {', '.join(missing)}")
+      paths = dl_manager.extract({split: tars[split] for split in required})
+      generators = [
+          tfds.core.SplitGenerator(name=tfds.Split.TRAIN,
+                                   gen_kwargs=dict(data_path=paths["trainval"],
+                                                   set_name="train")),
+          tfds.core.SplitGenerator(name=tfds.Split.VALIDATION,
+                                   gen_kwargs=dict(data_path=paths["trainval"],
+                                                   set_name="val")),
+      ]
+      if "test" in paths:
+        generators.append(tfds.core.SplitGenerator(
+            name=tfds.Split.TEST, gen_kwargs=dict(data_path=paths["test"], set_name="test")))
+      return generators
+
+  return LocalTarVoc
 
 
 def prepare(data_dir: str, years: list[str], tar_dir: str | None = None) -> list[str]:
@@ -68,7 +76,14 @@ def prepare(data_dir: str, years: list[str], tar_dir: str | None = None) -> list
     years: "2007" and/or "2012".
     tar_dir: folder with the original VOC tars; None downloads them.
   """
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder_class = local_tar_builder()
+  except ImportError as e:
+    sys.exit(f"error: building the tfds datasets needs TensorFlow ({e}): "
+             'pip install -e ".[prepare]"')
   built = []
+  data_dir = os.path.expanduser(data_dir)
   os.makedirs(data_dir, exist_ok=True)
   for year in years:
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".extract_") as extract_dir:
@@ -76,8 +91,8 @@ def prepare(data_dir: str, years: list[str], tar_dir: str | None = None) -> list
       if tar_dir is None:
         builder = tfds.builder(f"voc/{year}", data_dir=data_dir, file_format="array_record")
       else:
-        builder = LocalTarVoc(tar_dir=tar_dir, config=year, data_dir=data_dir,
-                              file_format="array_record")
+        builder = builder_class(tar_dir=os.path.expanduser(tar_dir), config=year,
+                                data_dir=data_dir, file_format="array_record")
       builder.download_and_prepare(download_config=config)
     splits = ", ".join(f"{k}: {v.num_examples}" for k, v in sorted(builder.info.splits.items()))
     print(f"voc/{year} -> {builder.data_dir} ({splits})")
@@ -85,13 +100,19 @@ def prepare(data_dir: str, years: list[str], tar_dir: str | None = None) -> list
   return built
 
 
-def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  """The command line: --data_dir (required), --years, --tar_dir."""
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data_dir", required=True, help="tfds data_dir to build into")
   parser.add_argument("--years", nargs="+", default=["2007", "2012"], choices=["2007", "2012"])
   parser.add_argument("--tar_dir", default=None,
                       help="folder with the original VOC tars (default: download them)")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+  args = parse_args(argv)
   prepare(args.data_dir, args.years, args.tar_dir)
 
 

@@ -3,20 +3,25 @@ detections (one PNG each).
 
 Usage:
 
-  python scripts/visualize.py --config experiments/shapes.py --workdir runs/shapes \
-      --output vis/ [--split eval] [--num_images 4] [--anchor_xy 64,64] [--top_proposals 20] \
-      [--threshold 0.5]
+  python scripts/visualize.py --workdir runs/shapes --output vis/ [--split eval] \
+      [--num_images 4] [--anchor_xy 64,64] [--top_proposals 20] [--threshold 0.5]
+  python scripts/visualize.py --config experiments/shapes.py --output vis/   # no model yet
 
-For image k of the split, writes into OUT:
+The run's config (WORKDIR/config.json) is used by default, as in `evaluate`. For image k of
+the split, writes into OUT (images with a shorter side under 256 px are enlarged):
   <k>_<name>_gt.png          ground-truth boxes with class names (difficult ones dashed);
   <k>_<name>_anchors.png     the anchors of the feature-map cell under --anchor_xy (original
-                             pixels; default the image centre), with the cell outlined;
-  <k>_<name>_proposals.png   the top RPN proposals (test settings) with objectness scores;
-  <k>_<name>_detections.png  final detections scoring at least --threshold.
+                             pixels; default the image centre), the cell dashed, a legend of
+                             anchor sizes and aspect ratios (h/w);
+  <k>_<name>_proposals.png   the top RPN proposals (test settings) coloured by objectness,
+                             with a colour bar;
+  <k>_<name>_detections.png  the ground truth next to the detections scoring >= --threshold.
 Without --workdir (no trained model) only the first two are drawn.
 """
 
+import colorsys
 import functools
+import logging
 import os
 import pathlib
 import sys
@@ -26,6 +31,7 @@ import jax
 import numpy as np
 from absl import app
 from absl import flags
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,8 +42,10 @@ from frcnn_jax import detector  # pylint: disable=g-import-not-at-top,wrong-impo
 from frcnn_jax import drawing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax import run_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.models import faster_rcnn  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.ops import anchors as anchor_ops  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 def anchors_at(config, model, batch: dict, x: float, y: float
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -66,10 +74,35 @@ def anchors_at(config, model, batch: dict, x: float, y: float
   return grid[start:start + per_cell] / scale, cell / scale
 
 
+def display_factor(hw: Sequence[int], min_side: int = 256) -> int:
+  """Integer upscaling that makes small images readable: shorter side >= `min_side`."""
+  return max(1, -(-min_side // max(1, min(int(v) for v in hw))))
+
+
+def _enlarge(image: np.ndarray, factor: int) -> Image.Image:
+  picture = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+  if factor == 1:
+    return picture
+  return picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
+
+
+def size_colours(sizes: Sequence[float]) -> list[tuple[tuple[int, int, int], str]]:
+  """One (colour, "size S") legend entry per anchor size; the aspect ratios of a size share its
+  colour (their boxes' shapes tell them apart)."""
+  entries = []
+  for k, size in enumerate(sizes):
+    rgb = colorsys.hsv_to_rgb(k / max(len(sizes), 1), 0.9, 1.0)
+    entries.append((tuple(int(c * 255) for c in rgb), f"{size:g} px"))
+  return entries
+
+
 def draw_examples(config, output: str | os.PathLike, *, params=None, split: str = "eval",
                   num_images: int = 4, anchor_xy: tuple[float, float] | None = None,
                   top_proposals: int = 20, threshold: float = 0.5) -> list[pathlib.Path]:
   """Writes the debug PNGs of the first `num_images` images of a split.
+
+  Small images are enlarged (nearest neighbour, by an integer factor) so that captions and
+  legends stay readable.
 
   Args:
     config: the experiment config.
@@ -91,34 +124,52 @@ def draw_examples(config, output: str | os.PathLike, *, params=None, split: str 
   out = pathlib.Path(output)
   out.mkdir(parents=True, exist_ok=True)
   written = []
+  m = config.model
   for k in range(min(num_images, len(source))):
     example = source[k]
     if example is None:
       continue
     image = example["image"]
+    f = display_factor(image.shape[:2])
+    shown = _enlarge(image, f)
     stem = f"{k:03d}_{example['name']}"
     pictures = {}
     batch = detect.prepare(image, config)
     difficult = example["difficult"]
-    picture = drawing.draw_boxes(image, example["boxes"][~difficult],
+    picture = drawing.draw_boxes(shown, example["boxes"][~difficult] * f,
                                  example["labels"][~difficult], None, names)
-    pictures["gt"] = drawing.draw_boxes(picture, example["boxes"][difficult],
+    pictures["gt"] = drawing.draw_boxes(picture, example["boxes"][difficult] * f,
                                         example["labels"][difficult], None, names, dashed=True)
     x, y = anchor_xy or (image.shape[1] / 2, image.shape[0] / 2)
     anchors, cell = anchors_at(config, model, batch, x, y)
-    picture = drawing.draw_boxes(image, cell[None], colour=(255, 255, 255), width=1)
-    pictures["anchors"] = drawing.draw_boxes(picture, anchors, colour=(255, 200, 0))
+    legend = size_colours(m.anchor_sizes)
+    picture = shown
+    for a, box in enumerate(anchors):       # ratio-major, size-minor (anchor_grid's order)
+      picture = drawing.draw_boxes(picture, box[None] * f,
+                                   colour=legend[a % len(m.anchor_sizes)][0])
+    picture = drawing.draw_boxes(picture, cell[None] * f, colour=(255, 255, 255), width=2,
+                                 dashed=True)
+    ratios = ", ".join(f"{r:g}" for r in m.anchor_ratios)
+    pictures["anchors"] = drawing.add_legend(
+        picture, legend, f"the {len(anchors)} anchors of the feature cell (white, dashed) at "
+        f"x={x:g}, y={y:g}: one colour per size, aspect ratios h/w {ratios}")
     if params is not None:
       props = jax.device_get(detector.proposals(params, batch, model=model, settings=settings))
-      keep = np.flatnonzero(props["valid"][0])[:top_proposals]
-      pictures["proposals"] = drawing.draw_boxes(
-          image, props["boxes"][0][keep], np.ones(len(keep), int), props["scores"][0][keep],
-          ["rpn"], colour=(0, 200, 255))
+      valid = np.flatnonzero(props["valid"][0])
+      keep = valid[:top_proposals]
+      scores = props["scores"][0][keep]
+      low, high = (float(scores.min()), float(scores.max())) if len(keep) else (0.0, 1.0)
+      picture = drawing.draw_scored_boxes(shown, props["boxes"][0][keep] * f, scores, low, high)
+      pictures["proposals"] = drawing.add_colour_bar(
+          picture, low, high, f"top {len(keep)} of {len(valid)} RPN proposals by objectness")
       dets = jax.device_get(detector.predict(params, batch, model=model, settings=settings))
-      shown = dets["valid"][0] & (dets["scores"][0] >= threshold)
-      pictures["detections"] = drawing.draw_boxes(
-          image, dets["boxes"][0][shown], dets["labels"][0][shown], dets["scores"][0][shown],
-          names)
+      chosen = dets["valid"][0] & (dets["scores"][0] >= threshold)
+      boxes = evaluate.clip_to_image(dets["boxes"][0][chosen], *image.shape[:2])
+      found = drawing.draw_boxes(shown, boxes * f, dets["labels"][0][chosen],
+                                 dets["scores"][0][chosen], names)
+      pictures["detections"] = drawing.side_by_side(
+          [pictures["gt"], found],
+          ["ground truth (difficult dashed)", f"detections, score >= {threshold:g}"])
     for kind, picture in pictures.items():
       path = out / f"{stem}_{kind}.png"
       picture.save(path)
@@ -145,8 +196,8 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if f.output is None or f.config is None:
-    raise app.UsageError("--config and --output are required")
+  if f.output is None:
+    raise app.UsageError("--output is required")
   anchor_xy = None
   if f.anchor_xy:
     try:
@@ -157,11 +208,14 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError(f"--anchor_xy must be x,y, got {f.anchor_xy!r}")
   params = None
   try:
+    resolved = run_config.from_flags(f.workdir)
+    for note in resolved.notes:
+      logging.warning("%s", note)
     if f.workdir:
       mesh = parallel.make_mesh(jax.local_devices()[:1])
       params, step = evaluate.restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
       print(f"checkpoint step {step}")
-    paths = draw_examples(f.config, f.output, params=params, split=f.split,
+    paths = draw_examples(resolved.config, f.output, params=params, split=f.split,
                           num_images=f.num_images, anchor_xy=anchor_xy,
                           top_proposals=f.top_proposals, threshold=f.threshold)
   except (ValueError, FileNotFoundError) as e:

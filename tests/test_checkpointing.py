@@ -117,3 +117,119 @@ def test_missing_iterator_state_falls_back(tmp_path):
 def test_rejects_bad_keep(tmp_path):
   with pytest.raises(ValueError, match="keep_checkpoints"):
     checkpointing.Checkpointer(tmp_path, keep=0)
+
+
+def _files(directory):
+  return sorted(os.path.relpath(os.path.join(root, f), directory)
+                for root, _, names in os.walk(directory) for f in names)
+
+
+def _big_state(value):
+  return {"w": jnp.arange(20000, dtype=jnp.float32) * value, "step": jnp.int32(value)}
+
+
+def test_flipped_bytes_in_array_data_are_detected_and_fall_back(tmp_path, caplog):
+  checkpointer = checkpointing.Checkpointer(tmp_path / "ck", keep=3)
+  for step in (1, 2):
+    assert checkpointer.save(step, _big_state(step), _Counter())
+  checkpointer.close()
+  data_files = [os.path.join(tmp_path / "ck" / "2" / "state", f)
+                for f in _files(tmp_path / "ck" / "2" / "state") if f"{os.sep}d{os.sep}" in f]
+  largest = max(data_files, key=os.path.getsize)
+  middle = os.path.getsize(largest) // 2
+  with open(largest, "r+b") as f:
+    f.seek(middle)
+    flipped = bytes(b ^ 0xFF for b in f.read(16))
+    f.seek(middle)
+    f.write(flipped)
+  checkpointer = checkpointing.Checkpointer(tmp_path / "ck", keep=3)
+  state, meta = checkpointer.restore_latest(_abstract(_big_state(0)), _Counter())
+  assert meta["step"] == 1
+  jax.tree.map(np.testing.assert_array_equal, state, _big_state(1))
+  assert "step 2" in caplog.text and "checksum" in caplog.text
+  assert checkpointer.all_steps() == [1] and os.listdir(tmp_path / "ck.corrupt")
+  checkpointer.close()
+
+
+def test_other_shapes_stop_before_anything_is_moved_naming_the_keys(tmp_path):
+  checkpointer = checkpointing.Checkpointer(tmp_path / "ck", keep=3,
+                                            config={"model": {"fc_dim": 64}, "seed": 0})
+  for step in (1, 2):
+    checkpointer.save(step, _state(step), _Counter())
+  checkpointer.close()
+  before = _files(tmp_path)
+  smaller = {**_state(0), "w": jnp.zeros(32, jnp.float32)}
+  checkpointer = checkpointing.Checkpointer(tmp_path / "ck", keep=3,
+                                            config={"model": {"fc_dim": 32}, "seed": 0})
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"(?s)step 2.*\['w'\]: saved float32\[64\], this run float32\[32\]"
+                           r".*model\.fc_dim: 64 -> 32.*Nothing was moved"):
+    checkpointer.restore_latest(_abstract(smaller), _Counter())
+  checkpointer.close()
+  assert _files(tmp_path) == before
+
+
+def test_topology_change_needs_restart_data_iterator(tmp_path):
+  checkpointer = checkpointing.Checkpointer(tmp_path / "ck", keep=3,
+                                            topology={"data.num_workers": 0})
+  iterator = _Counter()
+  iterator.position = 7
+  checkpointer.save(3, _state(3), iterator)
+  checkpointer.close()
+  before = _files(tmp_path)
+  checkpointer = checkpointing.Checkpointer(tmp_path / "ck", keep=3,
+                                            topology={"data.num_workers": 2})
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"(?s)data\.num_workers: saved 0, this run 2.*--restart_data_iterator"):
+    checkpointer.restore_latest(_abstract(_state(0)), _Counter())
+  assert _files(tmp_path) == before
+  state, _ = checkpointer.restore_latest(_abstract(_state(0)))  # no iterator, no topology
+  jax.tree.map(np.testing.assert_array_equal, state, _state(3))
+  iterator = _Counter()
+  state, meta = checkpointer.restore_latest(_abstract(_state(0)), iterator,
+                                            restart_data_iterator=True)
+  jax.tree.map(np.testing.assert_array_equal, state, _state(3))
+  assert iterator.position == 0 and meta["topology"]["data.num_workers"] == 0
+  checkpointer.close()
+
+
+class _Refusing(_Counter):
+  """An iterator that refuses a saved state (like grain with another worker count)."""
+
+  def set_state(self, state):
+    raise ValueError("worker count changed")
+
+
+def test_iterator_refusing_the_state_is_a_mismatch_not_corruption(tmp_path):
+  _save_steps(tmp_path / "ck", (1, 2), _Counter())
+  before = _files(tmp_path)
+  checkpointer = checkpointing.Checkpointer(tmp_path / "ck", keep=3)
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"(?s)refuses.*worker count changed.*--restart_data_iterator"):
+    checkpointer.restore_latest(_abstract(_state(0)), _Refusing())
+  assert _files(tmp_path) == before
+  checkpointer.close()
+
+
+def test_iterator_state_of_another_process_count_is_a_mismatch(tmp_path):
+  _save_steps(tmp_path / "ck", (1,), _Counter())
+  data = tmp_path / "ck" / "1" / "data"
+  for name in os.listdir(data):
+    if name.endswith(".json"):
+      os.rename(data / name, data / "process_0-of-2.json")
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="another number of processes"):
+    checkpointing.Checkpointer(tmp_path / "ck", keep=3).restore_latest(
+        _abstract(_state(0)), _Counter())
+  assert os.path.isdir(tmp_path / "ck" / "1")
+
+
+def test_checksums_and_config_differences():
+  a = {"x": np.arange(5, dtype=np.float32), "k": jax.random.key(1)}
+  sums = checkpointing.checksums(a)
+  assert set(sums) == {"['x']", "['k']"}
+  b = dict(a, x=a["x"].copy())
+  b["x"][3] = np.nextafter(b["x"][3], 9)  # one bit
+  assert checkpointing.checksums(b)["['x']"] != sums["['x']"]
+  assert checkpointing.config_differences(
+      {"model": {"fc_dim": 4096, "width": 1.0}, "seed": 0},
+      {"model": {"fc_dim": 128, "width": 1.0}, "seed": 0}) == ["model.fc_dim: 4096 -> 128"]

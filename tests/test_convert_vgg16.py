@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import re
 
 import h5py
 import jax
@@ -16,6 +17,7 @@ _SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "convert_vgg
 _spec = importlib.util.spec_from_file_location("convert_vgg16", _SCRIPT)
 convert_vgg16 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(convert_vgg16)
+NORMS = ("caffe", "keras", "torchvision")
 
 CHANNELS = (4, 8, 16, 32, 32)      # VGG16 at width 1/16
 CONVS = (2, 2, 3, 3, 3)
@@ -126,7 +128,11 @@ def _torch_reference_input(image):
 
 
 def _caffe_reference_input(image):
-  return image[..., ::-1] - np.array([102.9801, 115.9465, 122.7717])
+  return image[..., ::-1] - np.array([102.9801, 115.9465, 122.7717])   # py-faster-rcnn
+
+
+def _keras_reference_input(image):
+  return image[..., ::-1] - np.array([103.939, 116.779, 123.68])        # keras.applications
 
 
 def test_torchvision_state_dict_converts_and_matches_reference(tmp_path):
@@ -161,10 +167,14 @@ def test_keras_h5_converts_and_matches_reference(tmp_path):
   h5_path = str(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels.h5")
   _write_keras_h5(h5_path, layers, fc)
   arrays, input_norm, source = convert_vgg16.convert_file(h5_path)
-  assert (input_norm, source) == ("caffe", "keras")
+  assert (input_norm, source) == ("keras", "keras")
   path = str(tmp_path / "keras.npz")
   convert_vgg16.save(arrays, input_norm, source, path)
-  _check_model_matches(path, "caffe", layers, fc, _caffe_reference_input)
+  with np.load(path) as data:
+    np.testing.assert_array_equal(data["pixel_mean"], [103.939, 116.779, 123.68])
+  _check_model_matches(path, "keras", layers, fc, _keras_reference_input)
+  with pytest.raises(ValueError, match="input_norm='keras'"):
+    faster_rcnn.load_pretrained(tiny.numpy_params(_model("caffe")), path, input_norm="caffe")
 
 
 def test_load_pretrained_rejects_mismatches(tmp_path):
@@ -181,5 +191,225 @@ def test_load_pretrained_rejects_mismatches(tmp_path):
 
 
 def test_unknown_file_type_is_rejected(tmp_path):
-  with pytest.raises(ValueError, match="expected a torchvision"):
+  with pytest.raises(ValueError, match="expected a Caffe .caffemodel"):
     convert_vgg16.convert_file(str(tmp_path / "weights.bin"))
+
+
+# --- Caffe .caffemodel ---------------------------------------------------------------------
+# A hand-written protobuf encoder (wire format: varint keys, length-delimited messages, packed
+# repeated fields) builds the synthetic files; the protobuf package, where installed, builds
+# them a second time from a descriptor with Caffe's field numbers.
+
+
+def _varint(value):
+  out = bytearray()
+  while True:
+    byte, value = value & 0x7F, value >> 7
+    out.append(byte | (0x80 if value else 0))
+    if not value:
+      return bytes(out)
+
+
+def _key(number, wire):
+  return _varint(number << 3 | wire)
+
+
+def _bytes_field(number, payload):
+  return _key(number, 2) + _varint(len(payload)) + payload
+
+
+def _blob_bytes(array, legacy, packed=True):
+  """BlobProto: shape (7, BlobShape dim 1 packed) or legacy num/channels/height/width (1-4);
+  data (5) packed or as one fixed32 field per value."""
+  array = np.asarray(array, np.float32)
+  if legacy:
+    dims = (1,) * (4 - array.ndim) + array.shape
+    out = b"".join(_key(n, 0) + _varint(d) for n, d in zip((1, 2, 3, 4), dims))
+  else:
+    out = _bytes_field(7, _bytes_field(1, b"".join(_varint(d) for d in array.shape)))
+  if packed:
+    return out + _bytes_field(5, array.astype("<f4").tobytes())
+  return out + b"".join(_key(5, 5) + v.tobytes() for v in array.astype("<f4").reshape(-1))
+
+
+def _caffe_blobs(layers, fc):
+  """[(caffe layer name, [weight, bias] in Caffe layouts)] of VGG16 plus fc8."""
+  out = [(f"conv{b}_{i}", [w.transpose(3, 2, 0, 1), bias]) for b, i, w, bias in layers]
+  fc6, b6, fc7, b7 = fc
+  out.append(("fc6", [fc6.transpose(3, 2, 0, 1).reshape(FC_DIM, -1), b6]))   # pool5 CHW
+  out.append(("fc7", [fc7.T, b7]))
+  out.append(("fc8", [np.ones((10, FC_DIM), np.float32), np.zeros(10, np.float32)]))
+  return out
+
+
+def _caffemodel_bytes(named_blobs, fmt):
+  """NetParameter in the new `layer` (100) format or the V1 `layers` (2) format (fc7 inside a
+  V0 `layer` 1 there), with blob-less layers and unrelated fields in between."""
+  net = _bytes_field(1, b"VGG_ILSVRC_16_layers")
+  for name, blobs in [("data", [])] + named_blobs[:2] + [("pool1", [])] + named_blobs[2:]:
+    if fmt == "layer":
+      body = (_bytes_field(1, name.encode()) + _bytes_field(2, b"Convolution")
+              + _bytes_field(3, b"bottom") + b"".join(
+                  _bytes_field(7, _blob_bytes(a, legacy=False, packed=name != "conv1_2"))
+                  for a in blobs))
+      net += _bytes_field(100, body)
+    else:
+      blob_bytes = [_blob_bytes(a, legacy=True) for a in blobs]
+      if name == "fc7":
+        v0 = _bytes_field(1, name.encode()) + b"".join(_bytes_field(50, b) for b in blob_bytes)
+        body = _bytes_field(1, v0)
+      else:
+        body = (_bytes_field(2, b"bottom") + _bytes_field(4, name.encode()) + _key(5, 0)
+                + _varint(4) + b"".join(_bytes_field(6, b) for b in blob_bytes))
+      net += _bytes_field(2, body)
+  return net
+
+
+@pytest.mark.parametrize("fmt", ["layer", "v1"])
+def test_caffemodel_converts_and_matches_reference(tmp_path, fmt):
+  rng = np.random.default_rng(0)
+  layers, fc = _layers(rng), _fc(rng)
+  path = tmp_path / "VGG16.v2.caffemodel"
+  path.write_bytes(_caffemodel_bytes(_caffe_blobs(layers, fc), fmt))
+  parsed = convert_vgg16.read_caffemodel(str(path))
+  assert list(parsed) == [f"conv{b}_{i}" for b, i, _, _ in layers] + ["fc6", "fc7", "fc8"]
+  arrays, input_norm, source = convert_vgg16.convert_file(str(path))
+  assert (input_norm, source) == ("caffe", "caffe") and not any("fc8" in k for k in arrays)
+  npz = str(tmp_path / "caffe.npz")
+  convert_vgg16.save(arrays, input_norm, source, npz)
+  with np.load(npz) as data:
+    assert str(data["input_norm"]) == "caffe"
+    np.testing.assert_array_equal(data["pixel_mean"], [102.9801, 115.9465, 122.7717])
+  # conv1_1 sees BGR minus py-faster-rcnn's PIXEL_MEANS; fc6 reads pool5 in Caffe's CHW order.
+  _check_model_matches(npz, "caffe", layers, fc, _caffe_reference_input)
+
+
+def test_caffemodel_built_by_the_protobuf_package(tmp_path):
+  pytest.importorskip("google.protobuf")
+  from google.protobuf import descriptor_pb2  # pylint: disable=g-import-not-at-top
+  from google.protobuf import descriptor_pool  # pylint: disable=g-import-not-at-top
+  from google.protobuf import message_factory  # pylint: disable=g-import-not-at-top
+  f = descriptor_pb2.FieldDescriptorProto
+  proto = descriptor_pb2.FileDescriptorProto(name="caffe_subset.proto", package="caffe_subset",
+                                             syntax="proto2")
+
+  def message(name, fields):
+    m = proto.message_type.add(name=name)
+    for field_name, number, kind, label, type_name, packed in fields:
+      field = m.field.add(name=field_name, number=number, type=kind, label=label)
+      if type_name:
+        field.type_name = f".caffe_subset.{type_name}"
+      if packed:
+        field.options.packed = True
+  rep, opt = f.LABEL_REPEATED, f.LABEL_OPTIONAL
+  message("BlobShape", [("dim", 1, f.TYPE_INT64, rep, None, True)])
+  message("BlobProto", [("shape", 7, f.TYPE_MESSAGE, opt, "BlobShape", False),
+                        ("data", 5, f.TYPE_FLOAT, rep, None, True),
+                        ("num", 1, f.TYPE_INT64, opt, None, False),
+                        ("channels", 2, f.TYPE_INT64, opt, None, False),
+                        ("height", 3, f.TYPE_INT64, opt, None, False),
+                        ("width", 4, f.TYPE_INT64, opt, None, False)])
+  message("LayerParameter", [("name", 1, f.TYPE_STRING, opt, None, False),
+                             ("type", 2, f.TYPE_STRING, opt, None, False),
+                             ("blobs", 7, f.TYPE_MESSAGE, rep, "BlobProto", False)])
+  message("V1LayerParameter", [("name", 4, f.TYPE_STRING, opt, None, False),
+                               ("blobs", 6, f.TYPE_MESSAGE, rep, "BlobProto", False)])
+  message("NetParameter", [("name", 1, f.TYPE_STRING, opt, None, False),
+                           ("layer", 100, f.TYPE_MESSAGE, rep, "LayerParameter", False),
+                           ("layers", 2, f.TYPE_MESSAGE, rep, "V1LayerParameter", False)])
+  pool = descriptor_pool.DescriptorPool()
+  pool.Add(proto)
+  net_class = message_factory.GetMessageClass(pool.FindMessageTypeByName(
+      "caffe_subset.NetParameter"))
+  rng = np.random.default_rng(3)
+  layers, fc = _layers(rng), _fc(rng)
+  named = _caffe_blobs(layers, fc)
+  for fmt in ("layer", "v1"):
+    net = net_class(name="VGG_ILSVRC_16_layers")
+    for name, blobs in named:
+      layer = net.layer.add(name=name, type="Convolution") if fmt == "layer" else net.layers.add(
+          name=name)
+      for array in blobs:
+        blob = layer.blobs.add()
+        if fmt == "layer":
+          blob.shape.dim.extend(array.shape)
+        else:
+          blob.num, blob.channels, blob.height, blob.width = (1,) * (4 - array.ndim) + array.shape
+        blob.data.extend(array.reshape(-1).tolist())
+    parsed = convert_vgg16.parse_caffemodel(net.SerializeToString())
+    assert list(parsed) == [name for name, _ in named]
+    for name, blobs in named:
+      for got, want in zip(parsed[name], blobs):
+        np.testing.assert_array_equal(got.reshape(want.shape), want)
+    arrays = convert_vgg16.convert_caffe(parsed)
+    np.testing.assert_array_equal(arrays["conv1_1/kernel"], layers[0][2])
+    np.testing.assert_array_equal(arrays["fc6/kernel"], fc[0].reshape(-1, FC_DIM))
+    np.testing.assert_array_equal(arrays["fc7/kernel"], fc[2])
+
+
+@pytest.mark.parametrize("data,match", [(b"\x0a\x05ab", "past the end"),
+                                        (b"\x0b", "wire type 3"),
+                                        (b"\x80", "truncated varint")])
+def test_malformed_caffemodel_is_a_clear_error(data, match):
+  with pytest.raises(ValueError, match=match):
+    convert_vgg16.parse_caffemodel(data)
+
+
+def test_caffemodel_without_vgg_layers_is_rejected():
+  net = _bytes_field(100, _bytes_field(1, b"ip1") + _bytes_field(
+      7, _blob_bytes(np.zeros((2, 3)), legacy=False)))
+  with pytest.raises(ValueError, match="not a Caffe VGG16"):
+    convert_vgg16.convert_caffe(convert_vgg16.parse_caffemodel(net))
+
+
+def _documented_commands(text):
+  """The `python scripts/convert_vgg16.py ...` commands in `text`, continuation lines joined."""
+  joined = re.sub(r"\\\n\s*", " ", text)
+  return [line.strip().split("#")[0].split() for line in joined.splitlines()
+          if line.strip().startswith("python scripts/convert_vgg16.py")]
+
+
+def test_documented_commands_run_as_written(tmp_path, monkeypatch):
+  """Every convert command in the script's docstring, the README and experiments/voc.py runs
+  unchanged on a synthetic file of the documented input name (torch ones need torch)."""
+  texts = [_SCRIPT.read_text(), (_SCRIPT.parents[1] / "README.md").read_text(),
+           (_SCRIPT.parents[1] / "experiments" / "voc.py").read_text()]
+  commands = [c for text in texts for c in _documented_commands(text)]
+  assert len(commands) >= 4 and all("--input" in c and "--output" in c for c in commands)
+  rng = np.random.default_rng(0)
+  layers, fc = _layers(rng), _fc(rng)
+  monkeypatch.chdir(tmp_path)
+  for i, command in enumerate(commands):
+    argv = command[2:]
+    source = argv[argv.index("--input") + 1]
+    if source.endswith((".pth", ".pt")):
+      torch = pytest.importorskip("torch")
+      torch.save({k: torch.from_numpy(v) for k, v in _torch_state_dict(layers, fc).items()},
+                 source)
+    elif source.endswith((".h5", ".hdf5")):
+      _write_keras_h5(source, layers, fc)
+    else:
+      pathlib.Path(source).write_bytes(_caffemodel_bytes(_caffe_blobs(layers, fc), "layer"))
+    output = pathlib.Path(argv[argv.index("--output") + 1])
+    if output.exists():
+      output.unlink()    # the same name documented twice: this test's own file
+    convert_vgg16.main(argv)
+    with np.load(output) as data:
+      assert "conv1_1/kernel" in data.files and str(data["input_norm"]) in NORMS, i
+
+
+def test_existing_output_is_not_overwritten(tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  source = tmp_path / "VGG16.v2.caffemodel"
+  source.write_bytes(_caffemodel_bytes(_caffe_blobs(_layers(rng), _fc(rng)), "layer"))
+  output = tmp_path / "out.npz"
+  output.write_bytes(b"user file")
+  with pytest.raises(SystemExit):
+    convert_vgg16.main(["--input", str(source), "--output", str(output)])
+  assert output.read_bytes() == b"user file" and "--overwrite" in capsys.readouterr().err
+  convert_vgg16.main(["--input", str(source), "--output", str(output), "--overwrite"])
+  with np.load(output) as data:
+    assert str(data["source"]) == "caffe"
+  with pytest.raises(SystemExit):
+    convert_vgg16.main(["--input", str(tmp_path / "missing.caffemodel"), "--output",
+                        str(tmp_path / "x.npz")])

@@ -97,3 +97,128 @@ def test_cli(tiny_run, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"checkpoint step {STEP}" in proc.stdout
   assert (tmp_path / "out" / "x.json").exists() and (tmp_path / "out" / "x.png").exists()
+
+
+def _tree(folder):
+  return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_output_never_overlaps_the_inputs(tmp_path):
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  Image.new("RGB", (8, 8)).save(folder / "a.png")
+  Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+  paths = detect.list_images([str(folder)])
+  for output in (folder, folder / "out", tmp_path):    # equal, inside, containing
+    with pytest.raises(ValueError, match="input folder"):
+      detect.check_output(output, [str(folder)], paths)
+  single = [tmp_path / "b.png"]
+  with pytest.raises(ValueError, match="over an input image"):
+    detect.check_output(tmp_path, [str(tmp_path / "b.png")], single)
+  detect.check_output(tmp_path / "out", [str(folder)], paths)
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "a.json").write_text("{}")
+  with pytest.raises(ValueError, match="--overwrite"):
+    detect.check_output(tmp_path / "out", [str(folder)], paths)
+  detect.check_output(tmp_path / "out", [str(folder)], paths, overwrite=True)
+
+
+def test_cli_refuses_to_write_over_its_input(tiny_run, tmp_path):
+  from tests.evaluation.run_folder import run_folder  # pylint: disable=g-import-not-at-top
+  workdir = run_folder(tiny_run, tmp_path)
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  Image.fromarray(tiny_run.source[1]["image"]).save(folder / "x.png")
+  before = _tree(folder)
+  proc = subprocess.run(
+      [sys.executable, "-m", "frcnn_jax.detect", "--workdir", str(workdir), "--output",
+       str(folder), str(folder)],
+      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
+      timeout=300, check=False)
+  assert proc.returncode != 0 and "input folder" in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert _tree(folder) == before
+
+
+def test_cli_skips_an_undecodable_image_and_fails_at_the_end(tiny_run, tmp_path):
+  from tests.evaluation.run_folder import run_folder  # pylint: disable=g-import-not-at-top
+  workdir = run_folder(tiny_run, tmp_path)
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  (folder / "a_broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+  Image.fromarray(tiny_run.source[1]["image"]).save(folder / "b_good.png")
+  out = tmp_path / "new" / "out"                   # does not exist yet: created
+  proc = subprocess.run(
+      [sys.executable, "-m", "frcnn_jax.detect", "--workdir", str(workdir), "--output",
+       str(out), "--config.test.score_threshold=0.2", str(folder)],
+      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
+      timeout=300, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "a_broken.jpg" in proc.stderr and "1 of 2 images could not be read" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  record = json.loads((out / "b_good.json").read_text())
+  assert record["step"] == STEP and record["overrides"] == {"test.score_threshold": 0.2}
+  assert all(d["score"] >= 0.2 for d in record["detections"])
+  assert (out / "b_good.png").exists() and not (out / "a_broken.json").exists()
+
+
+def test_captions_stay_inside_the_image():
+  image = np.zeros((40, 60, 3), np.uint8)
+  colour = drawing.class_colour(1)
+  out = np.asarray(drawing.draw_boxes(image, np.array([[50, 20, 60, 38.]]), np.array([1]),
+                                      np.array([0.87]), ["diningtable"], width=1))
+  caption = np.all(out[:20] == colour, axis=-1)   # the caption's background, above the box
+  columns = np.flatnonzero(caption.any(axis=0))
+  assert columns.size and columns.max() == 59      # reaches the right edge ...
+  assert columns.min() < 50                        # ... by starting left of the box
+  # At the bottom-right corner, with no room above, the caption stays inside too.
+  assert drawing.caption_origin((55, 0, 60, 40), (30, 12), (60, 40)) == (30, 0)
+  assert drawing.caption_origin((0, 35, 5, 40), (30, 12), (60, 40)) == (0, 23)
+  assert drawing.caption_origin((10, 20, 30, 30), (15, 12), (60, 40)) == (10, 8)
+
+
+def test_score_colours_legends_and_panels():
+  assert drawing.score_colour(0.2, 0.2, 0.9) == (40, 80, 255)
+  assert drawing.score_colour(0.9, 0.2, 0.9) == (255, 40, 20)
+  assert drawing.score_colour(5.0, 0.2, 0.9) == (255, 40, 20)
+  image = np.zeros((50, 80, 3), np.uint8)
+  boxes = np.array([[10, 10, 40, 40], [10, 10, 30, 30.]])
+  out = np.asarray(drawing.draw_scored_boxes(image, boxes, np.array([0.9, 0.5]), 0.5, 0.9,
+                                             width=1))
+  assert tuple(out[10, 15]) == drawing.score_colour(0.9, 0.5, 0.9)   # the best one on top
+  assert tuple(out[29, 15]) == drawing.score_colour(0.5, 0.5, 0.9)
+  picture = Image.fromarray(image)
+  entries = [(drawing.class_colour(i), f"class number {i}") for i in range(8)]
+  legend = drawing.add_legend(picture, entries, "a title longer than the picture is wide")
+  assert legend.width == 80 and legend.height > 50 + 8 * 12    # wrapped into rows
+  bar = drawing.add_colour_bar(picture, 0.5, 0.9, "objectness")
+  assert bar.width == 80 and bar.height > 50
+  assert tuple(np.asarray(bar)[50:].reshape(-1, 3).max(0)) == (255, 255, 255)
+  both = drawing.side_by_side([picture, picture], ["left", "right"])
+  assert both.width == 2 * 80 + 8 and both.height > 50
+
+
+def test_detect_portrait_and_landscape_each_on_its_canvas(tiny_run, tmp_path):
+  """With several canvases each image goes on the smallest that holds it; same as predict."""
+  config = tiny_run.config.copy_and_resolve_references()
+  config.data.pad_hw = ()
+  config.data.canvases = ((48, 64), (64, 48))
+  rng = np.random.default_rng(3)
+  paths = []
+  for name, hw in (("landscape", (45, 60)), ("portrait", (60, 45))):
+    paths.append(tmp_path / f"{name}.png")
+    Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8)).save(paths[-1])
+  names = tuple(tiny_run.source.classes)
+  written = detect.run(config, tiny_run.params, paths, tmp_path / "out", class_names=names,
+                       threshold=0.0)
+  for path, json_path, canvas in zip(paths, written, ((48, 64), (64, 48))):
+    image = np.asarray(Image.open(path))
+    batch = detect.prepare(image, config)
+    assert batch["image"].shape[1:3] == canvas
+    out = detector.predict(tiny_run.params, batch, model=tiny_run.model,
+                           settings=tiny_run.settings)
+    keep = np.asarray(out["valid"][0])
+    assert keep.any(), "the tiny model detects something at score >= 0"
+    record = json.loads(json_path.read_text())
+    np.testing.assert_allclose([d["score"] for d in record["detections"]],
+                               np.asarray(out["scores"][0])[keep], atol=1e-5)

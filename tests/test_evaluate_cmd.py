@@ -231,3 +231,60 @@ def test_ground_truth_is_the_original_annotation(monkeypatch):
   for metric in ("voc07", "voc12"):
     result = evaluate.compute_metrics(dets, gts, source.classes, metric=metric)
     assert result["map"] == 1.0 and result["ap"] == {"a": 1.0, "b": 1.0, "c": 1.0}, result
+
+
+def test_cli_reads_the_run_folder_and_keeps_a_clean_console(tiny_run, tmp_path):
+  from tests.evaluation.run_folder import run_folder  # pylint: disable=g-import-not-at-top
+  workdir = run_folder(tiny_run, tmp_path)
+  proc = subprocess.run(
+      [sys.executable, "-m", "frcnn_jax.evaluate", "--workdir", str(workdir)],
+      capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((workdir / "eval" / f"test-{STEP}.json").read_text())
+  assert report["overrides"] == {} and report["config"].endswith("config.json")
+  console = proc.stdout + proc.stderr
+  for noise in ("orbax", "could not be restored", "read only", "libtpu", "backend 'tpu'"):
+    assert noise not in console, (noise, proc.stderr)
+  assert console.count("mAP") == 1, console
+  assert len(proc.stderr.splitlines()) <= 3, proc.stderr      # the progress lines
+
+
+def test_cli_refuses_a_key_that_shapes_the_model(tiny_run, tmp_path):
+  from tests.evaluation.run_folder import run_folder  # pylint: disable=g-import-not-at-top
+  workdir = run_folder(tiny_run, tmp_path)
+  proc = subprocess.run(
+      [sys.executable, "-m", "frcnn_jax.evaluate", "--config", str(tiny_run.config_path),
+       "--workdir", str(workdir), "--config.model.roi_op=roi_align",
+       "--config.test.nms_threshold=0.3"],
+      capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300, check=False)
+  assert proc.returncode != 0 and "model.roi_op" in proc.stderr, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  assert not (workdir / "eval").exists()
+
+
+def test_command_report_records_overrides_and_never_overwrites(tiny_run, tmp_path):
+  from frcnn_jax import run_config  # pylint: disable=g-import-not-at-top
+  names = list(tiny_run.source.classes)
+  dets = [{"boxes": np.array([[0, 0, 10, 10.]]), "scores": np.array([0.9]),
+           "labels": np.array([1])}]
+  gts = [{"boxes": np.array([[0, 0, 10, 10.]]), "labels": np.array([1]),
+          "difficult": np.array([False])}]
+  result = evaluate.compute_metrics(dets, gts, names)
+  result["step"] = STEP
+
+  def write(overrides):
+    resolved = run_config.CommandConfig(tiny_run.config, overrides, "run/config.json", [])
+    return evaluate.write_command_report(result, resolved, tmp_path, "test")
+
+  first = write({})
+  assert first == tmp_path / "eval" / f"test-{STEP}.json"
+  first_bytes = first.read_bytes()
+  second = write({})
+  assert second == tmp_path / "eval" / f"test-{STEP}.2.json"
+  assert first.read_bytes() == first_bytes
+  tagged = write({"test.nms_threshold": 0.3, "data.pad_hw": (64, 64)})
+  assert tagged.name == f"test-{STEP}-data.pad_hw=64,64-test.nms_threshold=0.3.json"
+  report = json.loads(tagged.read_text())
+  assert report["overrides"] == {"test.nms_threshold": 0.3, "data.pad_hw": [64, 64]}
+  assert report["map"] == pytest.approx(1.0)
+  assert (tmp_path / "eval" / tagged.stem).is_dir()        # its own PR plots

@@ -46,3 +46,32 @@ def test_freed_blocks_are_reused_without_page_faults():
   pages = 5 * (96 << 20) // 4096
   assert _faults("default") >= 0.9 * pages   # the probe does show the problem
   assert _faults("keep") < 0.01 * pages
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("on", True), ("off", False), ("true", True), ("False", False), (True, True), (False, False),
+])
+def test_wanted_explicit_settings(setting, expected):
+  from frcnn_jax import host_memory
+  assert host_memory.wanted(setting, environ={"JAX_PLATFORMS": "cuda"}) == expected
+
+
+def test_wanted_auto_is_on_for_cpu_only():
+  from frcnn_jax import host_memory
+  assert host_memory.wanted("auto", environ={"JAX_PLATFORMS": "cpu"})
+  assert not host_memory.wanted("auto", environ={"JAX_PLATFORMS": "cuda,cpu"})
+  assert not host_memory.wanted("auto", environ={"JAX_PLATFORMS": "tpu"})
+  with pytest.raises(ValueError, match="reuse_host_memory"):
+    host_memory.wanted("sometimes")
+
+
+def test_accelerator_expected_needs_a_plugin_and_its_devices():
+  from frcnn_jax import host_memory
+  expected = lambda names, files: host_memory.accelerator_expected({}, names, files)
+  assert expected(["jax", "jax-cuda13-plugin"], ["/dev/nvidia0", "/dev/nvidiactl"])
+  assert expected(["libtpu"], ["/dev/accel0"])
+  assert expected(["libtpu"], ["/dev/vfio/0"])
+  assert not expected(["jax", "jax-cuda12-plugin"], [])              # plugin, no GPU
+  assert not expected(["jax"], ["/dev/nvidia0"])                     # GPU, CPU-only jaxlib
+  assert not expected(["jax", "jax-cuda12-plugin"], ["/dev/nvidiactl"])
+  assert not expected(["jax", "jax-cuda12-plugin"], ["/dev/accel0"])  # the wrong kind

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pathlib
 import shlex
 
 import pytest
@@ -70,3 +71,66 @@ def test_gather_builds_markdown_and_csv(tmp_path):
   assert table[0]["model.roi_op"] == "roi_pool" and table[0]["map"] == "0.75"
   markdown = (workdir / "results.md").read_text()
   assert "| 00-roi_op=roi_pool | roi_pool | 20 | 0.7500 | 0.5000 |" in markdown
+
+
+PROPOSALS = os.path.join(ROOT, "experiments", "ablations", "proposals.py")
+
+
+def test_print_only_creates_no_folder(tmp_path, capsys):
+  sweep.run_sweep(ROI_OP, str(tmp_path / "sw"), print_only=True)
+  sweep.run_sweep(PROPOSALS, str(tmp_path / "sw2"), print_only=True)
+  assert capsys.readouterr().out
+  assert not (tmp_path / "sw").exists() and not (tmp_path / "sw2").exists()
+
+
+def test_gather_only_with_nothing_trained_says_so(tmp_path):
+  for path in (ROI_OP, PROPOSALS):
+    with pytest.raises(RuntimeError, match="nothing to gather"):
+      sweep.run_sweep(path, str(tmp_path / "sw"), gather_only=True)
+  assert not (tmp_path / "sw").exists()
+
+
+def test_only_test_time_sweeps_share_one_model():
+  assert sweep.is_test_time(sweep.load_sweep(PROPOSALS))
+  assert not sweep.is_test_time(sweep.load_sweep(ROI_OP))
+  assert not sweep.is_test_time([{"rpn.post_nms_top_n_test": 8, "train.num_steps": 3}])
+
+
+def test_test_time_sweep_trains_once_and_evaluates_each_point(tmp_path, monkeypatch, capsys):
+  from frcnn_jax import config_flags  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "sw"
+  calls = []
+
+  def fake_call(command, stdout=None, stderr=None):
+    """Stands in for the subprocesses: what train and evaluate would write."""
+    del stdout, stderr
+    calls.append(command)
+    run = pathlib.Path(command[command.index("--workdir") + 1])
+    if command[2] == "frcnn_jax.train":
+      config = config_flags.load_config(PROPOSALS)
+      (run / "config.json").write_text(config.to_json_best_effort())
+      (run / "metrics.jsonl").write_text(json.dumps({"step": 20, "total": 0.5}) + "\n")
+      (run / "eval").mkdir()
+      (run / "eval" / "test-20.json").write_text(json.dumps({"map": 0.64, "step": 20}))
+    else:
+      key, value = command[-1][len("--config."):].split("=")
+      report = {"map": int(value) / 100, "step": 20, "overrides": {key: int(value)}}
+      (run / "eval" / f"test-20-{key}={value}.json").write_text(json.dumps(report))
+    return 0
+
+  monkeypatch.setattr(sweep.subprocess, "call", fake_call)
+  rows = sweep.run_sweep(PROPOSALS, str(workdir))
+  kinds = [c[2] for c in calls]
+  # shapes trains with 64 test proposals: that point is the training run's own evaluation.
+  assert kinds == ["frcnn_jax.train"] + ["frcnn_jax.evaluate"] * 3
+  assert [c[-1] for c in calls[1:]] == [f"--config.rpn.post_nms_top_n_test={n}"
+                                        for n in (8, 16, 32)]
+  assert [r["map"] for r in rows] == [0.08, 0.16, 0.32, 0.64]
+  assert all(r["step"] == 20 and r["total"] == 0.5 for r in rows)
+  # Run again: nothing is trained or evaluated twice (train resumes by itself: one call).
+  calls.clear()
+  monkeypatch.setattr(sweep.subprocess, "call", lambda c, **_: calls.append(c) or 0)
+  assert [r["map"] for r in sweep.run_sweep(PROPOSALS, str(workdir))] == [0.08, 0.16, 0.32,
+                                                                          0.64]
+  assert [c[2] for c in calls] == ["frcnn_jax.train"]
+  capsys.readouterr()

@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -17,6 +19,7 @@ from frcnn_jax import config_flags
 from frcnn_jax import detector
 from frcnn_jax import parallel
 from frcnn_jax import train
+from frcnn_jax import workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = os.path.join(ROOT, "experiments", "shapes.py")
@@ -123,7 +126,8 @@ def test_nonfinite_loss_is_skipped_and_counted_or_named(fixed_setup):
     train._check_finite(7, metrics, "error")
 
 
-def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, monkeypatch):
+def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, monkeypatch,
+                                                                 capsys):
   monkeypatch.chdir(tmp_path)
   workdir = "run"   # relative, as in the README's command (orbax needs absolute paths)
   result = train.train_and_evaluate(tiny_config(), workdir)
@@ -141,11 +145,67 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, monkey
   with open(os.path.join(workdir, "eval", eval_files[0])) as f:
     report = json.load(f)
   assert report["step"] == 4 and 0.0 <= report["map"] <= 1.0
-  # A second start finds the finished run and trains no further.
+  assert "skipped_records" in records[-2]  # the input pipeline's counters
+  with open(os.path.join(workdir, "console.log")) as f:
+    log = f.read()
+  assert "step 4/4 (100%)" in log and "eval step 4:" in log
+  # A second start finds the finished run complete: it says so and writes nothing.
+  before = _listing(workdir), _read(os.path.join(workdir, "metrics.jsonl"))
+  capsys.readouterr()
   again = train.train_and_evaluate(tiny_config(), workdir)
-  assert again["step"] == 4
+  assert again["complete"] and again["step"] == 4 and not again["preempted"]
+  assert again["eval"]["map"] == pytest.approx(result["eval"]["map"])
+  assert "is complete" in capsys.readouterr().out
+  assert (_listing(workdir), _read(os.path.join(workdir, "metrics.jsonl"))) == before
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, again["params"]),
                jax.tree.map(np.asarray, result["params"]))
+  # A changed model key stops the run before anything is moved, naming the key.
+  checkpoints = _listing(os.path.join(workdir, "checkpoints"))
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"(?s)does not fit this run.*model\.fc_dim: 32 -> 48"):
+    train.train_and_evaluate(tiny_config(model__fc_dim=48, train__num_steps=6), workdir)
+  assert _listing(os.path.join(workdir, "checkpoints")) == checkpoints
+  assert not os.path.exists(os.path.join(workdir, "checkpoints.corrupt"))
+
+
+def _listing(directory):
+  return sorted(os.path.relpath(os.path.join(root, name), directory)
+                for root, _, names in os.walk(directory) for name in names)
+
+
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
+def test_a_second_run_in_the_same_workdir_is_refused_naming_the_holder(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom frcnn_jax import workdir_lock\n"
+       "workdir_lock.WorkdirLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\n"
+       "time.sleep(300)", str(tmp_path)],
+      env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(workdir_lock.WorkdirLockedError,
+                       match=rf"process {holder.pid} on host {socket.gethostname()}"):
+      train.train_and_evaluate(tiny_config(), str(tmp_path))
+  finally:
+    holder.kill()
+    holder.wait()
+  assert not os.path.exists(tmp_path / "checkpoints")
+  lock = workdir_lock.WorkdirLock(tmp_path)  # the dead holder's lock file does not block
+  lock.acquire()
+  lock.release()
+
+
+def test_unreadable_config_json_is_a_warning_and_is_replaced_whole(tmp_path, caplog):
+  (tmp_path / "config.json").write_text("")  # left empty by a kill in an in-place rewrite
+  config = tiny_config()
+  train._write_config(config, str(tmp_path))
+  assert "config.json is unreadable" in caplog.text
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f) == json.loads(config.to_json_best_effort())
+  assert os.listdir(tmp_path) == ["config.json"]
 
 
 def test_missing_dataset_and_weights_are_clear_errors(tmp_path):
@@ -158,7 +218,7 @@ def test_missing_dataset_and_weights_are_clear_errors(tmp_path):
 
 
 def test_orbax_info_logs_are_dropped_and_its_warnings_kept():
-  quiet = train.QuietOrbaxInfo()
+  quiet = config_flags._QuietFilter()  # pylint: disable=protected-access
   orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "atomicity.py")
 
   def record(level, pathname):
@@ -175,3 +235,32 @@ def test_command_line_help():
   for flag in ("--config", "--workdir", "--coordinator_address", "--num_processes",
                "--process_id"):
     assert flag in help_text, flag
+
+
+def test_sigint_and_sigterm_become_a_stop_request_and_a_second_ctrl_c_interrupts():
+  previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  stop = train._Preemption()
+  try:
+    assert not stop.now() and not stop.reached(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.signal_name == "SIGINT" and stop.now() and stop.reached(1)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.signal_name == "SIGTERM"
+  finally:
+    stop.restore()
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == previous
+
+
+def test_a_stop_during_start_up_exits_before_training_saving_nothing(tmp_path, capsys):
+  stop = train._Preemption()
+  try:
+    stop.signal_name = "SIGTERM"  # arrived while the model was being built
+    result = train.train_and_evaluate(tiny_config(), str(tmp_path), stop=stop)
+  finally:
+    stop.restore()
+  assert result["preempted"] and result["step"] == 0 and not result["eval"]
+  assert "SIGTERM during start-up" in capsys.readouterr().out
+  assert not os.path.exists(tmp_path / "checkpoints" / "0")
+  assert not os.path.exists(tmp_path / "metrics.jsonl")

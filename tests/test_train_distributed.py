@@ -91,7 +91,10 @@ def _eight_devices() -> None:
     assert bool(metrics["finite"])
     results.append(jax.tree.map(np.asarray, state.params))
   diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), *results))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *results)
+  # Gradients summed over 8 shards instead of one batch differ in float32 rounding (seen:
+  # 1.7e-5 on one of 4608 weights after two updates); a wrong mean or a missing shard moves
+  # the weights far more.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), *results)
   print("max_abs_diff", max(diffs))
 
 

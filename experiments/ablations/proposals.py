@@ -4,8 +4,9 @@ Command:
 
   python -m frcnn_jax.sweep --config experiments/ablations/proposals.py --workdir runs/abl_props
 
-Trains experiments/shapes.py once per point (each with the same training proposals) and
-evaluates with 8, 16, 32 and 64 test proposals; results in runs/abl_props/results.{md,csv}.
+Only a test-time key changes, so the sweep trains experiments/shapes.py once (in
+runs/abl_props/train) and evaluates that model with 8, 16, 32 and 64 test proposals
+(frcnn_jax/sweep.py); results in runs/abl_props/results.{md,csv}.
 Expected: mAP grows with the proposal count and saturates well below 64 on images holding at
 most six objects (the paper's Table 2 shows the same saturation on VOC at ~300).
 """

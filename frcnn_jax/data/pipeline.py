@@ -1,70 +1,64 @@
-"""The grain input pipeline: a dataset source -> fixed-shape Batches (CONTRACTS.md).
+"""The input pipeline: a dataset source -> Batches on a few static canvases (CONTRACTS.md).
 
-Training (`train_loader`): a grain `DataLoader` over this JAX process's shard of the source
-(`ShardByJaxProcess(drop_remainder=True)`: contiguous, equal-sized shards), shuffled globally
-from the seed and repeated forever (each epoch a new permutation), with
-  1. `transforms.prepare` on each record (difficult objects dropped, resize, random horizontal
-     flip drawn from the record's own generator `Philox(seed + index)`, so flips are the same
-     whatever the worker count and after a restore), in `num_workers` worker processes;
-  2. records that failed to read (`source[i]` is None under bad_input="skip") filtered out and
-     counted;
-  3. batching to the per-process batch B / process_count (remainder dropped).
-The iterator then assembles each process's batch into global `jax.Array`s sharded on the mesh's
-`data` axis (`parallel.host_batch_to_global`), `prefetch` batches ahead so that the
-host-to-device copies overlap the training step. `get_state()` is a JSON-serialisable dict
-(grain's DataLoader state after the last batch returned, and the counters); `set_state()` on
-an iterator built with the same arguments continues with identical batches.
+Canvases. Every record goes to one canvas (h, w): the smallest-area one that holds its
+resized size (`canvases.assign_canvases`; sizes from `source.annotation(i)`, no decoding). With
+one canvas every record goes to it, and an image larger than it is scaled down to fit. A
+record no canvas of several holds (explicit `data.canvases`) goes to the canvas on which it
+shrinks least (`canvases.place_canvases`). A record whose image header is unreadable is left
+out of the plan and counted as skipped.
 
-Evaluation (`eval_batches`): each record of this process's contiguous shard exactly once, in
-order, difficult objects kept and flagged, numpy Batches of B / process_count examples. Every
-process yields the same number of batches (shards differ by at most one record): the last ones
-are padded with `valid=False` examples.
+Training (`train_loader`): an endless sequence of global batches of B records, each on one
+canvas, from a plan that every process computes identically from the seed (`TrainPlan`):
+each epoch e, the records of each canvas group are shuffled (generator seeded with
+(seed, e, canvas)), cut into global batches of B (a group's last B' < B records are left out
+of that epoch: `dropped_per_epoch`, logged; they are different records each epoch), and the
+order of all the epoch's batches is shuffled (seeded with (seed, e)). Process p of P reads
+slots [p B / P, (p + 1) B / P) of every global batch, so all processes run the same canvas
+at every step. Per record, in `num_workers` worker processes (`worker_pool`):
+`transforms.prepare` (difficult objects dropped, resize, random horizontal flip drawn from a
+generator seeded with (seed, e, batch, slot), so flips do not depend on the worker or process
+count, pad to the batch's canvas). A record that cannot be read (`source[i]` is None under
+bad_input="skip") is replaced by the next record of its group in that epoch's order
+(counted). The iterator assembles each process's batch into global `jax.Array`s sharded on
+the mesh's `data` axis (`parallel.host_batch_to_global`), `prefetch` batches ahead.
+Its state is the number of global batches returned, with the epoch and the position in it
+(`get_state()`, JSON); `set_state()` continues with identical batches on an iterator built
+with the same plan, whatever its worker count.
 
-Counters (per process, `iterator.counts`): "skipped_records" (unreadable records filtered out),
+Evaluation (`eval_batches`): each record exactly once, grouped by canvas (canvas 0's records
+in index order, then canvas 1's, ...), each group cut into global batches of B, the last one
+padded with `valid=False` examples; process p reads slots [p B / P, (p + 1) B / P) of each,
+so every process yields the same number of batches on the same canvases.
+
+Counters (per process, `iterator.counts`): "skipped_records" (unreadable records),
 "gt_overflow" (objects left out because an image had more than max_gt), "degenerate_boxes"
 (boxes with no extent after resizing). Each case is also logged with the image's name where it
 happens (in the worker process).
+
+Worker processes die with the trainer (also on SIGKILL), ignore Ctrl-C and leave no shared
+memory behind; `close()` stops them.
 """
 
 import collections
-import json
 import logging
-import math
-from typing import Any, Iterator
+from typing import Any, Sequence
 
-import grain
 import jax
 import numpy as np
 from absl import flags
 
 from frcnn_jax import parallel
+from frcnn_jax.data import canvases as canvas_lib
 from frcnn_jax.data import transforms
+from frcnn_jax.data import worker_pool
 
 SKIPPED = "skipped_records"
 COUNT_NAMES = (SKIPPED,) + transforms.COUNT_KEYS
-_COUNT_PREFIX = "count_"  # per-example counter fields carried from the workers, then removed
-_SKIPPED_MARKER = "skipped_record"
+_STATE_VERSION = 2
 
 
-class _Records:
-  """The source as grain reads it, with a stable repr (grain compares it on `set_state`)."""
-
-  def __init__(self, source):
-    self._source = source
-    self._repr = f"Records({getattr(source, 'name', type(source).__name__)!r}, n={len(source)})"
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int):
-    return self._source[index]
-
-  def __repr__(self) -> str:
-    return self._repr
-
-
-def _use_absl_defaults() -> None:
-  """Lets grain's worker processes read their absl flags outside an absl app (tests, scripts).
+def use_absl_defaults() -> None:
+  """Lets worker processes read absl flags outside an absl app (tests, scripts).
 
   Under `absl.app.run` the flags are parsed already and nothing changes; otherwise they keep
   their defaults.
@@ -73,252 +67,424 @@ def _use_absl_defaults() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def _settings(min_size: int, max_size: int, pad_hw, max_gt: int) -> dict[str, Any]:
-  """Validated transform arguments."""
-  pad_hw = tuple(int(s) for s in pad_hw)
-  if len(pad_hw) != 2 or min(pad_hw) <= 0:
-    raise ValueError(f"data.pad_hw must be two positive sizes, got {pad_hw}")
+def check_canvases(canvases: Sequence[Sequence[int]], key: str = "data.canvases"
+                   ) -> tuple[tuple[int, int], ...]:
+  """Canvases as a tuple of (h, w) int pairs.
+
+  Raises:
+    ValueError: none, or not positive (h, w) pairs (naming `key`).
+  """
+  try:
+    out = tuple((int(h), int(w)) for h, w in canvases)
+  except (TypeError, ValueError):
+    raise ValueError(f"{key} must be (height, width) pairs, got {canvases!r}") from None
+  if not out or min(min(c) for c in out) <= 0:
+    raise ValueError(f"{key} must be one or more positive (height, width) pairs, got "
+                     f"{canvases!r}")
+  return out
+
+
+def _settings(min_size: int, max_size: int, max_gt: int) -> dict[str, Any]:
+  """Validated transform arguments (without the canvas)."""
   if min_size <= 0 or max_size <= 0:
     raise ValueError(f"data.min_size and data.max_size must be positive, got {min_size}, "
                      f"{max_size}")
   if max_gt <= 0:
     raise ValueError(f"data.max_gt must be positive, got {max_gt}")
-  return {"min_size": int(min_size), "max_size": int(max_size), "pad_hw": pad_hw,
-          "max_gt": int(max_gt)}
+  return {"min_size": int(min_size), "max_size": int(max_size), "max_gt": int(max_gt)}
 
 
-class _TrainPrepare(grain.transforms.RandomMap):
-  """Record -> per-image Batch fields + counters; None (unreadable record) passes as None."""
-
-  def __init__(self, settings: dict[str, Any], flip: bool):
-    self._settings = settings
-    self._flip = flip
-    self._skipped = 0  # None records since the last example this worker returned
-
-  def random_map(self, element, rng: np.random.Generator):
-    if element is None:
-      self._skipped += 1
-      return None
-    flip = self._flip and bool(rng.random() < 0.5)
-    fields, counts = transforms.prepare(element, training=True, flip=flip, **self._settings)
-    counts[SKIPPED], self._skipped = self._skipped, 0
-    fields.update({_COUNT_PREFIX + k: np.int32(counts[k]) for k in COUNT_NAMES})
-    return fields
+def _resolve_canvases(canvases, pad_hw) -> tuple[tuple[int, int], ...]:
+  if (canvases is None) == (pad_hw is None):
+    raise ValueError("give exactly one of canvases and pad_hw")
+  if pad_hw is not None:
+    return check_canvases([pad_hw], "data.pad_hw")
+  return check_canvases(canvases)
 
 
-class _EvalRead(grain.transforms.Map):
-  """Record index -> per-image Batch fields + counters; unreadable -> a skip marker.
+def record_canvases(source, canvases: Sequence[Sequence[int]], *, min_size: int,
+                    max_size: int) -> np.ndarray:
+  """The canvas of every record (see the module docstring).
 
-  Reads the source itself: grain's MapDataset would drop a None record silently, uncounted.
+  Returns:
+    int32 [N]: canvas index per record; -1 for a record whose image header is unreadable.
+  """
+  n = len(source)
+  if len(canvases) == 1:
+    return np.zeros(n, np.int32)
+  sizes = canvas_lib.source_sizes(source, min_size=min_size, max_size=max_size)
+  out = np.full(n, -1, np.int32)
+  known = sizes.min(axis=1) > 0
+  if known.any():
+    out[known] = canvas_lib.place_canvases(sizes[known], canvases)
+  return out
+
+
+class TrainPlan:
+  """Which records form each global training batch, and on which canvas (module docstring).
+
+  Attributes:
+    canvases: the K canvases (h, w).
+    batches_per_epoch: L, global batches per epoch.
+    dropped_per_epoch: records left out of each epoch (incomplete last batches).
+    left_out: records in no group (unreadable image header).
+    group_sizes: records per canvas.
   """
 
-  def __init__(self, source, settings: dict[str, Any]):
+  def __init__(self, canvas_of: np.ndarray, canvases: Sequence[Sequence[int]],
+               batch_size: int, seed: int):
+    """Builds the plan.
+
+    Args:
+      canvas_of: int [N] canvas per record (-1: left out).
+      canvases: K canvases (h, w).
+      batch_size: B, the global batch.
+      seed: the plan's seed, in [0, 2**32).
+
+    Raises:
+      ValueError: no group holds a full batch.
+    """
+    self.canvases = check_canvases(canvases)
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    canvas_of = np.asarray(canvas_of)
+    self.num_records = len(canvas_of)
+    self._groups = [np.flatnonzero(canvas_of == k) for k in range(len(self.canvases))]
+    self.group_sizes = [len(g) for g in self._groups]
+    self.left_out = int((canvas_of < 0).sum())
+    self._batches_per_group = [len(g) // self.batch_size for g in self._groups]
+    self.batches_per_epoch = sum(self._batches_per_group)
+    self.dropped_per_epoch = sum(len(g) % self.batch_size for g in self._groups)
+    if not self.batches_per_epoch:
+      raise ValueError(f"no canvas group holds a full batch of train.batch_size="
+                       f"{self.batch_size} (records per canvas {self.group_sizes})")
+    self._cached: tuple[int, Any] | None = None
+
+  def fingerprint(self) -> dict[str, Any]:
+    """What the batches depend on (compared on `set_state`)."""
+    return {"canvases": [list(c) for c in self.canvases], "group_sizes": self.group_sizes,
+            "batch_size": self.batch_size, "seed": self.seed, "num_records": self.num_records}
+
+  def epoch(self, e: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Epoch e's order: (group permutations, canvas [L], first position in its group [L])."""
+    if self._cached is not None and self._cached[0] == e:
+      return self._cached[1]
+    perms, canvas, start = [], [], []
+    for k, group in enumerate(self._groups):
+      perms.append(np.random.default_rng([self.seed, e, 0, k]).permutation(group))
+      canvas += [k] * self._batches_per_group[k]
+      start += [i * self.batch_size for i in range(self._batches_per_group[k])]
+    order = np.random.default_rng([self.seed, e, 1]).permutation(self.batches_per_epoch)
+    result = (perms, np.asarray(canvas, np.int32)[order], np.asarray(start, np.int64)[order])
+    self._cached = (e, result)
+    return result
+
+  def batch(self, n: int) -> tuple[int, np.ndarray]:
+    """Global batch n (counted over all epochs): (canvas index, record indices [B])."""
+    e, t = divmod(int(n), self.batches_per_epoch)
+    perms, canvas, start = self.epoch(e)
+    k = int(canvas[t])
+    return k, perms[k][start[t]:start[t] + self.batch_size]
+
+  def describe(self) -> str:
+    """One line for the log."""
+    groups = ", ".join(f"{h}x{w}: {n}" for (h, w), n in zip(self.canvases, self.group_sizes))
+    return (f"{len(self.canvases)} canvas(es) (records per canvas {groups}); "
+            f"{self.batches_per_epoch} batches of {self.batch_size} per epoch, "
+            f"{self.dropped_per_epoch} records left out of each epoch (incomplete last "
+            f"batches)" + (f", {self.left_out} unreadable records" if self.left_out else ""))
+
+
+def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class _TrainBatch:
+  """Task n -> this process's slice of global batch n and its counters (runs in workers)."""
+
+  def __init__(self, source, plan: TrainPlan, settings: dict[str, Any], flip: bool,
+               shard_index: int, shard_count: int):
     self._source = source
+    self._plan = plan
     self._settings = settings
+    self._flip = flip
+    self._local = plan.batch_size // shard_count
+    self._first = shard_index * self._local
 
-  def map(self, element):
-    element = self._source[int(element)]
-    if element is None:
-      return {_SKIPPED_MARKER: np.bool_(True)}
-    fields, counts = transforms.prepare(element, training=False, **self._settings)
-    fields.update({_COUNT_PREFIX + k: np.int32(v) for k, v in counts.items()})
-    return fields
-
-
-class _NotNone(grain.transforms.Filter):
-  """Drops unreadable records (already counted by `_TrainPrepare`)."""
-
-  def filter(self, element) -> bool:
-    return element is not None
-
-
-def _pop_counts(batch: dict[str, np.ndarray]) -> dict[str, int]:
-  """Removes the counter fields of a batch (or example) and returns their sums."""
-  return {k: int(np.sum(batch.pop(_COUNT_PREFIX + k, 0))) for k in COUNT_NAMES}
+  def __call__(self, n: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    plan = self._plan
+    e, t = divmod(int(n), plan.batches_per_epoch)
+    perms, canvas, start = plan.epoch(e)
+    k = int(canvas[t])
+    perm = perms[k]
+    counts = dict.fromkeys(COUNT_NAMES, 0)
+    examples = []
+    for slot in range(self._first, self._first + self._local):
+      position = int(start[t]) + slot
+      for attempt in range(len(perm)):
+        example = self._source[int(perm[(position + attempt) % len(perm)])]
+        if example is not None:
+          break
+        counts[SKIPPED] += 1
+      else:
+        raise ValueError(f"no readable record among the {len(perm)} of canvas "
+                         f"{plan.canvases[k]}")
+      flip = self._flip and bool(
+          np.random.default_rng([plan.seed, e, t, slot, 2]).random() < 0.5)
+      fields, c = transforms.prepare(example, training=True, flip=flip,
+                                     pad_hw=plan.canvases[k], **self._settings)
+      for name, v in c.items():
+        counts[name] += v
+      examples.append(fields)
+    return _stack(examples), counts
 
 
 class TrainIterator:
   """Endless iterator of training Batches with a saveable position.
 
   Attributes:
+    plan: the `TrainPlan`.
     counts: per-process counters (see the module docstring) over the batches returned.
   """
 
-  def __init__(self, loader: grain.DataLoader, mesh: jax.sharding.Mesh | None, prefetch: int):
-    self._loader = loader
+  def __init__(self, make_batch: _TrainBatch, plan: TrainPlan, mesh: jax.sharding.Mesh | None,
+               prefetch: int, num_workers: int, worker_buffer_size: int):
+    self.plan = plan
+    self._make_batch = make_batch
     self._mesh = mesh
     self._prefetch = prefetch
-    self._iterator = iter(loader)
+    self._num_workers = num_workers
+    self._worker_buffer = worker_buffer_size
+    self._pool: worker_pool.OrderedPool | None = None
     self._queue: collections.deque = collections.deque()
-    self._state = self._iterator.get_state()
+    self._returned = 0   # global batches returned so far (the position)
     self.counts = dict.fromkeys(COUNT_NAMES, 0)
 
   def __iter__(self) -> "TrainIterator":
     return self
 
-  def _fetch(self) -> tuple[dict[str, Any], bytes, dict[str, int]]:
-    batch = next(self._iterator)
-    state = self._iterator.get_state()
-    counts = _pop_counts(batch)
+  def _fetch(self) -> tuple[dict[str, Any], dict[str, int]]:
+    if self._pool is None:
+      self._pool = worker_pool.OrderedPool(
+          self._make_batch, self._num_workers, start=self._returned + len(self._queue),
+          buffer=self._worker_buffer, init=use_absl_defaults if self._num_workers else None)
+    batch, counts = next(self._pool)
     if self._mesh is not None:
       batch = parallel.host_batch_to_global(batch, self._mesh)
-    return batch, state, counts
+    return batch, counts
 
   def __next__(self) -> dict[str, Any]:
     while len(self._queue) <= self._prefetch:
       self._queue.append(self._fetch())
-    batch, self._state, counts = self._queue.popleft()
+    batch, counts = self._queue.popleft()
+    self._returned += 1
     for k, v in counts.items():
       self.counts[k] += v
     return batch
 
+  @property
+  def worker_pids(self) -> list[int]:
+    """Process ids of the running worker processes (none before the first batch)."""
+    return [] if self._pool is None else self._pool.pids
+
   def get_state(self) -> dict[str, Any]:
     """The position after the last batch returned (JSON-serialisable)."""
-    return {"grain": json.loads(self._state), "counts": dict(self.counts)}
+    epoch, position = divmod(self._returned, self.plan.batches_per_epoch)
+    return {"version": _STATE_VERSION, "batches": self._returned, "epoch": epoch,
+            "position": position, "plan": self.plan.fingerprint(),
+            "counts": dict(self.counts)}
 
-  def set_state(self, state: dict[str, Any] | bytes) -> None:
-    """Continues from a `get_state()` of an iterator built with the same arguments.
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues from a `get_state()` of an iterator built with the same plan.
 
     Raises:
-      ValueError: the state belongs to a different source, sampler or worker count.
+      ValueError: the state is from another pipeline version or another plan (another
+        dataset, canvas set, batch size or seed), naming what differs.
     """
-    if isinstance(state, (bytes, str)):
-      state = json.loads(state)
-    grain_state = json.dumps(state["grain"]).encode()
+    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+      raise ValueError("the saved data iterator state is from another input pipeline version")
+    mine = self.plan.fingerprint()
+    differs = [f"{k}: saved {state['plan'].get(k)!r}, now {v!r}"
+               for k, v in mine.items() if state["plan"].get(k) != v]
+    if differs:
+      raise ValueError("the saved data iterator position belongs to another batch plan: " +
+                       "; ".join(differs))
+    self.close()
     self._queue.clear()
-    self._iterator.set_state(grain_state)
-    self._state = grain_state
+    self._returned = int(state["batches"])
     self.counts = {k: int(state.get("counts", {}).get(k, 0)) for k in COUNT_NAMES}
+
+  def close(self) -> None:
+    """Stops the worker processes; a later `next()` starts them again."""
+    if self._pool is not None:
+      self._pool.close()
+      self._pool = None
+      self._queue.clear()
+
+
+def _shards(shard_options) -> tuple[int, int]:
+  """(index, count) of this process: `shard_options` (tests) or the JAX process."""
+  if shard_options is None:
+    return jax.process_index(), jax.process_count()
+  return int(shard_options.shard_index), int(shard_options.shard_count)
 
 
 def train_loader(source, *, batch_size: int, seed: int, min_size: int, max_size: int,
-                 pad_hw: tuple[int, int], max_gt: int, flip: bool = True, num_workers: int = 0,
+                 max_gt: int, canvases: Sequence[Sequence[int]] | None = None,
+                 pad_hw: Sequence[int] | None = None, flip: bool = True, num_workers: int = 0,
                  prefetch: int = 2, mesh: jax.sharding.Mesh | None = None,
-                 shard_options: grain.sharding.ShardOptions | None = None,
-                 worker_buffer_size: int = 2) -> TrainIterator:
-  """The training input: shuffled, repeated, transformed, batched, sharded on `mesh`.
+                 shard_options=None, worker_buffer_size: int = 2) -> TrainIterator:
+  """The training input: planned, transformed, batched per canvas, sharded on `mesh`.
 
   Args:
     source: random-access dataset source (CONTRACTS.md); `source[i]` may be None (skipped).
     batch_size: B, the global batch over all processes.
-    seed: shuffling and flip seed, in [0, 2**32).
+    seed: plan and flip seed, in [0, 2**32).
     min_size: shorter side after resizing.
     max_size: cap on the longer side.
-    pad_hw: (Hp, Wp) canvas.
     max_gt: G ground-truth slots per image.
+    canvases: the K canvases (h, w).
+    pad_hw: one canvas (the same as `canvases=(pad_hw,)`); give canvases or pad_hw.
     flip: random horizontal flips (probability 0.5).
-    num_workers: grain worker processes (0: transform in this process).
+    num_workers: worker processes (0: transform in this process).
     prefetch: global batches assembled ahead of the one returned (0: none).
     mesh: the data mesh; batches become global jax.Arrays sharded on its `data` axis. None:
-      this process's numpy batches (B / shard count examples).
-    shard_options: overrides `ShardByJaxProcess(drop_remainder=True)` (tests simulate
-      processes with it; leave `mesh` None then).
+      this process's numpy batches (B / process count examples).
+    shard_options: an object with `shard_index` and `shard_count` standing in for the JAX
+      process (tests simulate processes with it; leave `mesh` None then).
     worker_buffer_size: batches each worker prepares ahead.
 
   Returns:
     A `TrainIterator` of Batches (CONTRACTS.md) of B examples (global arrays), or
-    B / shard count (numpy, `mesh` None).
+    B / process count (numpy, `mesh` None).
 
   Raises:
     ValueError: B not divisible by the process or device count, a bad size, a seed out of
-      range, or fewer records than processes.
+      range, or no canvas with a full batch of records.
   """
-  settings = _settings(min_size, max_size, pad_hw, max_gt)
-  shards = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
-  if batch_size <= 0 or batch_size % shards.shard_count:
+  settings = _settings(min_size, max_size, max_gt)
+  canvases = _resolve_canvases(canvases, pad_hw)
+  index, count = _shards(shard_options)
+  if batch_size <= 0 or batch_size % count:
     raise ValueError(f"train.batch_size={batch_size} must be a positive multiple of the "
-                     f"process count {shards.shard_count}")
+                     f"process count {count}")
   if mesh is not None:
     parallel.check_batch_size(batch_size, mesh)
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32) for the input pipeline, got {seed}")
-  if len(source) < shards.shard_count:
-    raise ValueError(f"{getattr(source, 'name', 'source')} has {len(source)} records, fewer "
-                     f"than the {shards.shard_count} processes reading it")
   if num_workers < 0 or prefetch < 0:
     raise ValueError(f"data.num_workers and data.prefetch must be >= 0, got {num_workers}, "
                      f"{prefetch}")
-  if num_workers:
-    _use_absl_defaults()
-  records = _Records(source)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(records), shard_options=shards, shuffle=True, num_epochs=None,
-      seed=int(seed))
-  loader = grain.DataLoader(
-      data_source=records, sampler=sampler,
-      operations=[_TrainPrepare(settings, flip), _NotNone(),
-                  grain.transforms.Batch(batch_size // shards.shard_count, drop_remainder=True)],
-      worker_count=num_workers, worker_buffer_size=worker_buffer_size)
-  return TrainIterator(loader, mesh, prefetch)
+  plan = TrainPlan(record_canvases(source, canvases, min_size=min_size, max_size=max_size),
+                   canvases, batch_size, seed)
+  logging.info("%s train plan: %s", getattr(source, "name", "source"), plan.describe())
+  make_batch = _TrainBatch(source, plan, settings, flip, index, count)
+  return TrainIterator(make_batch, plan, mesh, prefetch, num_workers, worker_buffer_size)
+
+
+class _EvalBatch:
+  """Task n -> this process's slice of eval batch n and its counters (runs in workers)."""
+
+  def __init__(self, source, batches: list[tuple[int, np.ndarray]],
+               canvases: tuple[tuple[int, int], ...], settings: dict[str, Any],
+               shard_index: int, local_batch: int):
+    self._source = source
+    self._batches = batches
+    self._canvases = canvases
+    self._settings = settings
+    self._first = shard_index * local_batch
+    self._local = local_batch
+
+  def __call__(self, n: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    k, records = self._batches[n]
+    canvas = self._canvases[k]
+    counts = dict.fromkeys(COUNT_NAMES, 0)
+    examples = []
+    for i in records[self._first:self._first + self._local]:
+      example = self._source[int(i)]
+      if example is None:
+        counts[SKIPPED] += 1
+        continue
+      fields, c = transforms.prepare(example, training=False, pad_hw=canvas, **self._settings)
+      for name, v in c.items():
+        counts[name] += v
+      examples.append(fields)
+    padding = transforms.padding_example(canvas, self._settings["max_gt"])
+    return _stack(examples + [padding] * (self._local - len(examples))), counts
 
 
 class EvalIterator:
-  """One pass over this process's shard of the eval split, as numpy Batches.
+  """One pass over the eval split, this process's slices of the eval Batches (numpy).
 
   Attributes:
+    canvases: the K canvases (h, w).
+    batch_canvases: canvas index of each batch, in order.
     counts: per-process counters (see the module docstring) so far.
   """
 
-  def __init__(self, examples: Iterator[dict[str, Any]], local_batch: int, num_batches: int,
-               settings: dict[str, Any], name: str):
-    self._local_batch = local_batch
-    self._num_batches = num_batches
-    self._padding = transforms.padding_example(settings["pad_hw"], settings["max_gt"])
+  def __init__(self, make_batch: _EvalBatch, batch_canvases: list[int],
+               canvases: tuple[tuple[int, int], ...], num_workers: int, name: str,
+               skipped_up_front: int):
+    self.canvases = canvases
+    self.batch_canvases = batch_canvases
+    self._make_batch = make_batch
+    self._num_workers = num_workers
     self._name = name
+    self._pool: worker_pool.OrderedPool | None = None
+    self._done = 0
     self.counts = dict.fromkeys(COUNT_NAMES, 0)
-    self._batches = self._generate(examples)
+    self.counts[SKIPPED] = skipped_up_front
 
   def __len__(self) -> int:
-    return self._num_batches
+    return len(self.batch_canvases)
 
   def __iter__(self) -> "EvalIterator":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._batches)
+    if self._done == len(self.batch_canvases):
+      self.close()
+      if any(self.counts.values()):
+        logging.warning("%s eval input: %s", self._name,
+                        ", ".join(f"{k}={v}" for k, v in self.counts.items()))
+      raise StopIteration
+    if self._pool is None:
+      self._pool = worker_pool.OrderedPool(
+          self._make_batch, min(self._num_workers, len(self.batch_canvases)),
+          start=self._done, init=use_absl_defaults if self._num_workers else None)
+    batch, counts = next(self._pool)
+    self._done += 1
+    for k, v in counts.items():
+      self.counts[k] += v
+    return batch
 
-  def _stack(self, examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    examples = examples + [self._padding] * (self._local_batch - len(examples))
-    return {k: np.stack([e[k] for e in examples]) for k in self._padding}
-
-  def _generate(self, examples: Iterator[dict[str, Any]]) -> Iterator[dict[str, np.ndarray]]:
-    pending, done = [], 0
-    for example in examples:
-      if _SKIPPED_MARKER in example:
-        self.counts[SKIPPED] += 1
-        continue
-      for k, v in _pop_counts(example).items():
-        self.counts[k] += v
-      pending.append(example)
-      if len(pending) == self._local_batch:
-        yield self._stack(pending)
-        pending, done = [], done + 1
-    while done < self._num_batches:
-      yield self._stack(pending)
-      pending, done = [], done + 1
-    if any(self.counts.values()):
-      logging.warning("%s eval input: %s", self._name,
-                      ", ".join(f"{k}={v}" for k, v in self.counts.items()))
+  def close(self) -> None:
+    """Stops the worker processes."""
+    if self._pool is not None:
+      self._pool.close()
+      self._pool = None
 
 
-def eval_batches(source, *, batch_size: int, min_size: int, max_size: int,
-                 pad_hw: tuple[int, int], max_gt: int, num_workers: int = 0,
-                 shard_options: grain.sharding.ShardOptions | None = None) -> EvalIterator:
-  """This process's part of the eval split, each record exactly once, as numpy Batches.
+def eval_batches(source, *, batch_size: int, min_size: int, max_size: int, max_gt: int,
+                 canvases: Sequence[Sequence[int]] | None = None,
+                 pad_hw: Sequence[int] | None = None, num_workers: int = 0,
+                 shard_options=None) -> EvalIterator:
+  """The eval split, each record exactly once, grouped by canvas, as numpy Batches.
 
-  Process p of P reads records [p * N // P, (p + 1) * N // P) in order. Every process yields
-  `ceil(ceil(N / P) / (B / P))` batches of B / P examples; slots past the end of its shard
-  (and of skipped records) hold `valid=False` padding examples.
+  Every process yields the same batches' canvases: for each canvas in turn, its records in
+  index order cut into global batches of B (the last padded with `valid=False` examples);
+  process p takes slots [p B / P, (p + 1) B / P) of each.
 
   Args:
     source: random-access dataset source; `source[i]` may be None (skipped, counted).
     batch_size: B, the global eval batch over all processes.
     min_size: shorter side after resizing.
     max_size: cap on the longer side.
-    pad_hw: (Hp, Wp) canvas.
     max_gt: G ground-truth slots (difficult objects are kept, flagged).
-    num_workers: grain worker processes (0: transform in this process).
-    shard_options: overrides `ShardByJaxProcess()` (tests simulate processes with it).
+    canvases: the K canvases (h, w).
+    pad_hw: one canvas (the same as `canvases=(pad_hw,)`); give canvases or pad_hw.
+    num_workers: worker processes (0: transform in this process).
+    shard_options: stands in for the JAX process (`shard_index`, `shard_count`; tests).
 
   Returns:
     An `EvalIterator` (with `len`) of numpy Batches of B / P examples.
@@ -326,21 +492,20 @@ def eval_batches(source, *, batch_size: int, min_size: int, max_size: int,
   Raises:
     ValueError: B not a positive multiple of the process count, or a bad size.
   """
-  settings = _settings(min_size, max_size, pad_hw, max_gt)
-  shards = shard_options or grain.sharding.ShardByJaxProcess()
-  count, index = shards.shard_count, shards.shard_index
+  settings = _settings(min_size, max_size, max_gt)
+  canvases = _resolve_canvases(canvases, pad_hw)
+  index, count = _shards(shard_options)
   if batch_size <= 0 or batch_size % count:
     raise ValueError(f"eval.batch_size={batch_size} must be a positive multiple of the "
                      f"process count {count}")
   if num_workers < 0:
     raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-  local_batch = batch_size // count
-  n = len(source)
-  num_batches = math.ceil(math.ceil(n / count) / local_batch)
-  indices = grain.MapDataset.range(index * n // count, (index + 1) * n // count)
-  examples = indices.map(_EvalRead(source, settings)).to_iter_dataset()
-  if num_workers:
-    _use_absl_defaults()
-    examples = examples.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return EvalIterator(iter(examples), local_batch, num_batches, settings,
-                      getattr(source, "name", "source"))
+  canvas_of = record_canvases(source, canvases, min_size=min_size, max_size=max_size)
+  batches = []
+  for k in range(len(canvases)):
+    group = np.flatnonzero(canvas_of == k)
+    batches += [(k, group[i:i + batch_size]) for i in range(0, len(group), batch_size)]
+  skipped = int((canvas_of < 0).sum()) if index == 0 else 0
+  make_batch = _EvalBatch(source, batches, canvases, settings, index, batch_size // count)
+  return EvalIterator(make_batch, [k for k, _ in batches], canvases, num_workers,
+                      getattr(source, "name", "source"), skipped)

@@ -6,7 +6,8 @@ Bad-input policy (`bad_input`):
   * "error": a ValueError naming the file and the problem is raised.
 Problems that are handled, not skipped, under both policies: boxes partly outside the image are
 clipped to it (counted in `BadInputLog.clipped`), grayscale/palette/RGBA/CMYK images are
-converted to RGB, images without objects are kept as all-background examples.
+converted to RGB, images without objects are kept as all-background examples (training leaves
+them out, as py-faster-rcnn does, through `WithObjects` when `data.drop_images_without_objects`).
 
 Annotation problems are found when a source is built; image decoding happens when a record is
 read (in grain worker processes), where a bad image makes `source[i]` return None under "skip"
@@ -275,3 +276,79 @@ def make_source(name: str, split: str, *, data_dir: str,
                                os.path.join(data_dir, image_dir),
                                drop_crowd=training, bad_input=bad_input)
   raise ValueError(f"unknown dataset source {name!r}: expected voc_tfds, voc_folder or coco_json")
+
+
+def has_object(ann: dict[str, Any]) -> bool:
+  """Whether an `annotation` dict holds at least one object that training uses (not difficult)."""
+  return bool(np.any(~np.asarray(ann["difficult"], bool)))
+
+
+class WithObjects:
+  """The records of a training source that hold at least one object training uses.
+
+  py-faster-rcnn removes difficult objects when it loads VOC (`use_diff=False`) and crowd
+  regions from COCO training, then `filter_roidb` leaves out every image with no ground-truth
+  box left (with end-to-end training its roidb holds only ground-truth boxes, so "at least one
+  foreground or background RoI" means "at least one box"). This wrapper does the same from
+  `annotation(i)` alone (no image decoding): record i is `source[records[i]]`, renumbered so
+  that `self[i]["image_id"] == i` and `self.annotation(i)` is its annotation. A record whose
+  annotation cannot be read (an unreadable image header in the tfds source) is kept: reading
+  it applies the bad-input policy as usual.
+
+  Attributes:
+    source: the wrapped source.
+    records: int64 [len] indices into `source` of the kept records, ascending.
+    dropped: names of the records left out.
+    classes, name, bad_input_log: those of `source`.
+  """
+
+  def __init__(self, source):
+    """Scans `source.annotation(i)` for every record and logs how many are left out.
+
+    Raises:
+      ValueError: no record of `source` holds an object.
+    """
+    self.source = source
+    self.classes = source.classes
+    self.name = source.name
+    self.bad_input_log = getattr(source, "bad_input_log", None)
+    keep, self.dropped = [], []
+    for i in range(len(source)):
+      try:
+        ann = source.annotation(i)
+      except images.ImageDecodeError:
+        keep.append(i)
+        continue
+      if has_object(ann):
+        keep.append(i)
+      else:
+        self.dropped.append(ann["name"])
+    self.records = np.array(keep, np.int64)
+    logging.info("%s: %d of %d training images have no object left after difficult/crowd ones "
+                 "are removed and are left out (data.drop_images_without_objects)%s", self.name,
+                 len(self.dropped), len(source),
+                 f", e.g. {self.dropped[:5]}" if self.dropped else "")
+    if not len(self.records):
+      raise ValueError(f"{self.name}: none of its {len(source)} images holds an object that "
+                       "training uses; set data.drop_images_without_objects=false to train on "
+                       "background-only images")
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def annotation(self, index: int) -> dict[str, Any]:
+    """The annotation of record `index` (see `annotation`).
+
+    Raises:
+      IndexError: `index` is out of range.
+    """
+    return self.source.annotation(int(self.records[check_index(index, len(self), self.name)]))
+
+  def __getitem__(self, index: int) -> dict[str, Any] | None:
+    example_ = self.source[int(self.records[check_index(index, len(self), self.name)])]
+    if example_ is None:
+      return None
+    return {**example_, "image_id": np.int64(index)}
+
+  def __repr__(self) -> str:
+    return f"WithObjects({self.source!r}, {len(self)} of {len(self.source)} images)"

@@ -105,7 +105,14 @@ class TfdsVOCSource:
     self.classes = tuple(classes)
     self.name = f"voc_tfds:{'+'.join(years)}/{split}"
     self.bad_input_log = sources.BadInputLog(bad_input)
-    self._data_dir = os.fspath(data_dir)
+    if not os.fspath(data_dir):
+      raise FileNotFoundError(
+          "data.data_dir is empty: set --config.data.data_dir=~/tensorflow_datasets (the "
+          "tfds data_dir the VOC datasets were prepared in). To prepare them once (needs "
+          "pip install -e \".[prepare]\"): python scripts/prepare_voc.py --data_dir "
+          "~/tensorflow_datasets --years 2007 (add --tar_dir DIR to build from the original "
+          "VOC tars without network)")
+    self._data_dir = os.path.expanduser(os.fspath(data_dir))
     self._parts: list[tuple[str, str]] = []
     sizes = []
     tfds_names: tuple[str, ...] = ()
@@ -120,13 +127,19 @@ class TfdsVOCSource:
         raise ValueError(f"tfds voc/{year} in {self._data_dir!r} is stored as "
                          f"{builder.info.file_format.value}, not array_record (random access); "
                          f"rebuild it into another data_dir: {_prepare_command('DIR', year)}")
+      year_sizes = []
       for tfds_split in SPLITS[split]:
         if tfds_split not in builder.info.splits:
           raise FileNotFoundError(f"tfds voc/{year} in {self._data_dir!r} has no "
                                   f"{tfds_split!r} split: rebuild it with its tars: "
                                   f"{_prepare_command(self._data_dir, year)}")
         self._parts.append((year, tfds_split))
-        sizes.append(builder.info.splits[tfds_split].num_examples)
+        year_sizes.append(builder.info.splits[tfds_split].num_examples)
+      if sum(year_sizes) == 0:
+        raise ValueError(f"tfds voc/{year} in {self._data_dir!r} has no images in {split!r}: "
+                         f"every year of data.years must contribute images (years "
+                         f"{tuple(years)})")
+      sizes.extend(year_sizes)
       tfds_names = tuple(builder.info.features["objects"]["label"].names)
     self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     label_of = {c: i + 1 for i, c in enumerate(self.classes)}

@@ -2,13 +2,15 @@
 
 Pure NumPy/Pillow functions, no JAX: they run inside grain worker processes.
 
-Resizing (py-faster-rcnn's rule, plus the static canvas): the image is scaled by one factor
+Resizing (py-faster-rcnn's rule): the image is scaled by one factor
 
-  scale = min(min_size / shorter side, max_size / longer side, pad_h / H, pad_w / W),
+  scale = min(min_size / shorter side, max_size / longer side),
 
 i.e. the shorter side becomes `min_size` unless that would make the longer side exceed
-`max_size` or the image overflow the canvas `pad_hw`. The resized size is
-(round(H * scale), round(W * scale)) clamped to [1, canvas]; boxes are multiplied by `scale`
+`max_size`; the resized size is (round(H * scale), round(W * scale)). The canvas an image is
+placed on (`canvases.assign_canvases`: the smallest that holds this size) never shrinks it.
+Only a fixed canvas smaller than the resized size (one explicit `pad_hw`) caps the factor
+further, by pad_h / H and pad_w / W, and clamps the size to it. Boxes are multiplied by `scale`
 (the same factor for x and y; detections map back by dividing by it) and clipped to the resized
 image. Pixels are resampled with Pillow's bilinear filter (antialiased when shrinking).
 
@@ -26,14 +28,15 @@ COUNT_KEYS = ("gt_overflow", "degenerate_boxes")
 
 
 def resize_scale(hw: tuple[int, int], min_size: int, max_size: int,
-                 pad_hw: tuple[int, int]) -> float:
+                 pad_hw: tuple[int, int] | None = None) -> float:
   """The single resize factor of an image (see the module docstring).
 
   Args:
     hw: (height, width) of the original image.
     min_size: target of the shorter side.
     max_size: cap on the longer side.
-    pad_hw: (height, width) of the canvas the resized image must fit in.
+    pad_hw: (height, width) of the canvas the resized image must fit in; None: no canvas cap
+      (py-faster-rcnn's rule alone).
 
   Returns:
     The factor resized / original.
@@ -42,10 +45,55 @@ def resize_scale(hw: tuple[int, int], min_size: int, max_size: int,
     ValueError: a non-positive size.
   """
   h, w = int(hw[0]), int(hw[1])
-  if min(h, w) <= 0 or min_size <= 0 or max_size <= 0 or min(pad_hw) <= 0:
+  canvas = () if pad_hw is None else tuple(pad_hw)
+  if min(h, w) <= 0 or min_size <= 0 or max_size <= 0 or min(canvas, default=1) <= 0:
     raise ValueError(f"sizes must be positive: image {h}x{w}, min_size={min_size}, "
-                     f"max_size={max_size}, pad_hw={tuple(pad_hw)}")
-  return min(min_size / min(h, w), max_size / max(h, w), pad_hw[0] / h, pad_hw[1] / w)
+                     f"max_size={max_size}, pad_hw={pad_hw if pad_hw is None else canvas}")
+  caps = (canvas[0] / h, canvas[1] / w) if canvas else ()
+  return min(min_size / min(h, w), max_size / max(h, w), *caps)
+
+
+def scaled_hw(hw: tuple[int, int], scale: float,
+              pad_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+  """The size of an image resized by `scale`: (round(H * scale), round(W * scale)).
+
+  Args:
+    hw: (height, width) of the original image.
+    scale: resize factor (`resize_scale`).
+    pad_hw: clamp the size to this canvas; None: no clamp.
+
+  Returns:
+    (h, w), each at least 1 (and at most the canvas).
+  """
+  h = max(int(round(int(hw[0]) * scale)), 1)
+  w = max(int(round(int(hw[1]) * scale)), 1)
+  if pad_hw is not None:
+    h, w = min(h, int(pad_hw[0])), min(w, int(pad_hw[1]))
+  return h, w
+
+
+def fit_scale(hw: tuple[int, int], min_size: int, max_size: int,
+              pad_hw: tuple[int, int]) -> float:
+  """The resize factor of an image placed on canvas `pad_hw`.
+
+  py-faster-rcnn's factor when the image it gives fits the canvas (always the case on the
+  canvas `canvases.assign_canvases` picks); otherwise also capped by the canvas (one fixed
+  canvas smaller than some images).
+
+  Args:
+    hw: (height, width) of the original image.
+    min_size: target of the shorter side.
+    max_size: cap on the longer side.
+    pad_hw: (height, width) canvas.
+
+  Returns:
+    The factor resized / original.
+  """
+  scale = resize_scale(hw, min_size, max_size)
+  h, w = scaled_hw(hw, scale)
+  if h <= pad_hw[0] and w <= pad_hw[1]:
+    return scale
+  return resize_scale(hw, min_size, max_size, pad_hw)
 
 
 def resize(image: np.ndarray, boxes: np.ndarray, scale: float,
@@ -64,8 +112,7 @@ def resize(image: np.ndarray, boxes: np.ndarray, scale: float,
     boxes: float32 [N, 4] = boxes * scale, clipped to [0, w] x [0, h].
   """
   h0, w0 = image.shape[:2]
-  h = min(max(int(round(h0 * scale)), 1), int(pad_hw[0]))
-  w = min(max(int(round(w0 * scale)), 1), int(pad_hw[1]))
+  h, w = scaled_hw((h0, w0), scale, pad_hw)
   if (h, w) != (h0, w0):
     image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4) * np.float32(scale)
@@ -186,7 +233,7 @@ def prepare(example: dict[str, Any], *, min_size: int, max_size: int, pad_hw: tu
     easy = ~difficult
     boxes, labels, difficult = boxes[easy], labels[easy], difficult[easy]
   orig_hw = image.shape[:2]
-  scale = resize_scale(orig_hw, min_size, max_size, pad_hw)
+  scale = fit_scale(orig_hw, min_size, max_size, pad_hw)
   image, boxes = resize(image, boxes, scale, pad_hw)
   if flip:
     image, boxes = hflip(image, boxes)
@@ -208,7 +255,39 @@ def prepare(example: dict[str, Any], *, min_size: int, max_size: int, pad_hw: tu
       "orig_hw": np.array(orig_hw, np.int32),
       "valid": np.bool_(True),
   }
+  if "proposals" in example:
+    fields.update(proposal_fields(example["proposals"], example["proposals_valid"], scale,
+                                  image.shape[:2], flip))
   return fields, {"gt_overflow": overflow, "degenerate_boxes": degenerate}
+
+
+def proposal_fields(proposals: np.ndarray, valid: np.ndarray, scale: float,
+                    resized_hw: tuple[int, int], flip: bool) -> dict[str, np.ndarray]:
+  """Stored proposals (`proposal_store.WithProposals`) through the ground truth's transforms.
+
+  Scaled by `scale` and clipped to the resized image exactly as `resize` does the boxes, then
+  mirrored as `hflip` does when `flip`. Static shape: a proposal that became degenerate is
+  masked, not removed.
+
+  Args:
+    proposals: [R, 4] xyxy proposals in original-image pixels.
+    valid: [R] bool.
+    scale: the image's resize factor.
+    resized_hw: (h, w) of the resized image.
+    flip: the image was mirrored left-right.
+
+  Returns:
+    {"proposals" float32 [R, 4] (resized pixels, 0 where invalid), "proposals_valid" bool [R]}.
+  """
+  h, w = int(resized_hw[0]), int(resized_hw[1])
+  boxes = np.asarray(proposals, np.float32).reshape(-1, 4) * np.float32(scale)
+  boxes = np.clip(boxes, 0.0, np.array([w, h, w, h], np.float32))
+  if flip:
+    boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+  ok = (np.asarray(valid, bool).reshape(-1) & (boxes[:, 2] > boxes[:, 0])
+        & (boxes[:, 3] > boxes[:, 1]))
+  return {"proposals": np.where(ok[:, None], boxes, 0.0).astype(np.float32),
+          "proposals_valid": ok}
 
 
 def padding_example(pad_hw: tuple[int, int], max_gt: int) -> dict[str, np.ndarray]:

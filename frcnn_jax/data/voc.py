@@ -73,13 +73,20 @@ class VOCFolderSource(sources.IndexedFileSource):
 
     Raises:
       FileNotFoundError: a year folder or split list is missing (the message says what to get).
-      ValueError: bad annotations under bad_input="error", or no usable image at all.
+      ValueError: bad annotations under bad_input="error", or a year whose split gives no
+        usable image (an empty list file, or every image skipped), naming the year.
     """
     if isinstance(years, str):
       years = (years,)
     self.classes = tuple(classes)
     super().__init__(f"voc_folder:{'+'.join(years)}/{split}", bad_input)
     self._label_of = {c: i + 1 for i, c in enumerate(self.classes)}
+    if not os.fspath(root):
+      raise FileNotFoundError(
+          "data.data_dir is empty: set --config.data.data_dir=DIR to the folder that holds "
+          "VOCdevkit/VOC<year>/{Annotations,JPEGImages,ImageSets/Main}, e.g. after "
+          "tar xf VOCtrainval_06-Nov-2007.tar -C ~/data: --config.data.data_dir=~/data")
+    root = os.path.expanduser(os.fspath(root))
     devkit = find_devkit(root)
     for year in years:
       year_dir = devkit / f"VOC{year}"
@@ -90,9 +97,17 @@ class VOCFolderSource(sources.IndexedFileSource):
             "{Annotations,JPEGImages,ImageSets/Main}) under "
             f"{root}; extract the original VOC{year} tars there (tar xf VOC*.tar), or read "
             "VOC through tfds instead after `python scripts/prepare_voc.py --data_dir DIR`")
-      for line in list_file.read_text().splitlines():
-        if line.strip():
-          self._index(year_dir, line.split()[0])
+      ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+      if not ids:
+        raise ValueError(f"{list_file} lists no images: every year of data.years must "
+                         f"contribute images (years {tuple(years)}, split {split!r})")
+      before = len(self._paths)
+      for image_id in ids:
+        self._index(year_dir, image_id)
+      if len(self._paths) == before:
+        raise ValueError(f"VOC{year} contributes no usable image to {split!r}: all "
+                         f"{len(ids)} listed in {list_file} were skipped "
+                         f"({self.bad_input_log.summary()})")
     if not self._paths:
       raise ValueError(f"{self.name}: no usable image under {devkit} "
                        f"({self.bad_input_log.summary()})")

@@ -18,11 +18,13 @@ Follows the VOCdevkit's `VOCevaldet.m` / `VOCap.m` rules, on host NumPy arrays:
 * Recall counts the non-difficult ground truth of the class (`npos`). A class with `npos == 0`
   gets AP NaN, is listed in `classes_without_gt` and left out of the mean.
 * `use_07_metric`: VOC2007's 11-point interpolated AP, the mean over t in {0, 0.1, ..., 1} of
-  the highest precision at recall >= t (0 where none). Recall is compared with the exact tenths
-  (`tp * 10 >= k * npos` in integers); py-faster-rcnn's `np.arange(0., 1.1, .1)` holds
-  0.30000000000000004, 0.6000000000000001 and 0.7000000000000001, so it treats a recall of
-  exactly 3/10, 6/10 or 7/10 as below the threshold. Otherwise (VOC2010+): the area under the
-  monotone (right-to-left running maximum) precision envelope.
+  the highest precision at recall >= t (0 where none). By default the thresholds are
+  py-faster-rcnn `voc_eval`'s `np.arange(0., 1.1, .1)` compared with the float64 recall
+  `tp / npos`, as Detectron2 and mmdetection do: that array holds 0.30000000000000004,
+  0.6000000000000001 and 0.7000000000000001, so a recall of exactly 3/10, 6/10 or 7/10 counts
+  as below its threshold. `exact_tenths=True` compares with the exact tenths instead
+  (`tp * 10 >= k * npos` in integers). Otherwise (VOC2010+): the area under the monotone
+  (right-to-left running maximum) precision envelope.
 * Ignored detections are dropped from the ranking before precision and recall are computed.
   They would only repeat the previous precision-recall point (or give 0/0 before the first
   true or false positive), which changes neither AP definition. A class whose detections are
@@ -141,8 +143,11 @@ def pairwise_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
   return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
+VOC07_RECALL_THRESHOLDS = np.arange(0.0, 1.1, 0.1)   # py-faster-rcnn voc_eval's, 11 values
+
+
 def average_precision(precision: np.ndarray, recall: np.ndarray, tp_cumsum: np.ndarray,
-                      npos: int, use_07_metric: bool) -> float:
+                      npos: int, use_07_metric: bool, exact_tenths: bool = False) -> float:
   """AP of one ranked list of true/false positives.
 
   Args:
@@ -152,13 +157,17 @@ def average_precision(precision: np.ndarray, recall: np.ndarray, tp_cumsum: np.n
     npos: number of (non-difficult) ground-truth objects, > 0.
     use_07_metric: 11-point interpolated AP (VOC2007) instead of the area under the
       monotone precision envelope (VOC2010+).
+    exact_tenths: 11-point thresholds at the exact tenths instead of voc_eval's
+      `np.arange(0, 1.1, 0.1)`.
 
   Returns:
     The average precision in [0, 1].
   """
   if use_07_metric:
-    tenths = np.arange(11)
-    reached = tp_cumsum[None, :] * 10 >= tenths[:, None] * npos    # [11, N]
+    if exact_tenths:
+      reached = tp_cumsum[None, :] * 10 >= np.arange(11)[:, None] * npos    # [11, N]
+    else:
+      reached = recall[None, :] >= VOC07_RECALL_THRESHOLDS[:, None]
     best = np.max(np.where(reached, precision[None, :], 0.0), axis=1, initial=0.0)
     return float(np.sum(best) / 11.0)
   mrec = np.concatenate([[0.0], recall, [1.0]])
@@ -183,7 +192,8 @@ def _best_matches(det_boxes: np.ndarray, det_labels: np.ndarray, gt_boxes: np.nd
 
 def evaluate(detections: Sequence[Mapping[str, np.ndarray]],
              ground_truths: Sequence[Mapping[str, np.ndarray]], num_classes: int,
-             iou_threshold: float = 0.5, use_07_metric: bool = True) -> dict:
+             iou_threshold: float = 0.5, use_07_metric: bool = True,
+             exact_tenths: bool = False) -> dict:
   """PASCAL VOC average precision per class and its mean.
 
   Args:
@@ -194,6 +204,8 @@ def evaluate(detections: Sequence[Mapping[str, np.ndarray]],
     num_classes: C, foreground classes.
     iou_threshold: a detection matches when its best IoU is > this.
     use_07_metric: 11-point AP (VOC2007) if True, else the area under the precision envelope.
+    exact_tenths: with use_07_metric, recall thresholds at the exact tenths instead of
+      py-faster-rcnn voc_eval's `np.arange(0, 1.1, 0.1)` (the default, module docstring).
 
   Returns:
     {"ap": float64 [C] (ap[c - 1] is label c; NaN for classes without non-difficult ground
@@ -203,7 +215,7 @@ def evaluate(detections: Sequence[Mapping[str, np.ndarray]],
      "num_detections": int64 [C] ranked (non-ignored) detections per class,
      "num_ignored": int64 [C] detections ignored for matching a difficult box,
      "precision", "recall": lists of C float64 arrays, the curves over the ranked detections,
-     "iou_threshold": float, "use_07_metric": bool}.
+     "iou_threshold": float, "use_07_metric": bool, "exact_tenths": bool}.
 
   Raises:
     ValueError: on mismatched lengths, bad shapes, non-finite boxes or scores, labels
@@ -256,7 +268,7 @@ def evaluate(detections: Sequence[Mapping[str, np.ndarray]],
     num_dets[c - 1] = len(order)
     if npos[c - 1] > 0:
       ap[c - 1] = average_precision(precision, recall, tp_cumsum, int(npos[c - 1]),
-                                    use_07_metric)
+                                    use_07_metric, exact_tenths)
   finite = np.isfinite(ap)
   return {
       "ap": ap,
@@ -269,4 +281,5 @@ def evaluate(detections: Sequence[Mapping[str, np.ndarray]],
       "recall": recalls,
       "iou_threshold": float(iou_threshold),
       "use_07_metric": bool(use_07_metric),
+      "exact_tenths": bool(exact_tenths),
   }

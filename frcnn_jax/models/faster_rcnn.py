@@ -19,8 +19,9 @@ from frcnn_jax.models import heads
 from frcnn_jax.models import rpn
 from frcnn_jax.models import vgg
 
-INPUT_NORMS = ("caffe", "torchvision")
-CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)
+INPUT_NORMS = ("caffe", "keras", "torchvision")
+CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)   # py-faster-rcnn's PIXEL_MEANS
+KERAS_MEAN_BGR = (103.939, 116.779, 123.68)       # keras.applications.vgg16 preprocess_input
 TORCHVISION_MEAN_RGB = (0.485, 0.456, 0.406)
 TORCHVISION_STD_RGB = (0.229, 0.224, 0.225)
 
@@ -31,15 +32,16 @@ def normalize_images(images: jax.Array, image_hw: jax.Array, input_norm: str) ->
   Args:
     images: [B, H, W, 3] uint8 RGB, zero-padded canvases.
     image_hw: [B, 2] int true (height, width) of each image inside its canvas.
-    input_norm: "caffe" (BGR minus the mean pixel, 0..255 scale) or "torchvision"
-      (RGB / 255, ImageNet mean / std).
+    input_norm: "caffe" (BGR minus py-faster-rcnn's mean pixel, 0..255 scale), "keras" (BGR
+      minus the Keras VGG16 mean pixel) or "torchvision" (RGB / 255, ImageNet mean / std).
 
   Returns:
     [B, H, W, 3] float32.
   """
   x = images.astype(jnp.float32)
-  if input_norm == "caffe":
-    x = x[..., ::-1] - jnp.asarray(CAFFE_MEAN_BGR, jnp.float32)
+  if input_norm in ("caffe", "keras"):
+    mean = CAFFE_MEAN_BGR if input_norm == "caffe" else KERAS_MEAN_BGR
+    x = x[..., ::-1] - jnp.asarray(mean, jnp.float32)
   elif input_norm == "torchvision":
     x = (x / 255.0 - jnp.asarray(TORCHVISION_MEAN_RGB)) / jnp.asarray(TORCHVISION_STD_RGB)
   else:
@@ -60,10 +62,12 @@ class FasterRCNN(nn.Module):
     convs_per_block: convolutions per trunk block ((2, 2, 3, 3, 3): VGG16).
     frozen_blocks: leading trunk blocks without gradient (2: conv1, conv2).
     stride: trunk output stride, 16 (VGG16) or 8 (no pool after block 4).
-    input_norm: "caffe" or "torchvision" (must match the pretrained weights).
+    pool_ceil_mode: the trunk's max pools round up (Caffe, py-faster-rcnn) instead of down.
+    input_norm: "caffe", "keras" or "torchvision" (must match the pretrained weights).
     num_anchors: k anchors per location.
     rpn_objectness: "softmax" (2k) or "sigmoid" (k).
     roi_op: "roi_pool" or "roi_align".
+    roi_pool_coordinates: roi_pool's RoI rounding, "torchvision" or "caffe" (ops/roi.py).
     roi_size: RoI op output size.
     roi_sampling_ratio: roi_align samples per bin side.
     roi_aligned: roi_align half-pixel offset.
@@ -78,10 +82,12 @@ class FasterRCNN(nn.Module):
   convs_per_block: Sequence[int] = vgg.VGG16_CONVS_PER_BLOCK
   frozen_blocks: int = 2
   stride: int = vgg.STRIDE
+  pool_ceil_mode: bool = False
   input_norm: str = "caffe"
   num_anchors: int = 9
   rpn_objectness: str = "softmax"
   roi_op: str = "roi_pool"
+  roi_pool_coordinates: str = "torchvision"
   roi_size: int = 7
   roi_sampling_ratio: int = 2
   roi_aligned: bool = False
@@ -94,11 +100,12 @@ class FasterRCNN(nn.Module):
     precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.trunk = vgg.VGG16(width=self.width, convs_per_block=tuple(self.convs_per_block),
                            frozen_blocks=self.frozen_blocks, stride=self.stride,
-                           **precision)
+                           pool_ceil_mode=self.pool_ceil_mode, **precision)
     self.rpn = rpn.RPNHead(num_anchors=self.num_anchors,
                            channels=vgg.scaled_channels(512, self.width),
                            objectness=self.rpn_objectness, **precision)
     self.head = heads.RoIHead(num_classes=self.num_classes, roi_op=self.roi_op,
+                              roi_pool_coordinates=self.roi_pool_coordinates,
                               roi_size=self.roi_size, sampling_ratio=self.roi_sampling_ratio,
                               aligned=self.roi_aligned, spatial_scale=1.0 / self.stride,
                               fc_dim=self.fc_dim, dropout=self.dropout, **precision)
@@ -112,8 +119,9 @@ class FasterRCNN(nn.Module):
       image_hw: [B, 2] true image sizes inside the canvases.
 
     Returns:
-      features: [B, H // s, W // s, 512 * width] in the compute dtype, s = stride.
-      rpn_logits: [B, A, 2 or 1] float32, A = (H // s) * (W // s) * k in anchor_grid order.
+      features: [B, h, w, 512 * width] in the compute dtype, h = H // s and w = W // s
+        (s = stride; ceil(H / s), ceil(W / s) with pool_ceil_mode).
+      rpn_logits: [B, A, 2 or 1] float32, A = h * w * k in anchor_grid order.
       rpn_deltas: [B, A, 4] float32.
     """
     x = normalize_images(images, image_hw, self.input_norm)
@@ -148,9 +156,27 @@ def init_params(model: FasterRCNN, key: jax.Array) -> Any:
   return model.init({"params": key}, images, image_hw, rois)["params"]
 
 
-def trainable_mask(model: FasterRCNN, params: Any) -> Any:
-  """Bool pytree like `params`: False for the frozen trunk blocks (for `optax.masked`)."""
-  return vgg.trainable_mask(params, model.frozen_blocks)
+PARTS = ("trunk", "rpn", "head")
+
+
+def trainable_mask(model: FasterRCNN, params: Any, parts: Sequence[str] = PARTS) -> Any:
+  """Bool pytree like `params` for `optax.masked`: True where a parameter is trained.
+
+  False for the frozen trunk blocks (`model.frozen_blocks`; all blocks freeze the whole trunk)
+  and for every parameter of a part ("trunk", "rpn", "head") not in `parts`: the stages of
+  alternating training train the RPN or the head alone.
+
+  Raises:
+    ValueError: an unknown part.
+  """
+  unknown = set(parts) - set(PARTS)
+  if unknown:
+    raise ValueError(f"parts must be among {PARTS}, got {sorted(unknown)}")
+  mask = dict(vgg.trainable_mask(params, model.frozen_blocks))
+  for part in PARTS:
+    if part not in parts:
+      mask[part] = jax.tree.map(lambda _: False, params[part])
+  return mask
 
 
 def load_pretrained(params: Any, path: str, input_norm: str | None = None) -> Any:

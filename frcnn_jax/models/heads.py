@@ -17,6 +17,8 @@ class RoIHead(nn.Module):
   Attributes:
     num_classes: C, foreground classes (the classifier has C + 1 outputs, 0 is background).
     roi_op: "roi_pool" (Caffe max pooling, the paper) or "roi_align".
+    roi_pool_coordinates: how roi_pool rounds RoIs to cells: "torchvision" (round x2 * scale)
+      or "caffe" (round (x2 - 1) * scale, the inclusive end pixel); see ops/roi.py.
     roi_size: output size of the RoI op (7 for VGG16).
     sampling_ratio: roi_align's samples per bin side.
     aligned: roi_align's half-pixel offset.
@@ -28,6 +30,7 @@ class RoIHead(nn.Module):
   """
   num_classes: int
   roi_op: str = "roi_pool"
+  roi_pool_coordinates: str = "torchvision"
   roi_size: int = 7
   sampling_ratio: int = 2
   aligned: bool = False
@@ -42,7 +45,8 @@ class RoIHead(nn.Module):
     features = features.astype(jnp.float32)
     size = (self.roi_size, self.roi_size)
     if self.roi_op == "roi_pool":
-      return roi_ops.roi_pool(features, rois, size, self.spatial_scale)
+      return roi_ops.roi_pool(features, rois, size, self.spatial_scale,
+                              coordinates=self.roi_pool_coordinates)
     if self.roi_op == "roi_align":
       return roi_ops.roi_align(features, rois, size, self.spatial_scale,
                                sampling_ratio=self.sampling_ratio, aligned=self.aligned)

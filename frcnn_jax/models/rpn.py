@@ -64,3 +64,20 @@ def objectness_scores(logits: jax.Array) -> jax.Array:
   if logits.shape[-1] == 2:
     return jax.nn.softmax(logits, axis=-1)[..., 1]
   return jax.nn.sigmoid(logits[..., 0])
+
+
+def objectness_logits(logits: jax.Array) -> jax.Array:
+  """Object log-odds from RPN logits, for ranking proposals.
+
+  For 2-way softmax, p(object) = sigmoid(object - background) exactly, so the difference
+  ranks like the probability without saturating at float32's 1.0 (logits above ~16.6).
+
+  Args:
+    logits: [..., 2] (softmax: background, object) or [..., 1] (sigmoid) float32 logits.
+
+  Returns:
+    [...] log-odds; sigmoid of it is `objectness_scores(logits)`.
+  """
+  if logits.shape[-1] == 2:
+    return logits[..., 1] - logits[..., 0]
+  return logits[..., 0]

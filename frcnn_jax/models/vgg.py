@@ -23,8 +23,36 @@ def scaled_channels(base: int, width: float) -> int:
   return max(1, int(round(base * width)))
 
 
+def pool_output_size(size: int, stride: int = STRIDE, ceil_mode: bool = False) -> int:
+  """Side of the trunk output for an input side `size`: log2(stride) 2x2/2 max pools.
+
+  Floor mode (torchvision, Flax VALID) drops a trailing odd row or column at every pool;
+  Caffe (py-faster-rcnn) rounds up, so a 600 x 1000 image gives 37 x 62 (floor) or 38 x 63
+  (ceil) conv5_3 cells.
+  """
+  for _ in range(stride.bit_length() - 1):
+    size = (size + 1) // 2 if ceil_mode else size // 2
+  return size
+
+
+def max_pool_2x2(x: jax.Array, ceil_mode: bool = False) -> jax.Array:
+  """2x2 max pooling with stride 2 over [B, H, W, C]; ceil mode pads odd sides with -inf.
+
+  Returns:
+    [B, h, w, C], h = H // 2 (floor) or ceil(H / 2) (ceil: the last window holds one row,
+    as Caffe's window clipped to the input), w alike.
+  """
+  pad = [(0, n % 2 if ceil_mode else 0) for n in x.shape[1:3]]
+  return nn.max_pool(x, (2, 2), strides=(2, 2), padding=pad)   # pads with -inf
+
+
 class VGG16(nn.Module):
-  """VGG16 conv1_1 .. conv5_3 with ReLU and 2x2/2 floor max pools after blocks 1-4 (no pool5).
+  """VGG16 conv1_1 .. conv5_3 with ReLU and 2x2/2 max pools after blocks 1-4 (no pool5).
+
+  The pools round down (`pool_ceil_mode=False`, torchvision) or up (`pool_ceil_mode=True`,
+  Caffe's PoolingLayer as in py-faster-rcnn): with an odd input side the last window then
+  covers one row or column only, the cells beyond the input are ignored (padding with -inf,
+  as Caffe clips the window to the input).
 
   With `stride=8` the pool after block 4 is dropped too, so block 5 runs at 1/8 resolution
   (finer anchors for small objects, at four times block 5's cost; no longer VGG16's layout, so
@@ -35,6 +63,7 @@ class VGG16(nn.Module):
     convs_per_block: number of 3x3 convolutions in each of the five blocks.
     frozen_blocks: the first this many blocks get no gradient (stop_gradient on their output).
     stride: output stride, 16 (VGG16) or 8.
+    pool_ceil_mode: round the pooled sizes up (Caffe) instead of down.
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """
@@ -42,6 +71,7 @@ class VGG16(nn.Module):
   convs_per_block: Sequence[int] = VGG16_CONVS_PER_BLOCK
   frozen_blocks: int = 2
   stride: int = STRIDE
+  pool_ceil_mode: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -57,7 +87,8 @@ class VGG16(nn.Module):
       x: [B, H, W, 3] normalised images.
 
     Returns:
-      [B, H // stride, W // stride, 512 * width] conv5_3 features after ReLU.
+      [B, h, w, 512 * width] conv5_3 features after ReLU, h = pool_output_size(H, stride,
+      pool_ceil_mode) (H // stride in floor mode, ceil(H / stride) in ceil mode), w alike.
     """
     if len(self.convs_per_block) != len(BASE_CHANNELS):
       raise ValueError(
@@ -72,7 +103,7 @@ class VGG16(nn.Module):
                     param_dtype=self.param_dtype, name=f"conv{block}_{i}")(x)
         x = nn.relu(x)
       if block <= num_pools:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        x = max_pool_2x2(x, self.pool_ceil_mode)
       if block == self.frozen_blocks:
         x = jax.lax.stop_gradient(x)
     return x

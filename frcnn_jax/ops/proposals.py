@@ -8,7 +8,7 @@ from frcnn_jax.ops import nms as nms_ops
 
 
 def generate_proposals(
-    objectness: jax.Array,
+    objectness_logits: jax.Array,
     deltas: jax.Array,
     anchors: jax.Array,
     image_hw: jax.Array,
@@ -17,17 +17,28 @@ def generate_proposals(
     pre_nms_top_n: int,
     post_nms_top_n: int,
     nms_threshold: float,
+    legacy_plus_one: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Turns RPN outputs into a fixed number of proposals (one image).
 
-  Steps: decode the deltas on the anchors, clip to the true image size (not the padded
-  canvas), mask boxes whose width or height is below `min_size`, keep the top
-  `pre_nms_top_n` valid boxes by score (all A when it is larger), NMS at `nms_threshold`
-  among them, keep the first `post_nms_top_n` survivors by descending score. Gradients do not
-  flow into the outputs (approximate joint training).
+  Steps, as py-faster-rcnn's proposal_layer: decode the deltas on the anchors, clip to the true
+  image size (not the padded canvas), mask boxes whose width or height is below `min_size`,
+  keep the top `pre_nms_top_n` valid boxes by score (all A when it is larger), NMS at
+  `nms_threshold` among them, keep the first `post_nms_top_n` survivors by descending score.
+  Anchors whose centre lies outside the true image (in the canvas padding: x outside
+  [0, width] or y outside [0, height]) never become proposals: training never labels them, so
+  their objectness is unsupervised. Gradients do not flow into the outputs (approximate joint
+  training).
+
+  Boxes are ranked by the objectness logit, not by the probability: a float32 sigmoid is
+  exactly 1.0 above a logit of about 16.6, so ranking probabilities would break many ties by
+  anchor index. The logit orders the same wherever the probabilities differ. Equal logits
+  keep the lower anchor index first.
 
   Args:
-    objectness: [A] object probabilities (or any score that ranks the same way).
+    objectness_logits: [A] log-odds that each anchor holds an object: the sigmoid logit, or
+      for 2-way softmax objectness the object logit minus the background logit
+      (`frcnn_jax.models.rpn.objectness_logits`).
     deltas: [A, 4] RPN box deltas (box coder weights 1).
     anchors: [A, 4] xyxy anchors.
     image_hw: [2] true (resized) image height and width.
@@ -36,24 +47,42 @@ def generate_proposals(
     pre_nms_top_n: static number of boxes entering NMS.
     post_nms_top_n: static number R of proposals returned.
     nms_threshold: IoU above which a lower-scored box is suppressed.
+    legacy_plus_one: static; decoded boxes get x2 + 1 and y2 + 1 before clipping, as
+      py-faster-rcnn: its `bbox_transform_inv` returns ctr +- w / 2 as *inclusive* pixel
+      indices, one pixel wider and taller than the box the deltas encode (its `bbox_transform`
+      counts widths as x2 - x1 + 1). Every later step there (clip to W - 1, min size and IoU
+      with "+1") treats that box consistently, so this flag reproduces its proposals (tested;
+      up to float rounding, its arbitrary order of equal scores, and the anchors centred
+      outside the image, which it keeps).
 
   Returns:
     boxes: [R, 4] xyxy proposals by descending score, zeros where invalid.
-    scores: [R] their objectness, 0 where invalid.
+    scores: [R] their object probability sigmoid(logit), 0 where invalid.
     valid: [R] bool.
   """
-  a = objectness.shape[0]
-  if objectness.shape != (a,) or deltas.shape != (a, 4) or anchors.shape != (a, 4):
-    raise ValueError(f"generate_proposals: objectness [A], deltas [A, 4] and anchors [A, 4] "
-                     f"disagree: {objectness.shape}, {deltas.shape}, {anchors.shape}.")
+  objectness_logits = jnp.asarray(objectness_logits)
+  deltas, anchors = jnp.asarray(deltas), jnp.asarray(anchors)
+  a = objectness_logits.shape[0]
+  if objectness_logits.shape != (a,) or deltas.shape != (a, 4) or anchors.shape != (a, 4):
+    raise ValueError(f"generate_proposals: objectness_logits [A], deltas [A, 4] and anchors "
+                     f"[A, 4] disagree: {objectness_logits.shape}, {deltas.shape}, "
+                     f"{anchors.shape}.")
   if pre_nms_top_n < 1 or post_nms_top_n < 1:
     raise ValueError(f"pre_nms_top_n ({pre_nms_top_n}) and post_nms_top_n ({post_nms_top_n}) "
                      "must be >= 1.")
-  objectness = jax.lax.stop_gradient(objectness.astype(jnp.float32))
+  logits = jax.lax.stop_gradient(objectness_logits.astype(jnp.float32))
   deltas = jax.lax.stop_gradient(deltas.astype(jnp.float32))
-  boxes = box_ops.clip(box_ops.decode(deltas, anchors), image_hw)
+  anchors = anchors.astype(jnp.float32)
+  image_hw = jnp.asarray(image_hw).astype(jnp.float32)
+  boxes = box_ops.decode(deltas, anchors)
+  if legacy_plus_one:
+    boxes = boxes + jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32)
+  boxes = box_ops.clip(boxes, image_hw)
   big = ((boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size))
-  scores = jnp.where(big, objectness, -jnp.inf)
+  cx = 0.5 * (anchors[:, 0] + anchors[:, 2])
+  cy = 0.5 * (anchors[:, 1] + anchors[:, 3])
+  in_image = (cx >= 0) & (cx <= image_hw[1]) & (cy >= 0) & (cy <= image_hw[0])
+  scores = jnp.where(big & in_image, logits, -jnp.inf)
 
   top_scores, top_idx = jax.lax.top_k(scores, min(pre_nms_top_n, a))
   top_boxes = boxes[top_idx]
@@ -64,5 +93,5 @@ def generate_proposals(
   valid = keep >= 0
   safe = jnp.maximum(keep, 0)
   out_boxes = jnp.where(valid[:, None], top_boxes[safe], 0.0)
-  out_scores = jnp.where(valid, top_scores[safe], 0.0)
+  out_scores = jnp.where(valid, jax.nn.sigmoid(top_scores[safe]), 0.0)
   return out_boxes, out_scores, valid

@@ -5,6 +5,11 @@ same order as torchvision's C++ CPU kernels), take NHWC features `[H, W, C]` of 
 `[R, 4]` xyxy RoIs in image pixels, and return `[R, oh, ow, C]`; lift to a batch with
 `jax.vmap`. `output_size`, `spatial_scale`, `sampling_ratio` and `aligned` are static. Gradients
 flow to the features only (as in torchvision); a RoI with a non-finite coordinate gives NaN.
+Features and RoIs may be NumPy or JAX arrays, inside or outside jit.
+
+roi_pool's `coordinates="caffe"` rounds the RoI's inclusive end pixel (x2 - 1) instead of x2:
+Caffe's ROIPoolingLayer (caffe-fast-rcnn) is torchvision's arithmetic on py-faster-rcnn's
+inclusive pixel boxes, whose x2 is ours minus one (DESIGN.md's VOC conversion).
 
 Formulations (chosen by measurement on XLA:CPU, see scripts/bench_ops.py):
 - Both ops end in one elementwise loop over `[R, oh, ow, C]` whose operands are a fixed number of
@@ -33,6 +38,7 @@ from jax import lax
 
 Array = jax.Array
 
+ROI_POOL_COORDINATES = ("torchvision", "caffe")
 _MAX_COORD = float(2**29)     # keeps int32 bin arithmetic from overflowing on absurd RoIs
 _TABLE_BUDGET_BYTES = 24 * 2**20
 _RATIOS = range(2, 9)
@@ -170,6 +176,7 @@ def roi_align(features: Array, rois: Array, output_size, spatial_scale: float,
   if not isinstance(sampling_ratio, int) or sampling_ratio < 1:
     raise ValueError(f"sampling_ratio must be an int >= 1 (the adaptive <= 0 mode has "
                      f"data-dependent sample counts), got {sampling_ratio!r}.")
+  features = jnp.asarray(features)
   rois = _check(features, jnp.asarray(rois), spatial_scale)
   return _roi_align(features, rois, oh, ow, float(spatial_scale), sampling_ratio, bool(aligned))
 
@@ -262,11 +269,14 @@ def _round(x: Array) -> Array:
   return jnp.where(jnp.abs(x - t) >= 0.5, t + jnp.sign(x), t).astype(jnp.int32)
 
 
-def _pool_forward(features, rois, oh, ow, spatial_scale, ratios, with_index):
+def _pool_forward(features, rois, oh, ow, spatial_scale, coordinates, ratios, with_index):
   h, w, c = features.shape
   wh, ww = _windows(h, ratios[0]), _windows(w, ratios[1])
   table, index, offsets = _window_table(features, wh, ww, with_index)
-  q = _round(jnp.nan_to_num(jnp.clip(rois, -_MAX_COORD, _MAX_COORD)) * spatial_scale)
+  q = jnp.nan_to_num(jnp.clip(rois, -_MAX_COORD, _MAX_COORD))
+  if coordinates == "caffe":    # the inclusive end pixel, x2 - 1
+    q = q - jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32)
+  q = _round(q * spatial_scale)
   hs, he = _pool_bins(q[:, 1], q[:, 3], oh, h)
   ws, we = _pool_bins(q[:, 0], q[:, 2], ow, w)
   ky, ys = _cover(hs, he, wh, _lookups(h, wh))
@@ -290,17 +300,18 @@ def _pool_forward(features, rois, oh, ow, spatial_scale, ratios, with_index):
   return out, jnp.where(dead, h * w, argmax)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _roi_pool(features, rois, oh, ow, spatial_scale, ratios):
-  return _pool_forward(features, rois, oh, ow, spatial_scale, ratios, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _roi_pool(features, rois, oh, ow, spatial_scale, coordinates, ratios):
+  return _pool_forward(features, rois, oh, ow, spatial_scale, coordinates, ratios, False)[0]
 
 
-def _roi_pool_fwd(features, rois, oh, ow, spatial_scale, ratios):
-  out, argmax = _pool_forward(features, rois, oh, ow, spatial_scale, ratios, True)
+def _roi_pool_fwd(features, rois, oh, ow, spatial_scale, coordinates, ratios):
+  out, argmax = _pool_forward(features, rois, oh, ow, spatial_scale, coordinates, ratios, True)
   return out, (argmax, features, rois)   # features: shape and dtype only
 
 
-def _roi_pool_bwd(oh, ow, spatial_scale, ratios, res, g):
+def _roi_pool_bwd(oh, ow, spatial_scale, coordinates, ratios, res, g):
+  del coordinates
   argmax, features, rois = res
   h, w, c = features.shape
   channel = jnp.broadcast_to(jnp.arange(c), argmax.shape)
@@ -311,12 +322,13 @@ def _roi_pool_bwd(oh, ow, spatial_scale, ratios, res, g):
 _roi_pool.defvjp(_roi_pool_fwd, _roi_pool_bwd)
 
 
-def roi_pool(features: Array, rois: Array, output_size, spatial_scale: float) -> Array:
+def roi_pool(features: Array, rois: Array, output_size, spatial_scale: float,
+             coordinates: str = "torchvision") -> Array:
   """RoI max pooling (Fast R-CNN / Caffe), equal to `torchvision.ops.roi_pool` on one image.
 
   RoI corners are scaled and rounded (half away from zero) to cells; the RoI spans
-  max(x2 - x1 + 1, 1) cells; bin b covers [floor(b * size), ceil((b + 1) * size)) + start,
-  clipped to the map; an empty bin gives 0. The gradient goes to the first maximum of each bin
+  max(x2 - x1 + 1, 1) cells (x1, x2 the rounded cells, both included); bin b covers
+  [floor(b * size), ceil((b + 1) * size)) + start, clipped to the map; an empty bin gives 0. The gradient goes to the first maximum of each bin
   and channel in row-major order (torchvision's argmax). NaN features propagate (torchvision
   skips them).
 
@@ -325,12 +337,20 @@ def roi_pool(features: Array, rois: Array, output_size, spatial_scale: float) ->
     rois: [R, 4] xyxy boxes in image pixels (no gradient flows to them).
     output_size: int or (oh, ow), static.
     spatial_scale: feature cells per image pixel (1/16 for VGG16 conv5), static.
+    coordinates: static; which numbers are rounded to cells. "torchvision": the box as given,
+      round(x1 * scale) .. round(x2 * scale) (torchvision, and Caffe's layer fed the same
+      numbers). "caffe": the box's inclusive pixels, round(x1 * scale) ..
+      round((x2 - 1) * scale), i.e. Caffe's ROIPoolingLayer fed the box in py-faster-rcnn's
+      inclusive pixel convention (x2_incl = x2 - 1, DESIGN.md's VOC conversion); y alike.
 
   Returns:
     [R, oh, ow, C] in the features' dtype.
   """
   oh, ow = _output_hw(output_size)
+  if coordinates not in ROI_POOL_COORDINATES:
+    raise ValueError(f"coordinates must be one of {ROI_POOL_COORDINATES}, got {coordinates!r}.")
+  features = jnp.asarray(features)
   rois = _check(features, jnp.asarray(rois), spatial_scale)
   h, w, c = features.shape
   ratios = _choose_ratios(h, w, c, jnp.dtype(features.dtype).itemsize, rois.shape[0] * oh * ow)
-  return _roi_pool(features, rois, oh, ow, float(spatial_scale), ratios)
+  return _roi_pool(features, rois, oh, ow, float(spatial_scale), coordinates, ratios)

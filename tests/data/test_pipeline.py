@@ -112,7 +112,7 @@ def test_state_restores_identical_batches_in_a_new_loader():
   resumed = _loader(_source(), prefetch=2)
   resumed.set_state(state)
   _assert_same(expected, _take(resumed, 3))
-  with pytest.raises(ValueError, match="[Ss]ampler"):
+  with pytest.raises(ValueError, match="seed: saved 3, now 9"):
     _loader(_source(), seed=9).set_state(state)
 
 
@@ -159,21 +159,27 @@ def test_eval_examples_match_the_transform_in_order():
       np.testing.assert_array_equal(batch[k][b], v, err_msg=k)
 
 
-def test_unreadable_records_filtered_and_counted():
-  source = _Holes(_source(10), bad={1, 4, 7})
+def test_unreadable_records_replaced_and_counted():
+  bad = {1, 4, 7}
+  source = _Holes(_source(10), bad=bad)
   iterator = _loader(source, batch_size=2, prefetch=0)
-  ids = np.concatenate([b["image_id"] for b in _take(iterator, 7)])   # >= one epoch of 7
-  assert not {1, 4, 7} & set(ids.tolist())
-  assert set(ids[:7].tolist()) == set(range(10)) - {1, 4, 7}
-  # A skipped record is counted with the next example read: count the bad records the
-  # sampler visits before the 14th good one.
-  sampler = grain.samplers.IndexSampler(10, grain.sharding.ShardByJaxProcess(True),
-                                        shuffle=True, seed=3)
-  order = [sampler[i].record_key for i in range(30)]
-  good = np.cumsum([k not in {1, 4, 7} for k in order])
-  last = int(np.searchsorted(good, 14))
-  assert [k for k in order[:last + 1] if k not in {1, 4, 7}] == ids.tolist()
-  assert iterator.counts[pipeline.SKIPPED] == sum(k in {1, 4, 7} for k in order[:last]) >= 3
+  batches = _take(iterator, 8)   # 5 batches per epoch
+  ids = np.concatenate([b["image_id"] for b in batches])
+  assert len(ids) == 16 and not bad & set(ids.tolist())
+  # Reference: each slot reads its planned record, or the next readable one of its group in
+  # the epoch's order; every unreadable record tried is counted.
+  plan, want, skipped = iterator.plan, [], 0
+  for n in range(8):
+    e, t = divmod(n, plan.batches_per_epoch)
+    perms, canvas, start = plan.epoch(e)
+    perm = perms[int(canvas[t])]
+    for slot in range(2):
+      pos = int(start[t]) + slot
+      while int(perm[pos % len(perm)]) in bad:
+        skipped, pos = skipped + 1, pos + 1
+      want.append(int(perm[pos % len(perm)]))
+  assert ids.tolist() == want
+  assert iterator.counts[pipeline.SKIPPED] == skipped >= 1
   batches = pipeline.eval_batches(source, batch_size=4, **SIZES)
   valid_ids = [i for b in batches for i in b["image_id"][b["valid"]].tolist()]
   assert valid_ids == [0, 2, 3, 5, 6, 8, 9]
@@ -268,3 +274,141 @@ def test_batches_sharded_over_eight_devices():
   result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
   assert "SHARDED_OK" in result.stdout, result.stderr[-3000:]
+
+
+# --- Canvases: several static canvases, one per global batch -----------------------------
+
+MIXED = dict(min_size=48, max_size=64, max_gt=6)
+TWO_CANVASES = ((48, 64), (64, 48))
+
+
+def _mixed(n=14, split="train"):
+  from tests import mixed_shapes  # pylint: disable=import-outside-toplevel
+  return mixed_shapes.MixedShapes(n, split)
+
+
+def test_plan_is_identical_on_every_process_and_shares_are_disjoint():
+  source = _mixed(14)   # 7 landscape (even ids), 7 portrait (odd ids)
+  loaders = [pipeline.train_loader(source, batch_size=4, seed=1, canvases=TWO_CANVASES,
+                                   flip=False, prefetch=0,
+                                   shard_options=grain.sharding.ShardOptions(p, 2), **MIXED)
+             for p in range(2)]
+  plans = [loader.plan for loader in loaders]
+  assert plans[0].fingerprint() == plans[1].fingerprint()
+  assert plans[0].group_sizes == [7, 7] and plans[0].batches_per_epoch == 2
+  assert plans[0].dropped_per_epoch == 6   # 7 = 4 + 3 per canvas: 3 left out of each
+  for e in range(3):
+    for a, b in zip(plans[0].epoch(e), plans[1].epoch(e)):
+      for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+  epochs = []
+  for n in range(6):
+    batches = [next(loader) for loader in loaders]
+    canvas = TWO_CANVASES[plans[0].batch(n)[0]]
+    ids = [b["image_id"].tolist() for b in batches]
+    assert not set(ids[0]) & set(ids[1])
+    assert ids[0] + ids[1] == plans[0].batch(n)[1].tolist()
+    for b in batches:
+      assert b["image"].shape == (2, *canvas, 3)       # one canvas per global batch
+      assert (b["image_hw"] == canvas).all()           # each image fills its own canvas
+      assert set(np.asarray(b["image_id"]) % 2) == {TWO_CANVASES.index(canvas)}
+    epochs.append(ids[0] + ids[1])
+  for e in range(3):   # each epoch: one batch per canvas, records not repeated
+    seen = epochs[2 * e] + epochs[2 * e + 1]
+    assert len(set(seen)) == 8
+  assert epochs[:2] != epochs[2:4]
+
+
+def test_canvases_chosen_for_the_data_in_batches():
+  from frcnn_jax.data import canvases as cv  # pylint: disable=import-outside-toplevel
+  source = _mixed(8)
+  chosen = cv.canvases_for_source(source, num_canvases=4, multiple=16, **{
+      k: MIXED[k] for k in ("min_size", "max_size")})
+  assert chosen == ((48, 64), (64, 48))
+
+
+@pytest.mark.parametrize("n, batch_size, shard_count", [(9, 4, 2), (5, 2, 1), (3, 4, 2)])
+def test_eval_each_record_once_grouped_by_canvas(n, batch_size, shard_count):
+  source = _mixed(n, "test")
+  seen, canvas_lists = [], []
+  for index in range(shard_count):
+    batches = pipeline.eval_batches(
+        source, batch_size=batch_size, canvases=TWO_CANVASES, num_workers=0,
+        shard_options=grain.sharding.ShardOptions(index, shard_count), **MIXED)
+    shapes_seen = []
+    for batch in batches:
+      shapes_seen.append(batch["image"].shape[1:3])
+      ids = batch["image_id"][batch["valid"]]
+      assert (ids % 2 == TWO_CANVASES.index(batch["image"].shape[1:3])).all()
+      seen.extend(ids.tolist())
+    canvas_lists.append(shapes_seen)
+  assert sorted(seen) == list(range(n))
+  assert all(c == canvas_lists[0] for c in canvas_lists)   # same programs on every process
+  assert len(canvas_lists[0]) == sum(-(-len(range(k, n, 2)) // batch_size) for k in (0, 1))
+
+
+_WORKERS_SCRIPT = """
+import os, sys, time
+from multiprocessing import shared_memory
+from frcnn_jax.data import pipeline, shapes
+def no_shared_memory(*args, **kwargs):
+  raise AssertionError("the input pipeline must not use shared memory")
+shared_memory.SharedMemory.__init__ = no_shared_memory
+def main():
+  source = shapes.ShapesSource(16, image_size=32, noise_std=0.0)
+  loader = pipeline.train_loader(source, batch_size=2, seed=0, min_size=32, max_size=32,
+                                 pad_hw=(32, 32), max_gt=4, num_workers=2, prefetch=1)
+  next(loader)
+  try:  # the test may interrupt as soon as it reads the PIDS line
+    print("PIDS", *loader.worker_pids, flush=True)
+    if sys.argv[1] in ("wait", "interrupt"):
+      time.sleep(600)
+  except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+  loader.close()
+  print("CLOSED", flush=True)
+if __name__ == "__main__":
+  main()
+"""
+
+
+def _alive(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split()[2] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+def test_workers_die_with_a_killed_parent_and_use_no_shared_memory(tmp_path):
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  script = tmp_path / "workers.py"
+  script.write_text(_WORKERS_SCRIPT)
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  process = subprocess.Popen([sys.executable, str(script), "wait"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  line = process.stdout.readline()
+  assert line.startswith("PIDS"), process.stderr.read()[-3000:]
+  pids = [int(p) for p in line.split()[1:]]
+  assert len(pids) == 2 and all(_alive(p) for p in pids)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  deadline = time.monotonic() + 10
+  while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not any(_alive(p) for p in pids), "worker processes outlived their parent"
+  done = subprocess.run([sys.executable, str(script), "close"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0 and "CLOSED" in done.stdout, done.stderr[-3000:]
+  assert "leaked" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+  # Ctrl-C reaches the whole process group: the workers stay quiet, the parent shuts them down.
+  process = subprocess.Popen([sys.executable, str(script), "interrupt"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+  line = process.stdout.readline()
+  assert line.startswith("PIDS"), process.stderr.read()[-3000:]
+  os.killpg(process.pid, signal.SIGINT)
+  out, err = process.communicate(timeout=60)
+  assert "INTERRUPTED" in out and "CLOSED" in out, err[-3000:]
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err and "leaked" not in err, err

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import pathlib
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -192,3 +193,35 @@ def test_normalized_to_pixels_keeps_fractions():
   got = tfds_voc.normalized_to_pixels(stored, (48, 64))
   np.testing.assert_allclose(got, [[19.25, 9.5, 40, 30]], atol=1e-5)
   assert tfds_voc.normalized_to_pixels(np.zeros((0, 4), np.float32), (48, 64)).shape == (0, 4)
+
+
+def test_every_year_must_contribute_images(tfds_dir, tmp_path):
+  copy = tmp_path / "data"
+  for year in ("2007", "2012"):
+    shutil.copytree(tfds_dir / "voc" / year, copy / "voc" / year)
+  info_path = copy / "voc" / "2012" / "5.0.0" / "dataset_info.json"
+  info = json.loads(info_path.read_text())
+  for split in info["splits"]:
+    if split["name"] in ("train", "validation"):
+      split["shardLengths"] = []
+      split["numShards"] = "0"
+  info_path.write_text(json.dumps(info))
+  for policy in ("skip", "error"):
+    with pytest.raises(ValueError, match=r"voc/2012 .* no images in 'trainval'"):
+      tfds_voc.TfdsVOCSource(copy, ("2007", "2012"), "trainval", bad_input=policy)
+  assert len(tfds_voc.TfdsVOCSource(copy, ("2007",), "trainval"))
+
+
+def test_empty_data_dir_gives_commands_that_run():
+  with pytest.raises(FileNotFoundError) as error:
+    sources.make_source("voc_tfds", "trainval", data_dir="")
+  message = str(error.value)
+  assert "--config.data.data_dir=~/tensorflow_datasets" in message
+  command = re.search(r"python scripts/prepare_voc.py (--\S+ \S+ ?)+", message).group(0)
+  assert "--data_dir ~/tensorflow_datasets --years 2007" in command
+  # The command parses: prepare_voc's own parser accepts it (without running the build).
+  spec = importlib.util.spec_from_file_location("prepare_voc", REPO / "scripts" / "prepare_voc.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  parsed = module.parse_args(command.split()[2:])
+  assert parsed.years == ["2007"] and parsed.data_dir.endswith("tensorflow_datasets")

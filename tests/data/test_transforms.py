@@ -184,3 +184,19 @@ def test_padding_example_is_invalid_and_matches_fields():
   for k in fields:
     assert np.shape(pad[k]) == np.shape(fields[k]) and pad[k].dtype == fields[k].dtype, k
   assert not pad["valid"] and not pad["gt_valid"].any() and pad["image_id"] == -1
+
+
+def test_fit_scale_never_caps_an_image_its_canvas_holds():
+  # 333 x 500 at 600 / 1000: scale 600 / 333, width 900.9 -> 901 pixels.
+  scale = transforms.resize_scale((333, 500), 600, 1000)
+  assert transforms.scaled_hw((333, 500), scale) == (600, 901)
+  assert transforms.fit_scale((333, 500), 600, 1000, (608, 928)) == scale
+  # A canvas 900 wide cannot hold 901: the factor is capped by the canvas (old rule).
+  capped = transforms.fit_scale((333, 500), 600, 1000, (608, 900))
+  assert capped == min(scale, 900 / 500) and transforms.scaled_hw((333, 500), capped) == (
+      round(333 * 1.8), 900)
+  # Rounding down into the canvas is not shrinking: 600.4 -> 600 fits a 600 canvas.
+  hw = (300, 1000)
+  s = transforms.resize_scale(hw, 2000, 2001.2)
+  assert 300 * s > 600 and transforms.scaled_hw(hw, s)[0] == 600
+  assert transforms.fit_scale(hw, 2000, 2001.2, (600, 2016)) == s

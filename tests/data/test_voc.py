@@ -305,3 +305,30 @@ def test_warnings_name_the_file_and_are_capped(write_voc, caplog):
   assert messages[-1] == (f"voc_folder:2007/trainval: {sources.MAX_WARNINGS + 5} items skipped, "
                           "0 boxes clipped to their image")
   np.testing.assert_array_equal(source[0]["labels"], [12])
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_every_year_must_contribute_images(tmp_path, policy):
+  devkit = tmp_path / "VOCdevkit"
+  trees.write_voc_year(devkit, "2007", {"a": [("dog", 5, 5, 20, 20, 0, 0)]},
+                       {"trainval": ["a"]})
+  trees.write_voc_year(devkit, "mine", {}, {"trainval": []})        # an empty split file
+  with pytest.raises(ValueError, match=r"VOCmine.*lists no images"):
+    voc.VOCFolderSource(tmp_path, ("2007", "mine"), "trainval", bad_input=policy)
+  with pytest.raises(ValueError, match=r"VOCmine.*lists no images"):
+    voc.VOCFolderSource(tmp_path, ("mine", "2007"), "trainval", bad_input=policy)
+  assert len(voc.VOCFolderSource(tmp_path, ("2007",), "trainval", bad_input=policy)) == 1
+
+
+def test_a_year_whose_images_are_all_skipped_is_named(tmp_path):
+  devkit = tmp_path / "VOCdevkit"
+  trees.write_voc_year(devkit, "2007", {"a": [("dog", 5, 5, 20, 20, 0, 0)]},
+                       {"trainval": ["a"]})
+  trees.write_voc_year(devkit, "bad", {"x": {"xml": "garbage"}}, {"trainval": ["x"]})
+  with pytest.raises(ValueError, match=r"VOCbad contributes no usable image"):
+    voc.VOCFolderSource(tmp_path, ("2007", "bad"), "trainval", bad_input="skip")
+
+
+def test_empty_data_dir_says_which_key_to_set():
+  with pytest.raises(FileNotFoundError, match=r"--config\.data\.data_dir=DIR"):
+    voc.VOCFolderSource("", ("2007",), "trainval")

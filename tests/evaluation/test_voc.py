@@ -131,12 +131,25 @@ def test_score_ties_keep_image_order(fp_first, expected):
   assert out["ap"][0] == expected
 
 
-def test_eleven_point_uses_exact_tenths():
-  # 10 objects, 3 found at the top then one fp: recall exactly 3/10 counts for t = 0.3.
+@pytest.mark.parametrize("found,fp_after", [(3, 1), (6, 1), (7, 2)])
+def test_eleven_point_thresholds_at_exact_tenths_of_recall(found, fp_after):
+  # 10 objects; the first `found` are found at the top, then false positives: recall lands on
+  # exactly found / 10. voc_eval's np.arange(0, 1.1, 0.1)[found] is a hair above it, so that
+  # threshold gets no precision by default; the exact tenths give it precision 1.
   boxes = [[10 * i, 0, 10 * i + 5, 5] for i in range(10)]
-  dets = _det(boxes[:3] + [[0, 50, 5, 55]], [0.9, 0.8, 0.7, 0.6], [1] * 4)
-  out = voc.evaluate([dets], [_gt(boxes, [1] * 10)], 1)
-  assert out["ap"][0] == pytest.approx(4 / 11, abs=1e-15)
+  far = [[0, 50 + 10 * i, 5, 55 + 10 * i] for i in range(fp_after)]
+  scores = np.linspace(0.9, 0.1, found + fp_after)
+  dets = _det(boxes[:found] + far, scores, [1] * (found + fp_after))
+  gts = [_gt(boxes, [1] * 10)]
+  assert voc.VOC07_RECALL_THRESHOLDS[found] > found / 10
+  default = voc.evaluate([dets], gts, 1)
+  exact = voc.evaluate([dets], gts, 1, exact_tenths=True)
+  assert default["ap"][0] == pytest.approx(found / 11, abs=1e-15)
+  assert exact["ap"][0] == pytest.approx((found + 1) / 11, abs=1e-15)
+  assert not default["exact_tenths"] and exact["exact_tenths"]
+  # The area metric does not use thresholds.
+  assert (voc.evaluate([dets], gts, 1, use_07_metric=False)["ap"][0] ==
+          voc.evaluate([dets], gts, 1, use_07_metric=False, exact_tenths=True)["ap"][0])
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -254,7 +267,8 @@ def test_matches_brute_force_devkit_reference():
     dets, gts, num_classes = _random_case(rng)
     threshold = (0.5, 0.3, 0.7)[trial % 3]
     use_07 = trial % 2 == 0
-    out = voc.evaluate(dets, gts, num_classes, iou_threshold=threshold, use_07_metric=use_07)
+    out = voc.evaluate(dets, gts, num_classes, iou_threshold=threshold, use_07_metric=use_07,
+                       exact_tenths=True)
     ref = _reference(dets, gts, num_classes, threshold, use_07)
     np.testing.assert_allclose(out["ap"], ref, rtol=0, atol=1e-12, err_msg=f"trial {trial}")
     finite = np.isfinite(ref)
@@ -281,3 +295,154 @@ def test_iou_equals_devkit_plus_one_iou_under_the_conversion():
   ours_gt = devkit_gt - [1, 1, 0, 0]                       # x1 = xmin - 1, x2 = xmax
   want = [[devkit_iou(d, g) for g in devkit_gt] for d in devkit_dets]
   np.testing.assert_allclose(voc.pairwise_iou(dets, ours_gt), want, rtol=0, atol=1e-12)
+
+
+# ------------------------------------- py-faster-rcnn's lib/datasets/voc_eval.py, line by line
+# voc_ap and the matching loop of voc_eval (rbgirshick/py-faster-rcnn master, with its eps guard
+# on the precision), fed one class's boxes in its 1-based inclusive convention (our x1 + 1,
+# y1 + 1, x2, y2: DESIGN.md's VOC conversion, reversed) instead of files.
+
+
+def voc_ap(rec, prec, use_07_metric=False):
+  if use_07_metric:
+    ap = 0.
+    for t in np.arange(0., 1.1, 0.1):
+      if np.sum(rec >= t) == 0:
+        p = 0
+      else:
+        p = np.max(prec[rec >= t])
+      ap = ap + p / 11.
+  else:
+    mrec = np.concatenate(([0.], rec, [1.]))
+    mpre = np.concatenate(([0.], prec, [0.]))
+    for i in range(mpre.size - 1, 0, -1):
+      mpre[i - 1] = np.maximum(mpre[i - 1], mpre[i])
+    i = np.where(mrec[1:] != mrec[:-1])[0]
+    ap = np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])
+  return ap
+
+
+def voc_eval(dets, gts, classname, ovthresh=0.5, use_07_metric=False):
+  class_recs = {}
+  npos = 0
+  imagenames = list(range(len(gts)))
+  for imagename in imagenames:
+    g = gts[imagename]
+    keep = np.asarray(g["labels"]) == classname
+    bbox = np.asarray(g["boxes"], float)[keep] + [1, 1, 0, 0]
+    difficult = np.asarray(g["difficult"])[keep].astype(bool)
+    det = [False] * len(bbox)
+    npos = npos + sum(~difficult)
+    class_recs[imagename] = {'bbox': bbox, 'difficult': difficult, 'det': det}
+
+  image_ids, confidence, BB = [], [], []
+  for imagename in imagenames:
+    d = dets[imagename]
+    for k in np.flatnonzero(np.asarray(d["labels"]) == classname):
+      image_ids.append(imagename)
+      confidence.append(float(d["scores"][k]))
+      BB.append(np.asarray(d["boxes"][k], float) + [1, 1, 0, 0])
+  confidence = np.array(confidence)
+  BB = np.array(BB).reshape(-1, 4)
+
+  sorted_ind = np.argsort(-confidence)
+  BB = BB[sorted_ind, :]
+  image_ids = [image_ids[x] for x in sorted_ind]
+
+  nd = len(image_ids)
+  tp = np.zeros(nd)
+  fp = np.zeros(nd)
+  for d in range(nd):
+    R = class_recs[image_ids[d]]
+    bb = BB[d, :].astype(float)
+    ovmax = -np.inf
+    BBGT = R['bbox'].astype(float)
+    if BBGT.size > 0:
+      ixmin = np.maximum(BBGT[:, 0], bb[0])
+      iymin = np.maximum(BBGT[:, 1], bb[1])
+      ixmax = np.minimum(BBGT[:, 2], bb[2])
+      iymax = np.minimum(BBGT[:, 3], bb[3])
+      iw = np.maximum(ixmax - ixmin + 1., 0.)
+      ih = np.maximum(iymax - iymin + 1., 0.)
+      inters = iw * ih
+      uni = ((bb[2] - bb[0] + 1.) * (bb[3] - bb[1] + 1.) +
+             (BBGT[:, 2] - BBGT[:, 0] + 1.) * (BBGT[:, 3] - BBGT[:, 1] + 1.) - inters)
+      overlaps = inters / uni
+      ovmax = np.max(overlaps)
+      jmax = np.argmax(overlaps)
+    if ovmax > ovthresh:
+      if not R['difficult'][jmax]:
+        if not R['det'][jmax]:
+          tp[d] = 1.
+          R['det'][jmax] = 1
+        else:
+          fp[d] = 1.
+    else:
+      fp[d] = 1.
+
+  fp = np.cumsum(fp)
+  tp = np.cumsum(tp)
+  rec = tp / float(npos)
+  prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+  ap = voc_ap(rec, prec, use_07_metric)
+  return rec, prec, ap
+
+
+def _random_float_case(rng, num_images, num_classes):
+  """Continuous boxes (no IoU lands on the threshold) and distinct scores (no ties, which
+  voc_eval's unstable argsort would order arbitrarily)."""
+  gts, dets = [], []
+  for _ in range(num_images):
+    g = int(rng.integers(0, 6))
+    xy = rng.uniform(0, 80, size=(g, 2))
+    gt_boxes = np.concatenate([xy, xy + rng.uniform(4, 40, size=(g, 2))], 1)
+    gt_labels = rng.integers(1, num_classes + 1, size=g)
+    gts.append(_gt(gt_boxes, gt_labels, rng.random(g) < 0.15))
+    k = int(rng.integers(0, 8))
+    src = rng.integers(0, max(g, 1), size=k)
+    near = (gt_boxes[src] + rng.normal(size=(k, 4)) * 3) if g else rng.uniform(0, 80, (k, 4))
+    xy = rng.uniform(0, 80, size=(k, 2))
+    far = np.concatenate([xy, xy + rng.uniform(2, 40, size=(k, 2))], 1)
+    boxes = np.where((rng.random(k) < 0.75)[:, None], near, far)
+    boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 0.5)
+    labels = np.where(rng.random(k) < 0.85, gt_labels[src] if g else 1,
+                      rng.integers(1, num_classes + 1, size=k))
+    dets.append(_det(boxes, rng.random(k), labels))
+  return dets, gts
+
+
+def _landing_case(rng, npos, found):
+  """One class, `npos` objects in one image; the top `found` detections hit distinct objects,
+  then misses and hits mixed: recall passes exactly found / npos."""
+  xy = np.arange(npos)[:, None] * [50.0, 0.0]
+  gt = np.concatenate([xy, xy + 30.0], 1)
+  hits = gt[rng.permutation(npos)] + rng.uniform(-1, 1, size=(npos, 4))
+  misses = np.concatenate([np.full((4, 1), 10.0), np.arange(4)[:, None] * 40 + 100.0,
+                           np.full((4, 1), 30.0), np.arange(4)[:, None] * 40 + 130.0], 1)
+  order = list(hits[:found]) + list(misses[:2]) + list(hits[found:]) + list(misses[2:])
+  scores = np.linspace(1.0, 0.01, len(order))
+  return [_det(np.array(order), scores, [1] * len(order))], [_gt(gt, [1] * npos)]
+
+
+def test_eleven_point_ap_matches_py_faster_rcnn_voc_eval():
+  rng = np.random.default_rng(7)
+  cases = [(*_random_float_case(rng, int(rng.integers(1, 8)), n), n)
+           for n in rng.integers(1, 4, size=60)]
+  # Recall landing exactly on 3/10, 6/10 and 7/10 (and 3/10 again as 6/20, 7/10 as 14/20).
+  landings = [(10, 3), (10, 6), (10, 7), (20, 6), (20, 14)]
+  cases += [(*_landing_case(rng, npos, found), 1) for npos, found in landings]
+  differs = 0
+  for trial, (dets, gts, num_classes) in enumerate(cases):
+    for use_07 in (True, False):
+      out = voc.evaluate(dets, gts, num_classes, use_07_metric=use_07)
+      for c in range(1, num_classes + 1):
+        npos = sum(int(np.sum((np.asarray(g["labels"]) == c) & ~np.asarray(g["difficult"])))
+                   for g in gts)
+        if npos == 0:
+          assert np.isnan(out["ap"][c - 1])
+          continue
+        rec, prec, ap = voc_eval(dets, gts, c, 0.5, use_07)
+        assert out["ap"][c - 1] == pytest.approx(ap, abs=1e-12), (trial, c, use_07)
+        exact = voc.evaluate(dets, gts, num_classes, use_07_metric=use_07, exact_tenths=True)
+        differs += use_07 and abs(exact["ap"][c - 1] - ap) > 1e-9
+  assert differs >= len(landings)     # the exact tenths differ exactly where recall lands

@@ -78,6 +78,10 @@ def _random_params(model) -> Any:
   params = jax.tree_util.tree_map_with_path(fill, abstract)
   # Sharpen the classifier so detections spread over classes and scores like a trained model's.
   params["head"]["cls"]["kernel"] *= 20.0
+  # Keep box deltas small, as a trained model's are: He-scaled deltas send most boxes far past
+  # the image, where clipping leaves them with no area and `test.min_size` drops them.
+  params["head"]["box"]["kernel"] *= 0.01
+  params["rpn"]["deltas"]["kernel"] *= 0.01
   return params
 
 

@@ -23,6 +23,8 @@ def test_normalize_images(input_norm):
   x = images.astype(np.float64)
   if input_norm == "caffe":
     expected = x[..., ::-1] - np.asarray([102.9801, 115.9465, 122.7717])
+  elif input_norm == "keras":
+    expected = x[..., ::-1] - np.asarray([103.939, 116.779, 123.68])
   else:
     expected = (x / 255 - np.asarray([0.485, 0.456, 0.406])) / np.asarray([0.229, 0.224, 0.225])
   expected[1, 5:] = 0.0

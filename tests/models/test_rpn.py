@@ -48,6 +48,23 @@ def test_objectness_scores():
                              [0.5, 1 / (1 + np.e)], rtol=1e-6)
 
 
+def test_objectness_logits_rank_like_the_probability_without_saturating():
+  rng = np.random.default_rng(0)
+  for width in (2, 1):
+    logits = jnp.asarray(rng.normal(size=(500, width)) * 4, jnp.float32)
+    d = rpn.objectness_logits(logits)
+    np.testing.assert_allclose(jax.nn.sigmoid(d), rpn.objectness_scores(logits), rtol=1e-5,
+                               atol=1e-7)
+    p = np.asarray(rpn.objectness_scores(logits), np.float64)
+    d = np.asarray(d, np.float64)
+    apart = np.abs(p[:, None] - p[None, :]) > 1e-6
+    by_logit, by_prob = np.sign(d[:, None] - d[None, :]), np.sign(p[:, None] - p[None, :])
+    assert np.all(by_logit[apart] == by_prob[apart])
+  big = jnp.asarray([[0.0, 17.0], [0.0, 20.0], [1.0, 30.0]])
+  assert np.all(np.asarray(rpn.objectness_scores(big)) == 1.0)    # float32 saturates ...
+  np.testing.assert_array_equal(rpn.objectness_logits(big), [17.0, 20.0, 29.0])   # ... not this
+
+
 def test_unknown_objectness_is_an_error():
   with pytest.raises(ValueError, match="objectness"):
     rpn.RPNHead(objectness="tanh").init(jax.random.key(0), jnp.zeros((1, 2, 2, 4)))

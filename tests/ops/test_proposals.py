@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from frcnn_jax.ops import anchors as anchor_ops
 from frcnn_jax.ops import proposals
 
 
@@ -45,9 +46,20 @@ def np_greedy_nms(boxes, scores, threshold):
   return kept
 
 
+def np_sigmoid(x):
+  return 1.0 / (1.0 + math.exp(-float(x)))
+
+
+def np_centre_inside(anchor, hw) -> bool:
+  cx, cy = (anchor[0] + anchor[2]) / 2, (anchor[1] + anchor[3]) / 2
+  return 0 <= cx <= hw[1] and 0 <= cy <= hw[0]
+
+
 def np_proposals(objectness, deltas, anchors, hw, min_size, pre, post, threshold):
+  """objectness: logits; ranked by them, returned as probabilities."""
   boxes = [np_clip(np_decode(d, a), hw) for d, a in zip(deltas, anchors)]
-  ok = [b[2] - b[0] >= min_size and b[3] - b[1] >= min_size for b in boxes]
+  ok = [b[2] - b[0] >= min_size and b[3] - b[1] >= min_size and np_centre_inside(a, hw)
+        for b, a in zip(boxes, anchors)]
   order = sorted((i for i in range(len(boxes)) if ok[i]), key=lambda i: (-objectness[i], i))
   top = order[:pre]
   kept = np_greedy_nms([boxes[i] for i in top], [objectness[i] for i in top], threshold)
@@ -55,7 +67,7 @@ def np_proposals(objectness, deltas, anchors, hw, min_size, pre, post, threshold
   out_boxes = np.zeros((post, 4))
   out_scores = np.zeros(post)
   for slot, i in enumerate(kept):
-    out_boxes[slot], out_scores[slot] = boxes[i], objectness[i]
+    out_boxes[slot], out_scores[slot] = boxes[i], np_sigmoid(objectness[i])
   return out_boxes, out_scores, np.arange(post) < len(kept)
 
 
@@ -70,8 +82,9 @@ def random_case(rng, a=64):
   sizes = rng.uniform(8, 64, size=(a, 2))
   anchors = np.concatenate([centres - sizes / 2, centres + sizes / 2], 1).astype(np.float32)
   deltas = (rng.normal(size=(a, 4)) * 0.3).astype(np.float32)
-  objectness = rng.uniform(size=a).astype(np.float32)
-  hw = rng.integers(60, 120, size=2).astype(np.int32)
+  objectness = rng.normal(size=a).astype(np.float32) * 4
+  objectness[rng.random(a) < 0.2] += 20.0    # probabilities saturated at 1.0 in float32
+  hw = rng.integers(60, 120, size=2).astype(np.int32)   # some anchor centres in the padding
   min_size = np.float32(rng.choice([0.0, 8.0, 16.0]))
   return objectness, deltas, anchors, hw, min_size
 
@@ -113,9 +126,11 @@ def test_generate_proposals_golden_decode_clip_and_min_size():
   # Centre (100, 200), size 50 x 100; then the second anchor shifted 10 px left and clipped.
   np.testing.assert_allclose(boxes, [[75, 150, 125, 250], [0, 0, 10, 20], [0] * 4, [0] * 4],
                              atol=1e-4)
-  np.testing.assert_allclose(scores, [0.9, 0.8, 0, 0], rtol=1e-6)
+  sigmoid = lambda x: 1 / (1 + np.exp(-x))
+  np.testing.assert_allclose(scores, [sigmoid(0.9), sigmoid(0.8), 0, 0], rtol=1e-6)
   np.testing.assert_array_equal(valid, [True, True, False, False])
-  # Clipping uses the true image size: in an image 10 px wide only the second box is left.
+  # Clipping uses the true image size: in an image 10 px wide only the second box is left
+  # (its anchor is centred at x = 10, on the border: inside).
   boxes, _, valid = fn(objectness, deltas, anchors, np.array([400, 10], np.int32),
                        np.float32(1.0))
   np.testing.assert_array_equal(valid, [True, False, False, False])
@@ -131,7 +146,8 @@ def test_generate_proposals_nms_suppresses_duplicates():
   fn = proposal_fn(pre_nms_top_n=5, post_nms_top_n=5, nms_threshold=0.7)
   boxes, scores, valid = fn(objectness, np.zeros((5, 4), np.float32), anchors,
                             np.array([300, 300]), np.float32(0.0))
-  np.testing.assert_allclose(scores, [0.9, 0.5, 0, 0, 0])
+  np.testing.assert_allclose(scores, 1 / (1 + np.exp(-np.array([0.9, 0.5, 0, 0, 0]))) *
+                             [1, 1, 0, 0, 0], rtol=1e-6)
   np.testing.assert_allclose(boxes[:2], anchors[[4, 1]])
 
 
@@ -154,8 +170,169 @@ def test_generate_proposals_has_no_gradient_and_vmap_equals_loop():
     assert np.all(np.asarray(g) == 0.0)
 
 
+def test_rank_follows_logits_above_float32_saturation():
+  # Logits 17..30: sigmoid is exactly 1.0 in float32, so ranking probabilities would keep
+  # anchor order. Ranked by logit, the output follows the logits.
+  a = 12
+  anchors = np.stack([np.arange(a) * 40.0, np.zeros(a), np.arange(a) * 40.0 + 30.0,
+                      np.full(a, 30.0)], 1).astype(np.float32)      # disjoint boxes
+  logits = np.random.default_rng(3).permutation(np.linspace(17.0, 30.0, a)).astype(np.float32)
+  assert np.all(np.asarray(jax.nn.sigmoid(logits)) == 1.0)
+  fn = proposal_fn(pre_nms_top_n=a, post_nms_top_n=a, nms_threshold=0.7)
+  boxes, scores, valid = fn(logits, np.zeros((a, 4), np.float32), anchors,
+                            np.array([40, 40 * a]), np.float32(0.0))
+  assert np.all(valid)
+  np.testing.assert_array_equal(boxes, anchors[np.argsort(-logits)])
+  np.testing.assert_array_equal(scores, 1.0)
+  # Pre-NMS top-k keeps the highest logits, not the lowest anchor indices.
+  fn = proposal_fn(pre_nms_top_n=3, post_nms_top_n=3, nms_threshold=0.7)
+  boxes, _, _ = fn(logits, np.zeros((a, 4), np.float32), anchors, np.array([40, 40 * a]),
+                   np.float32(0.0))
+  np.testing.assert_array_equal(boxes, anchors[np.argsort(-logits)[:3]])
+
+
+def test_no_proposal_from_an_anchor_centred_in_padding():
+  # A 10 x 12 grid of anchors at stride 16 on a 160 x 192 canvas holding a 100 x 150 image;
+  # the anchors in the padding get the highest logits and no NMS suppression (threshold 1).
+  ys, xs = np.meshgrid(np.arange(10) * 16 + 8.0, np.arange(12) * 16 + 8.0, indexing="ij")
+  centres = np.stack([xs.ravel(), ys.ravel()], 1)
+  anchors = np.concatenate([centres - 20, centres + 20], 1).astype(np.float32)
+  hw = np.array([100, 150], np.int32)
+  inside = (centres[:, 0] <= 150) & (centres[:, 1] <= 100)
+  rng = np.random.default_rng(4)
+  logits = np.where(inside, rng.normal(size=len(anchors)),
+                    30 + rng.normal(size=len(anchors))).astype(np.float32)
+  deltas = (rng.normal(size=(len(anchors), 4)) * 0.1).astype(np.float32)
+  n = len(anchors)
+  fn = proposal_fn(pre_nms_top_n=n, post_nms_top_n=n, nms_threshold=1.0)
+  boxes, scores, valid = fn(logits, deltas, anchors, hw, np.float32(0.0))
+  assert int(np.sum(valid)) == int(np.sum(inside))
+  # Every proposal is the decoded box of an inside anchor, matched by its score.
+  decoded = np.stack([np_clip(np_decode(d, a), hw) for d, a in zip(deltas, anchors)])
+  probs = np.array([np_sigmoid(l) for l in logits])
+  for box, score in zip(boxes[valid], scores[valid]):
+    i = int(np.argmin(np.abs(probs - score)))
+    assert inside[i]
+    np.testing.assert_allclose(box, decoded[i], atol=1e-3)
+  # Without the padding (image = canvas) the padding anchors come first.
+  boxes, _, valid = fn(logits, deltas, anchors, np.array([160, 192]), np.float32(0.0))
+  assert np.all(valid)
+  assert not inside[np.argmax(logits)]
+  np.testing.assert_allclose(boxes[0], np_decode(deltas[np.argmax(logits)],
+                                                 anchors[np.argmax(logits)]), atol=1e-3)
+
+
 def test_generate_proposals_bad_shapes_raise():
-  with pytest.raises(ValueError, match="objectness"):
+  with pytest.raises(ValueError, match="objectness_logits"):
     proposals.generate_proposals(jnp.zeros((4, 2)), jnp.zeros((4, 4)), jnp.zeros((4, 4)),
                                  jnp.array([10, 10]), min_size=0.0, pre_nms_top_n=2,
                                  post_nms_top_n=2, nms_threshold=0.7)
+
+
+# ------------------------------------- py-faster-rcnn's lib/rpn/proposal_layer.py, line by line
+# (forward steps 1-8 on one image's flattened outputs; bbox_transform_inv, clip_boxes,
+# _filter_boxes and py_cpu_nms from lib/), inclusive pixel boxes.
+
+
+def bbox_transform_inv(boxes, deltas):
+  widths = boxes[:, 2] - boxes[:, 0] + 1.0
+  heights = boxes[:, 3] - boxes[:, 1] + 1.0
+  ctr_x = boxes[:, 0] + 0.5 * widths
+  ctr_y = boxes[:, 1] + 0.5 * heights
+  dx, dy, dw, dh = deltas[:, 0::4], deltas[:, 1::4], deltas[:, 2::4], deltas[:, 3::4]
+  pred_ctr_x = dx * widths[:, np.newaxis] + ctr_x[:, np.newaxis]
+  pred_ctr_y = dy * heights[:, np.newaxis] + ctr_y[:, np.newaxis]
+  pred_w = np.exp(dw) * widths[:, np.newaxis]
+  pred_h = np.exp(dh) * heights[:, np.newaxis]
+  pred_boxes = np.zeros(deltas.shape, dtype=deltas.dtype)
+  pred_boxes[:, 0::4] = pred_ctr_x - 0.5 * pred_w
+  pred_boxes[:, 1::4] = pred_ctr_y - 0.5 * pred_h
+  pred_boxes[:, 2::4] = pred_ctr_x + 0.5 * pred_w
+  pred_boxes[:, 3::4] = pred_ctr_y + 0.5 * pred_h
+  return pred_boxes
+
+
+def clip_boxes(boxes, im_shape):
+  boxes[:, 0::4] = np.maximum(np.minimum(boxes[:, 0::4], im_shape[1] - 1), 0)
+  boxes[:, 1::4] = np.maximum(np.minimum(boxes[:, 1::4], im_shape[0] - 1), 0)
+  boxes[:, 2::4] = np.maximum(np.minimum(boxes[:, 2::4], im_shape[1] - 1), 0)
+  boxes[:, 3::4] = np.maximum(np.minimum(boxes[:, 3::4], im_shape[0] - 1), 0)
+  return boxes
+
+
+def py_cpu_nms(dets, thresh):
+  x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
+  areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+  order = scores.argsort()[::-1]
+  keep = []
+  while order.size > 0:
+    i = order[0]
+    keep.append(i)
+    xx1 = np.maximum(x1[i], x1[order[1:]])
+    yy1 = np.maximum(y1[i], y1[order[1:]])
+    xx2 = np.minimum(x2[i], x2[order[1:]])
+    yy2 = np.minimum(y2[i], y2[order[1:]])
+    w = np.maximum(0.0, xx2 - xx1 + 1)
+    h = np.maximum(0.0, yy2 - yy1 + 1)
+    inter = w * h
+    ovr = inter / (areas[i] + areas[order[1:]] - inter)
+    inds = np.where(ovr <= thresh)[0]
+    order = order[inds + 1]
+  return keep
+
+
+def pfr_proposal_layer(scores, bbox_deltas, anchors, im_info, pre_nms_topN, post_nms_topN,
+                       nms_thresh, min_size):
+  """scores [A] object probabilities, anchors [A, 4] inclusive; returns inclusive boxes."""
+  proposals_ = bbox_transform_inv(anchors, bbox_deltas)
+  proposals_ = clip_boxes(proposals_, im_info[:2])
+  ws = proposals_[:, 2] - proposals_[:, 0] + 1
+  hs = proposals_[:, 3] - proposals_[:, 1] + 1
+  keep = np.where((ws >= min_size * im_info[2]) & (hs >= min_size * im_info[2]))[0]
+  proposals_ = proposals_[keep, :]
+  scores = scores[keep].reshape(-1, 1)
+  order = scores.ravel().argsort()[::-1]
+  if pre_nms_topN > 0:
+    order = order[:pre_nms_topN]
+  proposals_ = proposals_[order, :]
+  scores = scores[order]
+  keep = py_cpu_nms(np.hstack((proposals_, scores)), nms_thresh)
+  if post_nms_topN > 0:
+    keep = keep[:post_nms_topN]
+  return proposals_[keep, :], scores[keep]
+
+
+def test_legacy_plus_one_reproduces_py_faster_rcnn_proposal_layer():
+  rng = np.random.default_rng(5)
+  grid = anchor_ops.anchor_grid(6, 8, 16, (32, 64), (0.5, 1.0, 2.0), "py-faster-rcnn")
+  a = len(grid)
+  fn = proposal_fn(True, pre_nms_top_n=60, post_nms_top_n=25, nms_threshold=0.7,
+                   legacy_plus_one=True)
+  cases = []
+  for _ in range(20):
+    logits = rng.normal(size=a).astype(np.float32) * 3
+    deltas = (rng.normal(size=(a, 4)) * 0.3).astype(np.float32)
+    hw = np.array([rng.integers(90, 97), rng.integers(120, 129)], np.int32)  # centres inside
+    cases.append((logits, deltas, grid, hw, np.float32(16 * 0.75)))
+  boxes, scores, valid = map(np.asarray, fn(*[np.stack(x) for x in zip(*cases)]))
+  for i, (logits, deltas, _, hw, _) in enumerate(cases):
+    probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    want, want_scores = pfr_proposal_layer(
+        probs, deltas.astype(np.float64), grid.astype(np.float64) - [0, 0, 1, 1],
+        np.array([hw[0], hw[1], 0.75]), 60, 25, 0.7, 16)
+    n = len(want)
+    assert np.all(valid[i] == (np.arange(25) < n)), i
+    np.testing.assert_allclose(boxes[i, :n], want + [0, 0, 1, 1], rtol=0, atol=2e-3)
+    np.testing.assert_allclose(scores[i, :n], want_scores[:, 0], rtol=1e-5)
+  # Without the flag every proposal is one pixel smaller at its right and bottom.
+  plain = proposal_fn(pre_nms_top_n=60, post_nms_top_n=25, nms_threshold=0.7)
+  legacy = proposal_fn(pre_nms_top_n=60, post_nms_top_n=25, nms_threshold=0.7,
+                       legacy_plus_one=True)
+  logits, deltas, _, _, _ = cases[0]
+  deltas = deltas * 0.1
+  big_hw = np.array([400, 400])
+  b0, _, v0 = plain(logits, deltas, grid + 150, big_hw, np.float32(0.0))
+  b1, _, v1 = legacy(logits, deltas, grid + 150, big_hw, np.float32(0.0))
+  assert np.all(np.asarray(v0)) and np.all(np.asarray(v1))
+  np.testing.assert_allclose(np.asarray(b1) - np.asarray(b0), np.tile([0, 0, 1, 1], (25, 1)),
+                             atol=1e-4)

@@ -113,6 +113,44 @@ def ref_roi_pool(features, rois, oh, ow, scale):
   return out, argmax
 
 
+def ref_caffe_roi_pool(features, rois, oh, ow, scale):
+  """Line by line after caffe-fast-rcnn's ROIPoolingLayer::Forward_cpu (one image, float32).
+
+  `rois` are py-faster-rcnn's [x1, y1, x2, y2] inclusive pixel boxes (no batch index).
+  """
+  f = np.asarray(features, F32)
+  height, width, channels = f.shape
+  top = np.full((len(rois), oh, ow, channels), -np.finfo(F32).max, F32)
+  for n, roi_ in enumerate(np.asarray(rois, F32)):
+    roi_start_w = _std_round(roi_[0] * F32(scale))
+    roi_start_h = _std_round(roi_[1] * F32(scale))
+    roi_end_w = _std_round(roi_[2] * F32(scale))
+    roi_end_h = _std_round(roi_[3] * F32(scale))
+    roi_height = max(roi_end_h - roi_start_h + 1, 1)
+    roi_width = max(roi_end_w - roi_start_w + 1, 1)
+    bin_size_h = F32(roi_height) / F32(oh)
+    bin_size_w = F32(roi_width) / F32(ow)
+    for c in range(channels):
+      for ph in range(oh):
+        for pw in range(ow):
+          hstart = int(np.floor(F32(ph) * bin_size_h))
+          wstart = int(np.floor(F32(pw) * bin_size_w))
+          hend = int(np.ceil(F32(ph + 1) * bin_size_h))
+          wend = int(np.ceil(F32(pw + 1) * bin_size_w))
+          hstart = min(max(hstart + roi_start_h, 0), height)
+          hend = min(max(hend + roi_start_h, 0), height)
+          wstart = min(max(wstart + roi_start_w, 0), width)
+          wend = min(max(wend + roi_start_w, 0), width)
+          is_empty = (hend <= hstart) or (wend <= wstart)
+          if is_empty:
+            top[n, ph, pw, c] = 0
+          for hh in range(hstart, hend):
+            for ww in range(wstart, wend):
+              if f[hh, ww, c] > top[n, ph, pw, c]:
+                top[n, ph, pw, c] = f[hh, ww, c]
+  return top
+
+
 # ------------------------------------------------------------------------------- inputs
 
 
@@ -245,8 +283,8 @@ def test_roi_pool_window_levels_all_exact(ratios):
   feats = random_features(rng, h, w, c)
   rois = random_rois(rng, 60, h * 4, w * 4)
   want, _ = ref_roi_pool(feats, rois, 3, 2, 1 / 4)
-  got = jax.jit(roi._roi_pool, static_argnums=(2, 3, 4, 5))(
-      jnp.asarray(feats), jnp.asarray(rois), 3, 2, 0.25, ratios)
+  got = jax.jit(roi._roi_pool, static_argnums=(2, 3, 4, 5, 6))(
+      jnp.asarray(feats), jnp.asarray(rois), 3, 2, 0.25, "torchvision", ratios)
   np.testing.assert_array_equal(np.asarray(got), want)
 
 
@@ -262,6 +300,38 @@ def test_roi_pool_hand_computed():
   # Wholly outside: every bin empty -> 0.
   out = pool(feats, jnp.array([[10.0, 10.0, 20.0, 20.0]]), 2, 1.0)
   np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+@pytest.mark.parametrize("scale,output_size", [(1 / 16, 7), (1 / 8, (3, 5)), (1.0, (2, 3))])
+def test_roi_pool_coordinates_match_caffe_layer(scale, output_size):
+  rng = np.random.default_rng(int(1 / scale) + 17)
+  h, w, c = 11, 13, 2
+  feats = random_features(rng, h, w, c)
+  rois = random_rois(rng, 120, h / scale, w / scale)
+  rois[::3] = np.round(rois[::3])     # integer pixels: x2 - 1 lands on rounding edges
+  oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+  caffe_pool = jax.jit(roi.roi_pool, static_argnums=(2, 3, 4))
+  inclusive = rois - np.array([0, 0, 1, 1], F32)     # py-faster-rcnn's x2_incl = x2 - 1
+  got = caffe_pool(jnp.asarray(feats), jnp.asarray(rois), output_size, scale, "caffe")
+  np.testing.assert_array_equal(np.asarray(got),
+                                ref_caffe_roi_pool(feats, inclusive, oh, ow, scale))
+  # The default rounds the numbers as given: Caffe's layer fed the same numbers.
+  got = caffe_pool(jnp.asarray(feats), jnp.asarray(rois), output_size, scale, "torchvision")
+  np.testing.assert_array_equal(np.asarray(got), ref_caffe_roi_pool(feats, rois, oh, ow, scale))
+
+
+def test_roi_pool_caffe_coordinates_by_hand():
+  feats = jnp.arange(64.0).reshape(8, 8, 1)   # cell (row, col) holds 8 * row + col
+  # At 1/8, x2 = 24: torchvision rounds 24 / 8 = 3, Caffe the last pixel 23 / 8 = 2.875 -> 3;
+  # x2 = 20: 2.5 -> 3 vs 19 / 8 = 2.375 -> 2; y2 = 12: 1.5 -> 2 vs 11 / 8 = 1.375 -> 1.
+  # One bin: the maximum is the bottom-right cell of the rounded RoI.
+  for x2, y2, tv, caffe in ((24.0, 12.0, (2, 3), (1, 3)), (20.0, 12.0, (2, 3), (1, 2))):
+    box = jnp.array([[0.0, 0.0, x2, y2]])
+    for mode, (row, col) in (("torchvision", tv), ("caffe", caffe)):
+      out = roi.roi_pool(feats, box, (1, 1), 1 / 8, coordinates=mode)
+      assert float(out[0, 0, 0, 0]) == 8 * row + col, (x2, mode)
+  with pytest.raises(ValueError, match="coordinates"):
+    roi.roi_pool(feats, jnp.zeros((1, 4)), 2, 1.0, coordinates="inclusive")
 
 
 def test_roi_pool_gradient_goes_to_first_argmax():
