@@ -51,9 +51,16 @@ class BadInputLog:
     self.policy = policy
     self.skipped: list[str] = []
     self.clipped = 0
+    self._once: set[str] = set()
 
-  def skip(self, path: str | os.PathLike, problem: str) -> None:
+  def skip(self, path: str | os.PathLike, problem: str, *, once: bool = False) -> None:
     """Applies the policy to a bad item: raises under "error", warns and counts under "skip".
+
+    Args:
+      path: the file named in the message.
+      problem: what is wrong with it.
+      once: the item is met again each time it is read (an image, every epoch): name and
+        count it the first time only, so repeats never use up the warnings.
 
     Raises:
       ValueError: the policy is "error".
@@ -61,6 +68,10 @@ class BadInputLog:
     message = f"{os.fspath(path)}: {problem}"
     if self.policy == "error":
       raise ValueError(message)
+    if once:
+      if message in self._once:
+        return
+      self._once.add(message)
     if len(self.skipped) < MAX_WARNINGS:
       logging.warning("bad input, skipped: %s", message)
     elif len(self.skipped) == MAX_WARNINGS:
@@ -138,11 +149,11 @@ def read_checked(read: Callable[[], np.ndarray], path: str | os.PathLike,
   except images.ImageDecodeError as e:
     if log.policy == "error":
       raise
-    log.skip(path, str(e).removeprefix(f"{os.fspath(path)}: "))
+    log.skip(path, str(e).removeprefix(f"{os.fspath(path)}: "), once=True)
     return None
   if expected_hw is not None and tuple(image.shape[:2]) != tuple(expected_hw):
     log.skip(path, f"image is {image.shape[0]}x{image.shape[1]} (HxW) but its annotation "
-                   f"says {expected_hw[0]}x{expected_hw[1]}")
+                   f"says {expected_hw[0]}x{expected_hw[1]}", once=True)
     return None
   return image
 

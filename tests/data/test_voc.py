@@ -288,6 +288,19 @@ def test_image_modes_converted(write_voc, case, policy):
   assert source.bad_input_log.skipped == []
 
 
+def test_an_image_read_again_is_named_once(caplog):
+  log = sources.BadInputLog("skip")
+
+  def read():
+    raise images.ImageDecodeError("broken.jpg: truncated JPEG")
+  with caplog.at_level("WARNING"):
+    for _ in range(3):   # three epochs
+      assert sources.read_checked(read, "broken.jpg", None, log) is None
+  assert log.skipped == ["broken.jpg: truncated JPEG"]
+  assert [r.getMessage() for r in caplog.records] == [
+      "bad input, skipped: broken.jpg: truncated JPEG"]
+
+
 def test_decode_error_is_value_error():
   assert issubclass(images.ImageDecodeError, ValueError)
 
