@@ -84,6 +84,8 @@ def define_flags() -> None:
                       "WORKDIR/proposals/<split>-<step>.npz).")
   flags.DEFINE_string("proposals", "", "Evaluate this existing proposal file instead of "
                       "dumping.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing proposal file (otherwise an "
+                    "existing --output is an error).")
   flags.DEFINE_integer("num_proposals", 2000, "Proposals kept per image after NMS.")
   flags.DEFINE_integer("pre_nms_top_n", -1, "Boxes entering NMS (<= 0: every anchor, as "
                        "py-faster-rcnn's alt-opt rpn_generate).")
@@ -105,13 +107,16 @@ def main(argv: Sequence[str]) -> None:
       mesh = parallel.make_mesh()
       params, step = evaluate.restore_params(f.workdir, mesh)
       path = f.output or os.path.join(f.workdir, "proposals", f"{f.split}-{step}.npz")
+      if os.path.exists(path) and not f.overwrite:
+        raise FileExistsError(f"{path} exists: evaluate it with --proposals={path}, or pass "
+                              "--overwrite to dump again")
       proposals = dump_for_config(config, params, f.split, num_proposals=f.num_proposals,
                                   pre_nms_top_n=f.pre_nms_top_n, mesh=mesh,
                                   meta={"checkpoint": os.path.abspath(f.workdir), "step": step})
       if jax.process_index() == 0:
         proposal_store.save(path, proposals)
     result = proposal_store.recall(proposals, split_source(config, f.split))
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
     sys.exit(f"error: {e}")
   if jax.process_index() == 0:
     result = {"proposals": os.path.abspath(path), **result}

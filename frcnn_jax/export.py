@@ -37,6 +37,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from frcnn_jax import atomic_io
+
 # The loader (JAX and NumPy only), re-exported: `export.load` is `export_loader.load`.
 from frcnn_jax.export_loader import FORMAT  # pylint: disable=unused-import
 from frcnn_jax.export_loader import ExportedDetector  # pylint: disable=unused-import
@@ -119,10 +121,8 @@ def save(path: str | os.PathLike, exported: Sequence[jax.export.Exported],
   for i, program in enumerate(exported):
     arrays[f"program_{i:03d}"] = np.frombuffer(bytes(program.serialize()), np.uint8)
   arrays["meta"] = np.frombuffer(json.dumps({"format": FORMAT, **meta}).encode(), np.uint8)
-  temporary = f"{os.fspath(path)}.tmp"
-  with open(temporary, "wb") as f:
+  with atomic_io.replacing(path, "wb") as f:
     np.savez(f, **arrays)
-  os.replace(temporary, path)
 
 
 def define_flags() -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from frcnn_jax import atomic_io
 from frcnn_jax import detector
 from frcnn_jax import parallel
 
@@ -64,15 +65,11 @@ class ProposalSet:
 
 def save(path: str | os.PathLike[str], proposals: ProposalSet) -> None:
   """Writes a ProposalSet to `path` (.npz) atomically: readers never see a partial file."""
-  path = os.fspath(path)
-  directory = os.path.dirname(path) or "."
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.npz")
-  np.savez(tmp, boxes=proposals.boxes.astype(np.float32),
-           scores=proposals.scores.astype(np.float32), valid=proposals.valid.astype(bool),
-           names=np.asarray(proposals.names, str), orig_hw=proposals.orig_hw.astype(np.int32),
-           meta=np.asarray(json.dumps(proposals.meta)))
-  os.replace(tmp, path)
+  with atomic_io.replacing(path, "wb") as f:
+    np.savez(f, boxes=proposals.boxes.astype(np.float32),
+             scores=proposals.scores.astype(np.float32), valid=proposals.valid.astype(bool),
+             names=np.asarray(proposals.names, str), orig_hw=proposals.orig_hw.astype(np.int32),
+             meta=np.asarray(json.dumps(proposals.meta)))
 
 
 def load(path: str | os.PathLike[str]) -> ProposalSet:

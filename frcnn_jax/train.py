@@ -118,6 +118,16 @@ def make_train_step(model: Any, settings: detector.DetectorSettings,
   return step_fn
 
 
+def jit_train_step(model: Any, settings: detector.DetectorSettings,
+                   tx: optax.GradientTransformation, lr_fn: Callable[[jax.Array], jax.Array],
+                   mesh: jax.sharding.Mesh, *, grad_accum_steps: int = 1) -> Callable:
+  """`make_train_step` jitted over `mesh`: state replicated and donated, batch sharded on the
+  `data` axis. One program is compiled per batch shape (per canvas)."""
+  return jax.jit(make_train_step(model, settings, tx, lr_fn, grad_accum_steps=grad_accum_steps),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh), donate_argnums=0)
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh
                        ) -> tuple[TrainState, optax.GradientTransformation, Callable]:
   """Initial state (replicated on `mesh`), the optimizer and the learning-rate schedule."""
@@ -402,10 +412,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
                                   drop_eval=evaluate_again)
   writer = opened.writer = metrics_writer.MetricsWriter(workdir, enabled=primary)
   progress = metrics_writer.ProgressLine(t.num_steps, start, enabled=primary, stream=console)
-  step_fn = make_train_step(model, settings, tx, lr_fn, grad_accum_steps=t.grad_accum_steps)
-  train_step = jax.jit(step_fn, in_shardings=(parallel.replicated(mesh),
-                                              parallel.batch_sharding(mesh)),
-                       out_shardings=parallel.replicated(mesh), donate_argnums=0)
+  train_step = jit_train_step(model, settings, tx, lr_fn, mesh,
+                              grad_accum_steps=t.grad_accum_steps)
   evaluate_now = lambda step: _evaluate(config, model, settings, mesh, state.params, workdir,
                                         step, writer, console)
   result: dict[str, Any] = {"train": {}, "eval": {}, "preempted": False}

@@ -101,6 +101,7 @@ import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from frcnn_jax import atomic_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax import builders  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax import detector  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -135,8 +136,8 @@ def define_flags() -> None:
   """The command-line flags (only when run as a program)."""
   config_flags.define_config_flag()
   flags.DEFINE_string("output", "benchmarks/accelerator", "Folder for results.json, "
-                      "summary.md and the trace (created; existing files of these names are "
-                      "replaced).")
+                      "summary.md and the trace (created; a folder that already holds "
+                      "results.json is refused unless --overwrite).")
   flags.DEFINE_float("budget_s", 420.0, "Wall-clock budget of the whole run, in seconds.")
   flags.DEFINE_list("sizes", ["608x800", "800x608", "608x928", "1000x1000"],
                     "Canvases HxW; the first is the main one.")
@@ -146,6 +147,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_gt", 5, "Ground-truth boxes per image.")
   flags.DEFINE_integer("profile_batch", 2, "Per-device batch of the profiled step.")
   flags.DEFINE_integer("profile_steps", 3, "Traced training steps.")
+  flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier check in "
+                    "--output.")
   flags.DEFINE_bool("peer", True, "Time torchvision's Faster R-CNN when it is installed.")
   flags.DEFINE_bool("deterministic", True, "Measure the determinism flags' cost (child "
                     "processes).")
@@ -447,9 +450,9 @@ class Run:
         self.result["complete"] = not self.result["skipped"] and not self.result["errors"]
       _evaluate_targets(self.result)
       os.makedirs(self.output, exist_ok=True)
-      _atomic_write(os.path.join(self.output, "results.json"),
+      atomic_io.write_text(os.path.join(self.output, "results.json"),
                     json.dumps(_json_safe(self.result), indent=1))
-      _atomic_write(os.path.join(self.output, "summary.md"), markdown(self.result))
+      atomic_io.write_text(os.path.join(self.output, "summary.md"), markdown(self.result))
 
   def watchdog(self) -> threading.Timer:
     """A timer that writes the outputs and ends the process at the budget."""
@@ -467,13 +470,6 @@ class Run:
     timer = threading.Timer(max(self.budget_s - 3.0, 1.0), expire)
     timer.daemon = True
     return timer
-
-
-def _atomic_write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def versions() -> dict[str, Any]:
@@ -514,11 +510,8 @@ def precompile(run: Run, config, mesh, cases: list[benchmark.Case], num_gt: int,
                                      num_classes)
     batch = parallel.host_batch_to_global(host, mesh)
     state, tx, lr_fn = train.create_train_state(c, model, mesh)
-    step_fn = train.make_train_step(model, settings, tx, lr_fn,
-                                    grad_accum_steps=c.train.grad_accum_steps)
-    jax.jit(step_fn, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-            out_shardings=parallel.replicated(mesh), donate_argnums=0).lower(
-                state, batch).compile()
+    train.jit_train_step(model, settings, tx, lr_fn, mesh,
+                         grad_accum_steps=c.train.grad_accum_steps).lower(state, batch).compile()
     jax.jit(functools.partial(detector.predict, model=model, settings=settings)).lower(
         state.params, batch).compile()
 
@@ -631,11 +624,8 @@ def profile_step(run: Run, config, mesh, dtype: str, height: int, width: int, ba
                                    c.data.max_gt, num_gt, num_classes)
   device_batch = parallel.host_batch_to_global(host, mesh)
   state, tx, lr_fn = train.create_train_state(c, model, mesh)
-  step_fn = train.make_train_step(model, settings, tx, lr_fn,
-                                  grad_accum_steps=c.train.grad_accum_steps)
-  jitted = jax.jit(step_fn, in_shardings=(parallel.replicated(mesh),
-                                          parallel.batch_sharding(mesh)),
-                   out_shardings=parallel.replicated(mesh), donate_argnums=0)
+  jitted = train.jit_train_step(model, settings, tx, lr_fn, mesh,
+                                grad_accum_steps=c.train.grad_accum_steps)
   compile_start = time.monotonic()
   lowered = jitted.lower(state, device_batch)
   compiled = lowered.compile()
@@ -966,6 +956,9 @@ def main(argv):
     benchmark.make_cases(config, dtypes=dtypes, sizes=f.sizes, batch=f.batch)   # validates
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  if os.path.exists(os.path.join(f.output, "results.json")) and not f.overwrite:
+    raise app.UsageError(f"{f.output} holds an earlier check's results: choose another "
+                         "--output, or pass --overwrite to replace them")
   run = Run(f.output, f.budget_s, sys.argv)
   os.makedirs(f.output, exist_ok=True)
   timer = run.watchdog()

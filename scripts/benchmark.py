@@ -354,11 +354,8 @@ def measure_case(config: ml_collections.ConfigDict, case: Case, mesh: jax.shardi
 
   state, tx, lr_fn = train.create_train_state(c, model, mesh)
   if "train" in case.parts:
-    step_fn = train.make_train_step(model, settings, tx, lr_fn,
-                                    grad_accum_steps=c.train.grad_accum_steps)
-    jitted = jax.jit(step_fn, in_shardings=(parallel.replicated(mesh),
-                                            parallel.batch_sharding(mesh)),
-                     out_shardings=parallel.replicated(mesh), donate_argnums=0)
+    jitted = train.jit_train_step(model, settings, tx, lr_fn, mesh,
+                                  grad_accum_steps=c.train.grad_accum_steps)
     compiled, row["train_compile_s"] = _compile(jitted, state, batch)
     holder = {"state": state}
     del state
@@ -836,11 +833,8 @@ def run_mix(config: ml_collections.ConfigDict, plan: MixPlan, *, dtype: str, ste
   global_batch = mesh.devices.size
   peaks_before = matmul_peaks([dtype], peak_size)
   state, tx, lr_fn = train.create_train_state(c, model, mesh)
-  step_fn = train.make_train_step(model, settings, tx, lr_fn,
-                                  grad_accum_steps=c.train.grad_accum_steps)
-  train_jit = jax.jit(step_fn, in_shardings=(parallel.replicated(mesh),
-                                             parallel.batch_sharding(mesh)),
-                      out_shardings=parallel.replicated(mesh), donate_argnums=0)
+  train_jit = train.jit_train_step(model, settings, tx, lr_fn, mesh,
+                                   grad_accum_steps=c.train.grad_accum_steps)
   predict_jit = jax.jit(functools.partial(detector.predict, model=model, settings=settings))
 
   def batch_for(height, width, content_hw=None):

@@ -58,6 +58,20 @@ def import_torch():
   return torch, torchvision
 
 
+def _device(torch, dtype: str, device: str | None, threads: int | None):
+  """Checks `dtype`, picks the device (CUDA when available) and returns (device, sync), where
+  sync() waits for the device's queued work; on CPU it sets torch's thread count."""
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+  device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+  if device not in ("cpu", "cuda"):
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+  if device == "cpu":
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    return device, lambda: None
+  return device, torch.cuda.synchronize
+
+
 def random_batch(batch: int, height: int, width: int, num_gt: int = 5, num_classes: int = 20,
                  seed: int = 0) -> dict[str, np.ndarray]:
   """Random uint8 images and `num_gt` random boxes per image (numpy, Batch-like keys).
@@ -154,17 +168,9 @@ def measure(batch_arrays: dict[str, np.ndarray], *, steps: int = 3, dtype: str =
     ValueError: unknown dtype or device.
   """
   torch, torchvision = import_torch()
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-  device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-  if device not in ("cpu", "cuda"):
-    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-  if device == "cpu":
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    sync = lambda: None
-  else:
+  device, sync = _device(torch, dtype, device, threads)
+  if device == "cuda":
     torch.backends.cudnn.benchmark = True
-    sync = torch.cuda.synchronize
   images_np = batch_arrays["image"]
   b, height, width, _ = images_np.shape
   torch.manual_seed(0)
@@ -240,18 +246,9 @@ def size_runners(sizes: list[tuple[int, int]], *, dtype: str = "float32", num_cl
     ValueError: unknown dtype or device, or no sizes.
   """
   torch, torchvision = import_torch()
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
   if not sizes:
     raise ValueError("no sizes to run the peer at")
-  device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-  if device not in ("cpu", "cuda"):
-    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-  if device == "cpu":
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    sync = lambda: None
-  else:
-    sync = torch.cuda.synchronize
+  device, sync = _device(torch, dtype, device, threads)
   torch.manual_seed(0)
   height, width = sizes[0]
   model = build_model(torch, torchvision, height=height, width=width, num_classes=num_classes,

@@ -190,6 +190,16 @@ def test_budget_is_kept_with_partial_outputs(tmp_path):
   assert (out / "summary.md").exists()
 
 
+def test_earlier_results_are_kept_unless_asked(tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "results.json").write_text("{}")
+  result = _run([*TINY_ARGS, f"--output={out}", "--budget_s=15"], timeout=120)
+  assert result.returncode != 0
+  assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
+  assert (out / "results.json").read_text() == "{}"
+
+
 def test_peer_figures_are_merged_into_the_rows(tmp_path, monkeypatch):
   run = check.Run(str(tmp_path), 100.0, ["accelerator_check.py"], start=time.monotonic())
   row = {"dtype": "bfloat16", "height": 608, "width": 800, "batch": 2, "num_devices": 1,
