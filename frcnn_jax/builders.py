@@ -65,6 +65,9 @@ def model_from_config(config: ml_collections.ConfigDict,
   if m.anchor_stride not in vgg.STRIDES:
     raise ValueError(f"model.anchor_stride is the trunk stride and must be one of {vgg.STRIDES}, "
                      f"got {m.anchor_stride!r}")
+  conv_grad = _choice("model.conv_grad", m.conv_grad, ("auto",) + faster_rcnn.CONV_GRADS)
+  if conv_grad == "auto":
+    conv_grad = "per_tap" if jax.default_backend() == "cpu" else "xla"
   return faster_rcnn.FasterRCNN(
       num_classes=int(num_classes),
       width=float(_positive("model.width", m.width)),
@@ -83,6 +86,7 @@ def model_from_config(config: ml_collections.ConfigDict,
       roi_aligned=bool(m.roi_aligned),
       fc_dim=int(_positive("model.fc_dim", m.fc_dim, 1, inclusive=True)),
       dropout=_fraction("model.dropout", m.dropout),
+      conv_grad=conv_grad,
       dtype=_DTYPES[_choice("model.dtype", m.dtype, _DTYPES)],
   )
 
@@ -327,6 +331,48 @@ def compilation_cache_from_config(config: ml_collections.ConfigDict) -> str | No
   return path
 
 
+RESIZE_ON = ("auto", "host", "device")   # data.resize_on
+_WORKERS_PER_DEVICE = 4   # the most data.num_workers chooses per local accelerator
+
+
+def resize_on_device(config: ml_collections.ConfigDict) -> bool:
+  """Whether the device resizes, flips and pads the images (`data.resize_on`).
+
+  "auto" is the device on GPUs and TPUs (the host then only decodes) and the host on the CPU
+  backend (where the device op, dense products, costs more than Pillow).
+
+  Raises:
+    ValueError: an unknown value, naming the key.
+  """
+  value = _choice("data.resize_on", str(config.data.resize_on), RESIZE_ON)
+  if value == "auto":
+    return jax.default_backend() != "cpu"
+  return value == "device"
+
+
+def num_workers_from_config(config: ml_collections.ConfigDict) -> int:
+  """Input worker processes on this host: `data.num_workers`, or chosen when it is None.
+
+  The choice: 1 on the CPU backend (the step uses every core and consumes a few images per
+  second; one worker decodes and transforms about a hundred). On GPUs and TPUs, the host's
+  usable cores less two (the training process and its input thread), at most
+  `_WORKERS_PER_DEVICE` per local device (a core decodes about 250-600 VOC images/s when the
+  device resizes, about 100 when the host does), and at least 1.
+
+  Raises:
+    ValueError: a negative count.
+  """
+  workers = config.data.num_workers
+  if workers is not None:
+    if int(workers) < 0:
+      raise ValueError(f"data.num_workers must be >= 0 or None (auto), got {workers}")
+    return int(workers)
+  if jax.default_backend() == "cpu":
+    return 1
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min((cores or 1) - 2, _WORKERS_PER_DEVICE * jax.local_device_count()))
+
+
 def train_data_from_config(config: ml_collections.ConfigDict, source, mesh):
   """The training input iterator: this process's shard, global Batches sharded on `mesh`.
 
@@ -336,7 +382,8 @@ def train_data_from_config(config: ml_collections.ConfigDict, source, mesh):
   return pipeline.train_loader(
       source, batch_size=config.train.batch_size, seed=config.seed, min_size=d.min_size,
       max_size=d.max_size, canvases=canvases_from_config(config, source), max_gt=d.max_gt,
-      flip=d.flip, num_workers=d.num_workers, prefetch=d.prefetch, mesh=mesh)
+      flip=d.flip, num_workers=num_workers_from_config(config), prefetch=d.prefetch,
+      mesh=mesh, resize_on_device=resize_on_device(config))
 
 
 def eval_data_from_config(config: ml_collections.ConfigDict, source, mesh=None):
@@ -351,4 +398,4 @@ def eval_data_from_config(config: ml_collections.ConfigDict, source, mesh=None):
   return pipeline.eval_batches(
       source, batch_size=config.eval.batch_size, min_size=d.min_size, max_size=d.max_size,
       canvases=canvases_from_config(config, source), max_gt=d.max_gt,
-      num_workers=d.num_workers)
+      num_workers=num_workers_from_config(config), resize_on_device=resize_on_device(config))

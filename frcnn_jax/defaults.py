@@ -55,8 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
                                     # frcnn_jax.dump_proposals) that train.loss_mode=head
                                     # trains on ("": none)
   c.data.num_proposals = 2000       # the best R stored proposals per image used
-  c.data.num_workers = 2            # grain worker processes (0: in the main process)
+  c.data.num_workers = ml_collections.config_dict.placeholder(int)   # worker processes per
+                                    # host (0: in the main process); None: from the host's
+                                    # cores and local devices (README "Input pipeline")
   c.data.prefetch = 2
+  c.data.resize_on = "auto"         # host | device | auto (device on GPU/TPU, host on CPU):
+                                    # where images are resized, flipped and padded (README
+                                    # "Input on the device")
 
   c.model = ml_collections.ConfigDict()
   c.model.width = 1.0               # channel multiplier of the trunk and heads
@@ -85,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.fc_dim = 4096
   c.model.dropout = 0.5
   c.model.dtype = "float32"         # compute dtype: float32 | bfloat16
+  c.model.conv_grad = "auto"        # 3x3 conv gradients: xla (lax's) | per_tap (weight
+                                    # gradients as per-tap matmuls, models/conv.py; faster on
+                                    # CPU) | auto (per_tap on CPU, else xla); same parameters
 
   c.rpn = ml_collections.ConfigDict()
   c.rpn.pre_nms_top_n_train = 12000

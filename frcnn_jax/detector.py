@@ -5,7 +5,8 @@ ops (anchors, targets, losses, proposals, post-processing). Each public function
 program; `model` and `settings` are static (hashable) arguments. Per-image ops are vmapped over
 the batch. `params` is the network's `params` collection (`init_params(model, key)`).
 
-Batch keys used: "image" uint8 [B, H, W, 3], "image_hw" int32 [B, 2], "scale" float32 [B], and
+Batch keys used: "image" uint8 [B, H, W, 3] (or the fields the device resizes it from,
+`frcnn_jax.ops.images.batch_images`), "image_hw" int32 [B, 2], "scale" float32 [B], and
 for the loss "gt_boxes" [B, G, 4], "gt_labels" [B, G], "gt_valid" [B, G] (and, for the "head"
 loss mode, stored "proposals" [B, R, 4] with "proposals_valid" [B, R]); "valid" [B] (optional)
 masks the detections of padding examples.
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from frcnn_jax.models import faster_rcnn
 from frcnn_jax.models import rpn as rpn_module
 from frcnn_jax.ops import anchors as anchor_ops
+from frcnn_jax.ops import images as image_ops
 from frcnn_jax.ops import losses
 from frcnn_jax.ops import postprocess
 from frcnn_jax.ops import proposals as proposal_ops
@@ -88,7 +90,7 @@ def _rpn_and_proposals(params: Any, batch: Batch, model: faster_rcnn.FasterRCNN,
     raise ValueError(f"the settings' {settings.num_anchors} anchors per location (sizes x "
                      f"ratios) must equal the model's num_anchors {model.num_anchors}")
   features, logits, deltas = model.apply(
-      {"params": params}, batch["image"], batch["image_hw"],
+      {"params": params}, image_ops.batch_images(batch), batch["image_hw"],
       method=faster_rcnn.FasterRCNN.features_and_rpn)
   feat_h, feat_w = features.shape[1:3]
   anchors = anchor_ops.anchor_grid(feat_h, feat_w, settings.anchor_stride,
@@ -138,7 +140,7 @@ def loss_fn(params: Any, batch: Batch, key: jax.Array, *, model: faster_rcnn.Fas
   if settings.loss_mode not in LOSS_MODES:
     raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {settings.loss_mode!r}")
   rpn_key, roi_key, dropout_key = jax.random.split(key, 3)
-  batch_size = batch["image"].shape[0]
+  batch_size = batch["image_hw"].shape[0]
   joint = settings.loss_mode == "joint"
   features, logits, deltas, anchors, (props, _, props_valid) = _rpn_and_proposals(
       params, batch, model, settings, train=True, proposals=joint)
@@ -212,7 +214,7 @@ def _head_loss_terms(params: Any, features: jax.Array, props: jax.Array, props_v
 
 
 def _batch_valid(batch: Batch) -> jax.Array:
-  return batch.get("valid", jnp.ones(batch["image"].shape[:1], bool)).astype(bool)
+  return batch.get("valid", jnp.ones(batch["image_hw"].shape[:1], bool)).astype(bool)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "settings"))

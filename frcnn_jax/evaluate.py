@@ -51,9 +51,9 @@ from frcnn_jax import run_config
 from frcnn_jax.evaluation import coco as coco_eval
 from frcnn_jax.evaluation import plots
 from frcnn_jax.evaluation import voc as voc_eval
+from frcnn_jax.ops import images as image_ops
 
 METRICS = ("voc07", "voc12", "coco")
-_INPUT_KEYS = ("image", "image_hw", "scale")
 _ID_KEYS = ("image_id", "orig_hw", "valid")
 
 
@@ -223,7 +223,7 @@ def collect_detections(params: Any, batches: Iterable[Mapping[str, Any]], *, sou
       raise ValueError(f"eval batch of {local * jax.process_count()} images does not split "
                        f"evenly over {mesh.devices.size} devices: make eval.batch_size a "
                        "multiple of the device count")
-    batch = _to_global({k: batch[k] for k in _INPUT_KEYS + _ID_KEYS}, mesh)
+    batch = _to_global({k: batch[k] for k in image_ops.input_keys(batch) + _ID_KEYS}, mesh)
     outputs = step(params, batch)       # dispatched; runs while the previous one is read
     if pending is not None:
       record(pending)

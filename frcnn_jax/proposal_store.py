@@ -29,10 +29,10 @@ import numpy as np
 from frcnn_jax import atomic_io
 from frcnn_jax import detector
 from frcnn_jax import parallel
+from frcnn_jax.ops import images as image_ops
 
 RECALL_TOP_NS = (300, 1000, 2000)
 RECALL_IOUS = (0.5, 0.7)
-_INPUT_KEYS = ("image", "image_hw", "scale")
 _ID_KEYS = ("image_id", "orig_hw", "valid")
 
 
@@ -182,9 +182,10 @@ def dump(params: Any, batches: Iterable[Mapping[str, Any]], *, source, model,
 
   pending = None
   for batch in batches:
+    batch = {k: batch[k] for k in image_ops.input_keys(batch) + _ID_KEYS}
     if not all(isinstance(v, jax.Array) for v in batch.values()):
-      batch = parallel.host_batch_to_global({k: batch[k] for k in _INPUT_KEYS + _ID_KEYS}, mesh)
-    outputs = step(params, {k: batch[k] for k in _INPUT_KEYS + _ID_KEYS})
+      batch = parallel.host_batch_to_global(batch, mesh)
+    outputs = step(params, batch)
     if pending is not None:
       record(pending)
     pending = outputs

@@ -46,10 +46,11 @@ TEST_TIME_KEYS = (
     "data.min_size", "data.max_size", "data.pad_hw", "data.canvases", "data.num_canvases",
     "data.canvas_multiple", "model.dtype",
 )
-# Keys that cannot change a result: paths, parallelism, input policy.
+# Keys that cannot change a result: paths, parallelism, input policy, gradient method.
 LOCAL_KEYS = (
     "data.data_dir", "data.coco_eval_images", "data.num_workers", "data.prefetch",
-    "data.shapes_cache_mb", "data.bad_input", "eval.batch_size",
+    "data.shapes_cache_mb", "data.bad_input", "data.resize_on", "eval.batch_size",
+    "model.conv_grad",
 )
 # Keys used only while training.
 TRAINING_KEYS = (

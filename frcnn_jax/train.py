@@ -56,6 +56,7 @@ from frcnn_jax import host_memory
 from frcnn_jax import metrics_writer
 from frcnn_jax import parallel
 from frcnn_jax import workdir_lock
+from frcnn_jax.ops import images as image_ops
 
 Batch = dict[str, jax.Array]
 PyTree = Any
@@ -424,7 +425,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
   try:
     for step in range(start + 1, t.num_steps + 1):
       batch = next(data)
-      canvas = tuple(batch["image"].shape[1:3])   # one compiled program per canvas
+      canvas = image_ops.canvas_hw(batch)   # one compiled program per canvas
       state, metrics = train_step(state, batch)
       timed_steps += 1
       if pending is not None:  # check the previous step while this one runs

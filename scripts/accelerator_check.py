@@ -35,7 +35,8 @@ item of its kind so far):
 8. torchvision on the remaining rows.
 
 Per-stage profile: the step's stages carry `jax.named_scope`s (detector.py: "proposals",
-"rpn_targets", "roi_sampling", "losses", "postprocess"; train.py: "optimizer"; Flax's module
+"rpn_targets", "roi_sampling", "losses", "postprocess"; train.py: "optimizer"; ops/images.py:
+"input_resize", the device's resize of the input; Flax's module
 scopes give "trunk", "rpn", "head" and the RoI op `_roi_features`). Each traced op event names
 its HLO instruction (`hlo_op`); the compiled program's text gives that instruction's scope path
 (`metadata op_name`) and whether it is a convolution or matrix product (also inside fusions and
@@ -48,6 +49,10 @@ syncs and launch gaps), and the extra wall time when the batch comes from the ho
 command buffers and traced again (said in the profile). When the trace yields no op events at
 all, stage-ablated programs are timed instead (trunk+RPN forward, proposals, the rest of the
 forward, backward, optimizer).
+
+Input: the rows' Batches are what the pipeline ships under `data.resize_on` (its "auto" is
+the device on GPUs and TPUs): decoded VOC-sized images (long side 500) that the step resizes,
+flips and pads (`frcnn_jax.ops.images.batch_images`, counted in the step's time and FLOPs).
 
 Content pixels: MFU counts the FLOPs of the image content, not of canvas padding: each canvas is
 given the largest common VOC shape (4:3 or 3:2 at shorter side `data.min_size`) that fits in it,
@@ -128,6 +133,7 @@ SCOPE_STAGES = {
     "_roi_features": "roi_ops", "head._roi_features": "roi_ops",
     "proposals": "proposals_nms", "rpn_targets": "rpn_targets", "roi_sampling": "roi_sampling",
     "losses": "losses", "optimizer": "optimizer", "postprocess": "postprocess",
+    "input_resize": "input_resize",
 }
 _MATMUL_TARGET = re.compile(r"gemm|matmul|conv|cublas|cudnn", re.IGNORECASE)
 
@@ -507,7 +513,7 @@ def precompile(run: Run, config, mesh, cases: list[benchmark.Case], num_gt: int,
     settings = builders.detector_settings_from_config(c)
     host = benchmark.synthetic_batch(case.batch * mesh.devices.size // jax.process_count(),
                                      case.height, case.width, c.data.max_gt, num_gt,
-                                     num_classes)
+                                     num_classes, resize_on_device=builders.resize_on_device(c))
     batch = parallel.host_batch_to_global(host, mesh)
     state, tx, lr_fn = train.create_train_state(c, model, mesh)
     train.jit_train_step(model, settings, tx, lr_fn, mesh,
@@ -621,7 +627,8 @@ def profile_step(run: Run, config, mesh, dtype: str, height: int, width: int, ba
   settings = builders.detector_settings_from_config(c)
   global_batch = batch * mesh.devices.size
   host = benchmark.synthetic_batch(global_batch // jax.process_count(), height, width,
-                                   c.data.max_gt, num_gt, num_classes)
+                                   c.data.max_gt, num_gt, num_classes,
+                                   resize_on_device=builders.resize_on_device(c))
   device_batch = parallel.host_batch_to_global(host, mesh)
   state, tx, lr_fn = train.create_train_state(c, model, mesh)
   jitted = train.jit_train_step(model, settings, tx, lr_fn, mesh,

@@ -1,26 +1,28 @@
-"""Input-pipeline throughput on VOC-sized JPEGs: images/s per CPU core.
+"""Input-pipeline throughput on VOC-sized JPEGs: images/s per CPU core, host or device resize.
 
 Writes `--num_images` random 500x375 JPEGs with VOC XML annotations into a temporary VOCdevkit
-tree, reads them through `frcnn_jax.data.voc.VOCFolderSource` and runs the training pipeline
-(decode, resize to 600/1000, random flip, pad to 1000x1000, batch) with numpy output, for each
-worker count. Also times the per-image work in this process alone, interleaved (A, B, A, B):
-decode + transform (the host path) and decode only (the record read and decoded, the image
-placed on a fixed 500x500 source canvas, its resized size computed: what the host does when
-`frcnn_jax.ops.images.resize_flip_pad` resizes, flips and pads on the device), and the device
-op's own rate on this machine's first JAX device.
+tree and reads them through `frcnn_jax.data.voc.VOCFolderSource`, for both settings of
+`data.resize_on`:
+
+  host    decode, resize to 600/1000 (Pillow), random flip, pad to the canvas;
+  device  decode and place on the 384x512 source canvas (the pipeline's for these images);
+          `frcnn_jax.ops.images.batch_images` resizes, flips and pads inside the jitted step.
+
+It times each mode's per-record host work in this process alone, interleaved (A, B, A, B), per
+wall second and per process-CPU second (one core, independent of the machine's other load);
+the device's share on this machine's first JAX device; and the training loader (numpy
+batches) for each worker count.
 
 Usage:
 
-  python scripts/bench_input.py [--num_images 48] [--workers 0,1,2] [--repeats 3]
-                                [--target_images_per_s 20]
+  python scripts/bench_input.py [--num_images 48] [--canvas 608x800] [--workers 0,1,2]
+                                [--repeats 3] [--target_images_per_s 250]
 
-Prints one line per setting and, last, a JSON line:
-  {"per_core_images_per_s": ..., "decode_only_per_core_images_per_s": ...,
-   "device_resize_images_per_s": ..., "workers": {"0": images/s, ...},
-   "cores_to_feed_target": ..., "decode_only_cores_to_feed_target": ...}
-where per_core_images_per_s is the median single-process rate of decode + transform and
-cores_to_feed_target = ceil(target / per-core rate): the CPU cores the input pipeline needs to
-keep one accelerator consuming `target_images_per_s` fed.
+Prints one line per setting and, last, a JSON line with "per_core_images_per_s" and
+"per_cpu_second_images" ({"host": ..., "device": ...}), "device_resize_images_per_s",
+"loader_images_per_s" ({"host/0": ..., "device/2": ...}) and "cores_to_feed_target" per mode
+(ceil(target / per-CPU-second rate): the host cores that keep one accelerator consuming
+`target_images_per_s` fed).
 """
 
 import argparse
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -43,9 +46,10 @@ from frcnn_jax import defaults  # pylint: disable=g-import-not-at-top,wrong-impo
 from frcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.data import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.data import voc  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.ops import images as image_ops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 WIDTH, HEIGHT = 500, 375
-SIZES = dict(min_size=600, max_size=1000, pad_hw=(1000, 1000), max_gt=64)
+SIZES = dict(min_size=600, max_size=1000, max_gt=64)
 
 
 def _photo_like(rng: np.random.Generator) -> np.ndarray:
@@ -85,63 +89,57 @@ def write_tree(root: pathlib.Path, num_images: int, seed: int = 0) -> None:
   (year / "ImageSets" / "Main" / "trainval.txt").write_text("".join(n + "\n" for n in names))
 
 
-SOURCE_CANVAS = (500, 500)   # VOC images are at most 500 pixels a side
+SOURCE_CANVAS = (384, 512)   # what the pipeline ships these 375x500 images on (device path)
+MODES = ("host", "device")   # data.resize_on
 
 
-def decode_only(example, flip: bool) -> dict[str, np.ndarray]:
-  """The host's share of the device path: the decoded image on the source canvas, its size,
-  its resized size and the flip flag (`frcnn_jax.ops.images.resize_flip_pad`'s inputs)."""
-  image = example["image"]
-  hw = image.shape[:2]
-  scale = transforms.fit_scale(hw, SIZES["min_size"], SIZES["max_size"], SIZES["pad_hw"])
-  return {"image": transforms.pad_image(image, SOURCE_CANVAS),
-          "source_hw": np.asarray(hw, np.int32),
-          "target_hw": np.asarray(transforms.scaled_hw(hw, scale, SIZES["pad_hw"]), np.int32),
-          "scale": np.float32(scale), "flip": np.bool_(flip)}
+def prepare(example, mode: str, flip: bool, canvas: tuple[int, int]):
+  """One record through the host's share of `mode`: decode + resize + flip + pad (host), or
+  decode + place on the source canvas + box arithmetic (device; the device resizes)."""
+  source_canvas = SOURCE_CANVAS if mode == "device" else None
+  return transforms.prepare(example, training=True, flip=flip, pad_hw=canvas,
+                            source_canvas=source_canvas, **SIZES)
 
 
-def time_in_process(source, repeats: int) -> dict[str, float]:
+def time_in_process(source, canvas: tuple[int, int], repeats: int) -> dict[str, float]:
   """Median images per wall second and per process-CPU second (one core; the latter does not
-  depend on what else runs on the machine) of decode + transform ("host") and of decode only
-  ("decode"), measured interleaved."""
+  depend on what else runs on the machine) of each mode's per-record host work, interleaved."""
   rates: dict[str, list[float]] = collections.defaultdict(list)
   for r in range(repeats):
-    for mode in ("host", "decode"):
+    for mode in MODES:
       start, cpu_start = time.perf_counter(), time.process_time()
       for i in range(len(source)):
-        flip = bool((i + r) % 2)
-        if mode == "host":
-          transforms.prepare(source[i], training=True, flip=flip, **SIZES)
-        else:
-          decode_only(source[i], flip)
+        prepare(source[i], mode, bool((i + r) % 2), canvas)
       rates[mode].append(len(source) / (time.perf_counter() - start))
       rates[mode + "_cpu"].append(len(source) / (time.process_time() - cpu_start))
   return {k: statistics.median(v) for k, v in rates.items()}
 
 
-def time_device_resize(source, batch_size: int, repeats: int) -> float:
-  """Median images/s of `resize_flip_pad` (jitted) on the first JAX device."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from frcnn_jax.ops import images as image_ops  # pylint: disable=g-import-not-at-top
-  fields = [decode_only(source[i % len(source)], bool(i % 2)) for i in range(batch_size)]
-  batch = {k: jax.device_put(np.stack([f[k] for f in fields]))
-           for k in ("image", "source_hw", "target_hw", "flip")}
-  run = lambda: image_ops.resize_flip_pad(batch["image"], batch["source_hw"],
-                                          batch["target_hw"], batch["flip"],
-                                          canvas_hw=tuple(SIZES["pad_hw"]))
-  jax.block_until_ready(run())
+def _loader(source, mode: str, canvas: tuple[int, int], workers: int, batch_size: int):
+  return pipeline.train_loader(source, batch_size=batch_size, seed=0, flip=True,
+                               num_workers=workers, prefetch=0, canvases=(canvas,),
+                               resize_on_device=mode == "device", **SIZES)
+
+
+def time_device_resize(source, canvas: tuple[int, int], batch_size: int, repeats: int) -> float:
+  """Median images/s of the device's share (`images.batch_images`, jitted) on the first JAX
+  device, on one batch of the device-mode loader."""
+  batch = next(_loader(source, "device", canvas, 0, batch_size))
+  batch = {k: jax.device_put(batch[k]) for k in image_ops.SOURCE_KEYS + ("image_hw",)}
+  run = jax.jit(image_ops.batch_images)
+  jax.block_until_ready(run(batch))
   rates = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(run())
+    jax.block_until_ready(run(batch))
     rates.append(batch_size / (time.perf_counter() - start))
   return statistics.median(rates)
 
 
-def time_loader(source, workers: int, batch_size: int, repeats: int) -> float:
+def time_loader(source, mode: str, canvas: tuple[int, int], workers: int, batch_size: int,
+                repeats: int) -> float:
   """Median images/s of the training loader (numpy batches) after its first batch."""
-  loader = pipeline.train_loader(source, batch_size=batch_size, seed=0, flip=True,
-                                 num_workers=workers, prefetch=0, **SIZES)
+  loader = _loader(source, mode, canvas, workers, batch_size)
   next(loader)   # starts the workers
   steps = max(len(source) // batch_size, 1)
   rates = []
@@ -150,6 +148,7 @@ def time_loader(source, workers: int, batch_size: int, repeats: int) -> float:
     for _ in range(steps):
       next(loader)
     rates.append(steps * batch_size / (time.perf_counter() - start))
+  loader.close()
   return statistics.median(rates)
 
 
@@ -157,43 +156,49 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--num_images", type=int, default=48)
   parser.add_argument("--batch_size", type=int, default=2)
+  parser.add_argument("--canvas", default="608x800",
+                      help="training canvas HxW (608x800: VOC's 4 canvases put 500x375 here)")
   parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--target_images_per_s", type=float, default=20.0,
+  parser.add_argument("--target_images_per_s", type=float, default=250.0,
                       help="images/s one accelerator consumes (for cores_to_feed_target)")
   args = parser.parse_args()
+  canvas = tuple(int(v) for v in args.canvas.split("x"))
   workers = [int(w) for w in args.workers.split(",") if w]
   with tempfile.TemporaryDirectory() as tmp:
     write_tree(pathlib.Path(tmp), args.num_images)
     source = voc.VOCFolderSource(tmp, ("2007",), "trainval")
-    rates = time_in_process(source, args.repeats)
-    per_core, decode_rate = rates["host"], rates["decode"]
-    print(f"in-process decode + transform: {per_core:.1f} images/s (1 core; "
-          f"{rates['host_cpu']:.1f} per CPU-second)", flush=True)
-    print(f"in-process decode only (device resizes): {decode_rate:.1f} images/s (1 core; "
-          f"{rates['decode_cpu']:.1f} per CPU-second)", flush=True)
-    device_rate = time_device_resize(source, args.batch_size, args.repeats)
-    print(f"device resize + flip + pad: {device_rate:.1f} images/s", flush=True)
+    rates = time_in_process(source, canvas, args.repeats)
+    for mode in MODES:
+      print(f"in-process, data.resize_on={mode}: {rates[mode]:.1f} images/s (1 core; "
+            f"{rates[mode + '_cpu']:.1f} per CPU-second)", flush=True)
+    device_rate = time_device_resize(source, canvas, args.batch_size, args.repeats)
+    print(f"device resize + flip + pad on {jax_device()}: {device_rate:.1f} images/s",
+          flush=True)
     loader_rates = {}
-    for w in workers:
-      loader_rates[str(w)] = time_loader(source, w, args.batch_size, args.repeats)
-      print(f"loader num_workers={w}: {loader_rates[str(w)]:.1f} images/s "
-            f"({loader_rates[str(w)] / max(w, 1):.1f} per worker core)", flush=True)
+    for mode in MODES:
+      for w in workers:
+        rate = time_loader(source, mode, canvas, w, args.batch_size, args.repeats)
+        loader_rates[f"{mode}/{w}"] = rate
+        print(f"loader data.resize_on={mode} num_workers={w}: {rate:.1f} images/s "
+              f"({rate / max(w, 1):.1f} per worker core)", flush=True)
   print(json.dumps({
-      "image_hw": [HEIGHT, WIDTH], "canvas": list(SIZES["pad_hw"]),
+      "image_hw": [HEIGHT, WIDTH], "canvas": list(canvas), "source_canvas": list(SOURCE_CANVAS),
       "num_images": args.num_images, "batch_size": args.batch_size,
-      "per_core_images_per_s": round(per_core, 2),
-      "decode_only_per_core_images_per_s": round(decode_rate, 2),
-      "per_cpu_second_images": round(rates["host_cpu"], 2),
-      "decode_only_per_cpu_second_images": round(rates["decode_cpu"], 2),
+      "per_core_images_per_s": {m: round(rates[m], 2) for m in MODES},
+      "per_cpu_second_images": {m: round(rates[m + "_cpu"], 2) for m in MODES},
       "device_resize_images_per_s": round(device_rate, 2),
-      "workers": {k: round(v, 2) for k, v in loader_rates.items()},
+      "loader_images_per_s": {k: round(v, 2) for k, v in loader_rates.items()},
       "cpu_count": os.cpu_count(),
       "target_images_per_s": args.target_images_per_s,
-      "cores_to_feed_target": math.ceil(args.target_images_per_s / per_core),
-      "decode_only_cores_to_feed_target": math.ceil(args.target_images_per_s / decode_rate),
+      "cores_to_feed_target": {m: math.ceil(args.target_images_per_s / rates[m + "_cpu"])
+                               for m in MODES},
       "load_avg_1min": round(os.getloadavg()[0], 2),
   }))
+
+
+def jax_device() -> str:
+  return str(jax.devices()[0].device_kind)
 
 
 if __name__ == "__main__":

@@ -237,30 +237,49 @@ def case_config(config: ml_collections.ConfigDict, case: Case) -> ml_collections
   return c
 
 
+SOURCE_LONG_SIDE = 500   # VOC's images: the decoded size the device resizes from
+
+
 def synthetic_batch(batch: int, height: int, width: int, max_gt: int, num_gt: int,
                     num_classes: int, seed: int = 0,
-                    content_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+                    content_hw: tuple[int, int] | None = None,
+                    resize_on_device: bool = False) -> dict[str, np.ndarray]:
   """A Batch of random images on a `height` x `width` canvas, each with `num_gt` random boxes.
 
   The image fills the canvas, or (`content_hw`) its top-left `content_hw` part, with zero
   padding beyond as the input pipeline pads; `image_hw` and the boxes follow the content.
+  With `resize_on_device` the Batch carries what the pipeline ships when the device resizes
+  (`frcnn_jax.ops.images.SOURCE_KEYS`): a random image of the content's shape with its long
+  side `SOURCE_LONG_SIDE` (VOC's decoded size) on a source canvas rounded up to 32, every
+  other image flipped; the step resizes it to the content size.
   """
   ch, cw = content_hw or (height, width)
   if not (0 < ch <= height and 0 < cw <= width):
     raise ValueError(f"content {ch}x{cw} does not fit the canvas {height}x{width}")
   rng = np.random.default_rng(seed)
+  if resize_on_device:
+    sh, sw = (max(1, round(v * SOURCE_LONG_SIDE / max(ch, cw))) for v in (ch, cw))
+    source = np.zeros((batch, -(-sh // 32) * 32, -(-sw // 32) * 32, 3), np.uint8)
+    source[:, :sh, :sw] = rng.integers(0, 256, (batch, sh, sw, 3), dtype=np.uint8)
+    pixels = {"source_image": source,
+              "source_hw": np.tile(np.asarray([[sh, sw]], np.int32), (batch, 1)),
+              "flip": np.arange(batch) % 2 == 1,
+              "canvas": np.zeros((batch, height, width, 0), np.uint8)}
+    scale = ch / sh
+  else:
+    image = np.zeros((batch, height, width, 3), np.uint8)
+    image[:, :ch, :cw] = rng.integers(0, 256, (batch, ch, cw, 3), dtype=np.uint8)
+    pixels, scale = {"image": image}, 1.0
   x1 = rng.uniform(0, cw * 0.6, (batch, max_gt))
   y1 = rng.uniform(0, ch * 0.6, (batch, max_gt))
   w = rng.uniform(min(32, cw * 0.2), cw * 0.4, (batch, max_gt))
   h = rng.uniform(min(32, ch * 0.2), ch * 0.4, (batch, max_gt))
   valid = np.arange(max_gt)[None, :] < min(num_gt, max_gt)
   valid = np.broadcast_to(valid, (batch, max_gt)).copy()
-  image = np.zeros((batch, height, width, 3), np.uint8)
-  image[:, :ch, :cw] = rng.integers(0, 256, (batch, ch, cw, 3), dtype=np.uint8)
   return {
-      "image": image,
+      **pixels,
       "image_hw": np.tile(np.asarray([[ch, cw]], np.int32), (batch, 1)),
-      "scale": np.ones(batch, np.float32),
+      "scale": np.full(batch, scale, np.float32),
       "gt_boxes": np.stack([x1, y1, x1 + w, y1 + h], -1).astype(np.float32),
       "gt_labels": np.where(valid, rng.integers(1, num_classes + 1, (batch, max_gt)), 0
                             ).astype(np.int32),
@@ -344,7 +363,8 @@ def measure_case(config: ml_collections.ConfigDict, case: Case, mesh: jax.shardi
   settings = builders.detector_settings_from_config(c)
   global_batch = case.batch * mesh.devices.size
   host = synthetic_batch(global_batch // jax.process_count(), case.height, case.width,
-                         c.data.max_gt, num_gt, num_classes)
+                         c.data.max_gt, num_gt, num_classes,
+                         resize_on_device=builders.resize_on_device(c))
   batch = parallel.host_batch_to_global(host, mesh)
   row: dict[str, Any] = {"group": case.group}
   for part in PARTS:
@@ -839,7 +859,8 @@ def run_mix(config: ml_collections.ConfigDict, plan: MixPlan, *, dtype: str, ste
 
   def batch_for(height, width, content_hw=None):
     host = synthetic_batch(global_batch // jax.process_count(), height, width, c.data.max_gt,
-                           num_gt, num_classes, content_hw=content_hw)
+                           num_gt, num_classes, content_hw=content_hw,
+                           resize_on_device=builders.resize_on_device(c))
     return parallel.host_batch_to_global(host, mesh)
 
   holder = {"state": state}

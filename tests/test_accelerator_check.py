@@ -105,6 +105,8 @@ def test_hlo_ops_finds_scopes_and_matmuls_through_fusions_and_custom_calls():
     ("jit(step_fn)/jvp(jit(loss_fn))/rpn_targets/vmap()/max", "rpn_targets"),
     ("jit(step_fn)/transpose(jvp(jit(loss_fn)))/losses/vmap()/mul", "losses"),
     ("jit(step_fn)/optimizer/mul", "optimizer"),
+    ("jit(step_fn)/jvp(jit(loss_fn))/input_resize/jit(resize_flip_pad)/vmap()/dot_general",
+     "input_resize"),
     ("jit(step_fn)/jit(_where)/select_n", "other"),
     ("", "other"),
 ])

@@ -14,6 +14,7 @@ import pytest
 
 from frcnn_jax import config_flags
 from frcnn_jax import flops
+from frcnn_jax.ops import images as image_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
@@ -284,6 +285,18 @@ def test_synthetic_batch_content_is_top_left():
   assert (boxes[:, 2] <= 50).all() and (boxes[:, 3] <= 40).all()
   with pytest.raises(ValueError, match="does not fit"):
     benchmark.synthetic_batch(1, 64, 96, 4, 3, 20, content_hw=(65, 50))
+
+
+def test_synthetic_batch_for_the_device_resize_fills_the_content():
+  batch = benchmark.synthetic_batch(2, 640, 832, 4, 3, 20, content_hw=(600, 800),
+                                    resize_on_device=True)
+  assert "image" not in batch and batch["source_image"].shape == (2, 384, 512, 3)
+  np.testing.assert_array_equal(batch["source_hw"], [[375, 500], [375, 500]])
+  np.testing.assert_allclose(batch["scale"], 1.6)
+  images = np.asarray(image_ops.batch_images(batch))
+  assert images.shape == (2, 640, 832, 3)
+  assert images[:, :600, :800].any(axis=(1, 2)).all()
+  assert not images[:, 600:].any() and not images[:, :, 800:].any()
 
 
 @pytest.mark.slow

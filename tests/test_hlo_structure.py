@@ -4,7 +4,8 @@ XLA:GPU runs a `while` loop whose trip count it cannot prove at compile time by 
 loop condition to the host after every trip (a device-to-host sync each time), and host
 callbacks, infeed/outfeed and send/recv leave the device program as well. These tests compile
 (on CPU; no accelerator needed) the real training step (`train.make_train_step`) and
-`detector.predict` for a tiny width-reduced model, read XLA's optimized HLO, and require that
+`detector.predict` for a tiny width-reduced model (on Batches resized on the host and on the
+device), read XLA's optimized HLO, and require that
 every `while` carries a `known_trip_count` (XLA's WhileLoopTripCountAnnotator records it in
 the loop's backend_config) and that none of the host-bound instructions appears.
 
@@ -41,13 +42,24 @@ _HOST_OPCODES = {"infeed", "outfeed", "send", "send-done", "recv", "recv-done"}
 _CALLBACK_TARGET = re.compile(r'custom_call_target="([^"]*(?:callback|host)[^"]*)"', re.I)
 
 
-def _batch() -> dict:
-  """Two 64x64-canvas images; the second is 48x56 and has no ground truth."""
+def _batch(resize_on: str) -> dict:
+  """Two 64x64-canvas images; the second is 48x56 and has no ground truth.
+
+  With `resize_on="device"` the Batch carries the decoded 40x48 images for the step to resize
+  (`frcnn_jax.ops.images.batch_images`), as the pipeline ships them to accelerators.
+  """
   rng = np.random.default_rng(0)
   gt_boxes = np.zeros((2, 3, 4), np.float32)
   gt_boxes[0, :2] = [[4, 6, 30, 40], [30, 20, 60, 50]]
+  if resize_on == "device":
+    pixels = {"source_image": rng.integers(0, 256, (2, 40, 48, 3), dtype=np.uint8),
+              "source_hw": np.asarray([[40, 40], [30, 35]], np.int32),
+              "flip": np.asarray([False, True]),
+              "canvas": np.zeros((2, SIZE, SIZE, 0), np.uint8)}
+  else:
+    pixels = {"image": rng.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)}
   return {
-      "image": rng.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8),
+      **pixels,
       "image_hw": np.asarray([[64, 64], [48, 56]], np.int32),
       "scale": np.ones(2, np.float32),
       "gt_boxes": gt_boxes,
@@ -116,21 +128,21 @@ def test_host_stalls_finds_data_dependent_loops_and_callbacks():
                                                        .as_text()))
 
 
-@pytest.fixture(scope="module")
-def train_step_hlo() -> str:
+@pytest.fixture(scope="module", params=["host", "device"])
+def train_step_hlo(request) -> str:
   params = tiny.numpy_params(MODEL)
   lr_fn = optax.constant_schedule(0.01)
   tx = optax.sgd(lr_fn, momentum=0.9)
   state = train.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
                            rng=jax.random.PRNGKey(0), nonfinite_skips=jnp.int32(0))
   step = jax.jit(train.make_train_step(MODEL, SETTINGS, tx, lr_fn))
-  return step.lower(state, _batch()).compile().as_text()
+  return step.lower(state, _batch(request.param)).compile().as_text()
 
 
-@pytest.fixture(scope="module")
-def predict_hlo() -> str:
+@pytest.fixture(scope="module", params=["host", "device"])
+def predict_hlo(request) -> str:
   predict = jax.jit(functools.partial(detector.predict, model=MODEL, settings=SETTINGS))
-  return predict.lower(tiny.numpy_params(MODEL), _batch()).compile().as_text()
+  return predict.lower(tiny.numpy_params(MODEL), _batch(request.param)).compile().as_text()
 
 
 def test_train_step_has_no_host_stalls(train_step_hlo):

@@ -214,6 +214,22 @@ def test_dump_equals_the_rpn_proposals_in_original_pixels(tiny):
   assert store.valid.any()
 
 
+def test_dump_with_the_device_resizing_equals_the_host_dump(tiny):
+  _, _, _, _, params = tiny
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  stores = {}
+  for where in ("host", "device"):
+    config = tiny_config(data__min_size=96, data__max_size=96, data__pad_hw=(96, 96),
+                         data__resize_on=where)
+    stores[where] = dump_proposals.dump_for_config(config, params, "eval", num_proposals=12,
+                                                   pre_nms_top_n=-1, mesh=mesh, meta={})
+  host, device = stores["host"], stores["device"]
+  assert host.valid.any()
+  np.testing.assert_array_equal(device.valid, host.valid)
+  np.testing.assert_allclose(device.boxes, host.boxes, rtol=0, atol=1e-4)
+  np.testing.assert_allclose(device.scores, host.scores, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_modes_train_only_their_part(tiny):
   config, source, model, settings, params = tiny
   batch = next(iter(builders.eval_data_from_config(config, source)))

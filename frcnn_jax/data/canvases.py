@@ -262,27 +262,22 @@ def place_canvases(sizes: Any, canvases: Sequence[Sequence[int]]) -> np.ndarray:
   return out
 
 
-def source_sizes(source, *, min_size: int, max_size: int) -> np.ndarray:
-  """The resized size of every record of a source, from `source.annotation(i)` (no decoding).
+def original_sizes(source) -> np.ndarray:
+  """The original (height, width) of every record of a source, from `source.annotation(i)`.
 
   A source whose images all have one size may say so with an `hw` attribute (height, width)
-  (ShapesSource), which is then used instead.
-
-  Args:
-    source: random-access source with `annotation(i)` ("orig_hw").
-    min_size: target of the shorter side.
-    max_size: cap on the longer side.
+  (ShapesSource), which is then used instead (no annotation is read).
 
   Returns:
-    int32 [N, 2] resized (height, width); (0, 0) for a record whose image header is unreadable
-    (`source[i]` skips it, or raises under bad_input="error"), logged once in total.
+    int32 [N, 2]; (0, 0) for a record whose image header is unreadable (`source[i]` skips it,
+    or raises under bad_input="error"), logged once in total.
 
   Raises:
     ValueError: the source has no `annotation` method.
   """
   fixed = getattr(source, "hw", None)
   if fixed is not None:
-    return np.tile(np.array(resized_hw(fixed, min_size, max_size), np.int32), (len(source), 1))
+    return np.tile(np.array(fixed, np.int32), (len(source), 1))
   if not hasattr(source, "annotation"):
     raise ValueError(f"{getattr(source, 'name', type(source).__name__)} has no annotation(i): "
                      "give data.canvases explicitly")
@@ -290,15 +285,63 @@ def source_sizes(source, *, min_size: int, max_size: int) -> np.ndarray:
   unreadable = 0
   for i in range(len(source)):
     try:
-      hw = source.annotation(i)["orig_hw"]
+      out[i] = source.annotation(i)["orig_hw"]
     except images.ImageDecodeError:
       unreadable += 1
-      continue
-    out[i] = resized_hw(hw, min_size, max_size)
   if unreadable:
     logging.warning("%s: %d records with unreadable image headers left out of the canvas "
                     "plan", getattr(source, "name", "source"), unreadable)
   return out
+
+
+def source_sizes(source, *, min_size: int, max_size: int) -> np.ndarray:
+  """The resized size of every record of a source (`original_sizes`, no decoding).
+
+  Args:
+    source: random-access source with `annotation(i)` ("orig_hw") or `hw`.
+    min_size: target of the shorter side.
+    max_size: cap on the longer side.
+
+  Returns:
+    int32 [N, 2] resized (height, width); (0, 0) for a record whose image header is unreadable.
+
+  Raises:
+    ValueError: the source has no `annotation` method.
+  """
+  return resized_sizes(original_sizes(source), min_size=min_size, max_size=max_size)
+
+
+def resized_sizes(sizes: np.ndarray, *, min_size: int, max_size: int) -> np.ndarray:
+  """`resized_hw` of int [N, 2] original sizes; (0, 0) stays (0, 0) (unknown)."""
+  out = np.zeros((len(sizes), 2), np.int32)
+  for i, hw in enumerate(np.asarray(sizes)):
+    if hw.min() > 0:
+      out[i] = resized_hw(hw, min_size, max_size)
+  return out
+
+
+def source_canvases(sizes: np.ndarray, canvas_of: np.ndarray, num_canvases: int,
+                    multiple: int = 32) -> tuple[tuple[int, int], ...]:
+  """The fixed canvas the decoded images of each canvas group are shipped on (device resize).
+
+  Args:
+    sizes: int [N, 2] original (height, width) per record ((0, 0): unknown).
+    canvas_of: int [N] canvas per record (-1: left out).
+    num_canvases: K.
+    multiple: sides are rounded up to a multiple of this.
+
+  Returns:
+    K (Hs, Ws): per group the largest height and the largest width of its records, rounded up
+    (one multiple for a group without records).
+  """
+  sizes = np.asarray(sizes).reshape(-1, 2)
+  canvas_of = np.asarray(canvas_of)
+  out = []
+  for k in range(num_canvases):
+    group = sizes[canvas_of == k]
+    hw = group.max(axis=0) if len(group) else np.ones(2, np.int64)
+    out.append(tuple(int(-(-int(v) // multiple) * multiple) for v in hw))
+  return tuple(out)
 
 
 def canvases_for_source(source, *, min_size: int, max_size: int, num_canvases: int,

@@ -25,6 +25,13 @@ Its state is the number of global batches returned, with the epoch and the posit
 (`get_state()`, JSON); `set_state()` continues with identical batches on an iterator built
 with the same plan, whatever its worker count.
 
+Resizing on the device (`resize_on_device`, README "Input on the device"): the host only
+decodes; each record's decoded image goes, unresized, at the top-left of its group's source
+canvas (`canvases.source_canvases`: per canvas, the largest original height and width among its
+records, from the same annotations), and the Batch carries "source_image", "source_hw", "flip"
+and a zero-byte "canvas" in place of "image" (`transforms.prepare`); the jitted step makes the
+image with `frcnn_jax.ops.images.batch_images`. Boxes and sizes are the same either way.
+
 Evaluation (`eval_batches`): each record exactly once, grouped by canvas (canvas 0's records
 in index order, then canvas 1's, ...), each group cut into global batches of B, the last one
 padded with `valid=False` examples; process p reads slots [p B / P, (p + 1) B / P) of each,
@@ -103,21 +110,36 @@ def _resolve_canvases(canvases, pad_hw) -> tuple[tuple[int, int], ...]:
 
 
 def record_canvases(source, canvases: Sequence[Sequence[int]], *, min_size: int,
-                    max_size: int) -> np.ndarray:
-  """The canvas of every record (see the module docstring).
+                    max_size: int, resize_on_device: bool = False
+                    ) -> tuple[np.ndarray, tuple[tuple[int, int], ...] | None]:
+  """The canvas of every record (see the module docstring), and the source canvases.
+
+  Args:
+    source: random-access dataset source.
+    canvases: the K canvases (h, w).
+    min_size: target of the shorter side.
+    max_size: cap on the longer side.
+    resize_on_device: also choose the K source canvases (`canvases.source_canvases`) the
+      decoded images of each group are shipped on.
 
   Returns:
-    int32 [N]: canvas index per record; -1 for a record whose image header is unreadable.
+    (int32 [N] canvas index per record, -1 for a record whose image header is unreadable;
+     the K source canvases (Hs, Ws), or None without `resize_on_device`).
   """
   n = len(source)
-  if len(canvases) == 1:
-    return np.zeros(n, np.int32)
-  sizes = canvas_lib.source_sizes(source, min_size=min_size, max_size=max_size)
-  out = np.full(n, -1, np.int32)
+  if len(canvases) == 1 and not resize_on_device:
+    return np.zeros(n, np.int32), None
+  sizes = canvas_lib.original_sizes(source)
   known = sizes.min(axis=1) > 0
-  if known.any():
-    out[known] = canvas_lib.place_canvases(sizes[known], canvases)
-  return out
+  out = np.full(n, -1, np.int32)
+  if len(canvases) == 1:
+    out[known] = 0
+  elif known.any():
+    resized = canvas_lib.resized_sizes(sizes[known], min_size=min_size, max_size=max_size)
+    out[known] = canvas_lib.place_canvases(resized, canvases)
+  if not resize_on_device:
+    return out, None
+  return out, canvas_lib.source_canvases(sizes, out, len(canvases))
 
 
 class TrainPlan:
@@ -195,6 +217,13 @@ class TrainPlan:
             f"batches)" + (f", {self.left_out} unreadable records" if self.left_out else ""))
 
 
+def _describe_sources(sources: tuple[tuple[int, int], ...] | None) -> str:
+  if sources is None:
+    return "; resized on the host"
+  return "; resized on the device from source canvases " + ", ".join(
+      f"{h}x{w}" for h, w in sources)
+
+
 def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
@@ -203,9 +232,11 @@ class _TrainBatch:
   """Task n -> this process's slice of global batch n and its counters (runs in workers)."""
 
   def __init__(self, source, plan: TrainPlan, settings: dict[str, Any], flip: bool,
-               shard_index: int, shard_count: int):
+               shard_index: int, shard_count: int,
+               source_canvases: tuple[tuple[int, int], ...] | None):
     self._source = source
     self._plan = plan
+    self.source_canvases = source_canvases
     self._settings = settings
     self._flip = flip
     self._local = plan.batch_size // shard_count
@@ -231,8 +262,10 @@ class _TrainBatch:
                          f"{plan.canvases[k]}")
       flip = self._flip and bool(
           np.random.default_rng([plan.seed, e, t, slot, 2]).random() < 0.5)
-      fields, c = transforms.prepare(example, training=True, flip=flip,
-                                     pad_hw=plan.canvases[k], **self._settings)
+      fields, c = transforms.prepare(
+          example, training=True, flip=flip, pad_hw=plan.canvases[k],
+          source_canvas=None if self.source_canvases is None else self.source_canvases[k],
+          **self._settings)
       for name, v in c.items():
         counts[name] += v
       examples.append(fields)
@@ -244,12 +277,15 @@ class TrainIterator:
 
   Attributes:
     plan: the `TrainPlan`.
+    source_canvases: per canvas, the source canvas (Hs, Ws) the decoded images are shipped on
+      when the device resizes; None when the host does.
     counts: per-process counters (see the module docstring) over the batches returned.
   """
 
   def __init__(self, make_batch: _TrainBatch, plan: TrainPlan, mesh: jax.sharding.Mesh | None,
                prefetch: int, num_workers: int, worker_buffer_size: int):
     self.plan = plan
+    self.source_canvases = make_batch.source_canvases
     self._make_batch = make_batch
     self._mesh = mesh
     self._prefetch = prefetch
@@ -333,7 +369,8 @@ def train_loader(source, *, batch_size: int, seed: int, min_size: int, max_size:
                  max_gt: int, canvases: Sequence[Sequence[int]] | None = None,
                  pad_hw: Sequence[int] | None = None, flip: bool = True, num_workers: int = 0,
                  prefetch: int = 2, mesh: jax.sharding.Mesh | None = None,
-                 shard_options=None, worker_buffer_size: int = 2) -> TrainIterator:
+                 shard_options=None, worker_buffer_size: int = 2,
+                 resize_on_device: bool = False) -> TrainIterator:
   """The training input: planned, transformed, batched per canvas, sharded on `mesh`.
 
   Args:
@@ -353,6 +390,9 @@ def train_loader(source, *, batch_size: int, seed: int, min_size: int, max_size:
     shard_options: an object with `shard_index` and `shard_count` standing in for the JAX
       process (tests simulate processes with it; leave `mesh` None then).
     worker_buffer_size: batches each worker prepares ahead.
+    resize_on_device: ship each decoded image on its group's source canvas with the fields
+      `frcnn_jax.ops.images.batch_images` resizes, flips and pads it from on the device,
+      instead of the resized image (README "Input on the device").
 
   Returns:
     A `TrainIterator` of Batches (CONTRACTS.md) of B examples (global arrays), or
@@ -375,10 +415,12 @@ def train_loader(source, *, batch_size: int, seed: int, min_size: int, max_size:
   if num_workers < 0 or prefetch < 0:
     raise ValueError(f"data.num_workers and data.prefetch must be >= 0, got {num_workers}, "
                      f"{prefetch}")
-  plan = TrainPlan(record_canvases(source, canvases, min_size=min_size, max_size=max_size),
-                   canvases, batch_size, seed)
-  logging.info("%s train plan: %s", getattr(source, "name", "source"), plan.describe())
-  make_batch = _TrainBatch(source, plan, settings, flip, index, count)
+  canvas_of, sources = record_canvases(source, canvases, min_size=min_size, max_size=max_size,
+                                       resize_on_device=resize_on_device)
+  plan = TrainPlan(canvas_of, canvases, batch_size, seed)
+  logging.info("%s train plan: %s%s", getattr(source, "name", "source"), plan.describe(),
+               _describe_sources(sources))
+  make_batch = _TrainBatch(source, plan, settings, flip, index, count, sources)
   return TrainIterator(make_batch, plan, mesh, prefetch, num_workers, worker_buffer_size)
 
 
@@ -387,8 +429,10 @@ class _EvalBatch:
 
   def __init__(self, source, batches: list[tuple[int, np.ndarray]],
                canvases: tuple[tuple[int, int], ...], settings: dict[str, Any],
-               shard_index: int, local_batch: int):
+               shard_index: int, local_batch: int,
+               source_canvases: tuple[tuple[int, int], ...] | None):
     self._source = source
+    self.source_canvases = source_canvases
     self._batches = batches
     self._canvases = canvases
     self._settings = settings
@@ -398,6 +442,7 @@ class _EvalBatch:
   def __call__(self, n: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     k, records = self._batches[n]
     canvas = self._canvases[k]
+    source_canvas = None if self.source_canvases is None else self.source_canvases[k]
     counts = dict.fromkeys(COUNT_NAMES, 0)
     examples = []
     for i in records[self._first:self._first + self._local]:
@@ -405,11 +450,12 @@ class _EvalBatch:
       if example is None:
         counts[SKIPPED] += 1
         continue
-      fields, c = transforms.prepare(example, training=False, pad_hw=canvas, **self._settings)
+      fields, c = transforms.prepare(example, training=False, pad_hw=canvas,
+                                     source_canvas=source_canvas, **self._settings)
       for name, v in c.items():
         counts[name] += v
       examples.append(fields)
-    padding = transforms.padding_example(canvas, self._settings["max_gt"])
+    padding = transforms.padding_example(canvas, self._settings["max_gt"], source_canvas)
     return _stack(examples + [padding] * (self._local - len(examples))), counts
 
 
@@ -418,6 +464,7 @@ class EvalIterator:
 
   Attributes:
     canvases: the K canvases (h, w).
+    source_canvases: the K source canvases when the device resizes, else None.
     batch_canvases: canvas index of each batch, in order.
     counts: per-process counters (see the module docstring) so far.
   """
@@ -426,6 +473,7 @@ class EvalIterator:
                canvases: tuple[tuple[int, int], ...], num_workers: int, name: str,
                skipped_up_front: int):
     self.canvases = canvases
+    self.source_canvases = make_batch.source_canvases
     self.batch_canvases = batch_canvases
     self._make_batch = make_batch
     self._num_workers = num_workers
@@ -468,7 +516,7 @@ class EvalIterator:
 def eval_batches(source, *, batch_size: int, min_size: int, max_size: int, max_gt: int,
                  canvases: Sequence[Sequence[int]] | None = None,
                  pad_hw: Sequence[int] | None = None, num_workers: int = 0,
-                 shard_options=None) -> EvalIterator:
+                 shard_options=None, resize_on_device: bool = False) -> EvalIterator:
   """The eval split, each record exactly once, grouped by canvas, as numpy Batches.
 
   Every process yields the same batches' canvases: for each canvas in turn, its records in
@@ -485,6 +533,7 @@ def eval_batches(source, *, batch_size: int, min_size: int, max_size: int, max_g
     pad_hw: one canvas (the same as `canvases=(pad_hw,)`); give canvases or pad_hw.
     num_workers: worker processes (0: transform in this process).
     shard_options: stands in for the JAX process (`shard_index`, `shard_count`; tests).
+    resize_on_device: ship decoded images for the device to resize (as `train_loader`).
 
   Returns:
     An `EvalIterator` (with `len`) of numpy Batches of B / P examples.
@@ -500,12 +549,14 @@ def eval_batches(source, *, batch_size: int, min_size: int, max_size: int, max_g
                      f"process count {count}")
   if num_workers < 0:
     raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-  canvas_of = record_canvases(source, canvases, min_size=min_size, max_size=max_size)
+  canvas_of, sources = record_canvases(source, canvases, min_size=min_size, max_size=max_size,
+                                       resize_on_device=resize_on_device)
   batches = []
   for k in range(len(canvases)):
     group = np.flatnonzero(canvas_of == k)
     batches += [(k, group[i:i + batch_size]) for i in range(0, len(group), batch_size)]
   skipped = int((canvas_of < 0).sum()) if index == 0 else 0
-  make_batch = _EvalBatch(source, batches, canvases, settings, index, batch_size // count)
+  make_batch = _EvalBatch(source, batches, canvases, settings, index, batch_size // count,
+                          sources)
   return EvalIterator(make_batch, [k for k, _ in batches], canvases, num_workers,
                       getattr(source, "name", "source"), skipped)

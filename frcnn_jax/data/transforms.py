@@ -1,6 +1,6 @@
 """Per-image transforms: one Example (CONTRACTS.md) -> the per-image fields of a Batch.
 
-Pure NumPy/Pillow functions, no JAX: they run inside grain worker processes.
+Pure NumPy/Pillow functions, no JAX: they run in the input pipeline's worker processes.
 
 Resizing (py-faster-rcnn's rule): the image is scaled by one factor
 
@@ -15,7 +15,10 @@ further, by pad_h / H and pad_w / W, and clamps the size to it. Boxes are multip
 image. Pixels are resampled with Pillow's bilinear filter (antialiased when shrinking).
 
 The image stays uint8 RGB: the model normalises pixels on device (`model.input_norm`). It is
-padded with zeros at the bottom and right to the canvas; the true size is `image_hw`.
+padded with zeros at the bottom and right to the canvas; the true size is `image_hw`. Where the
+device resizes (`data.resize_on`), the host ships the decoded image on a fixed source canvas
+instead, with the same boxes and sizes, and `frcnn_jax.ops.images` resizes, flips and pads it
+as Pillow does here.
 """
 
 import logging
@@ -96,6 +99,17 @@ def fit_scale(hw: tuple[int, int], min_size: int, max_size: int,
   return resize_scale(hw, min_size, max_size, pad_hw)
 
 
+def resize_boxes(boxes: np.ndarray, scale: float, resized_hw: tuple[int, int]) -> np.ndarray:
+  """Scales [N, 4] xyxy boxes by `scale` and clips them to the resized image (h, w).
+
+  Returns:
+    float32 [N, 4] = boxes * scale, clipped to [0, w] x [0, h].
+  """
+  h, w = resized_hw
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4) * np.float32(scale)
+  return np.clip(boxes, 0.0, np.array([w, h, w, h], np.float32))
+
+
 def resize(image: np.ndarray, boxes: np.ndarray, scale: float,
            pad_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
   """Resizes an image by `scale` (Pillow bilinear) and scales its boxes by the same factor.
@@ -115,13 +129,18 @@ def resize(image: np.ndarray, boxes: np.ndarray, scale: float,
   h, w = scaled_hw((h0, w0), scale, pad_hw)
   if (h, w) != (h0, w0):
     image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-  boxes = np.asarray(boxes, np.float32).reshape(-1, 4) * np.float32(scale)
-  boxes = np.clip(boxes, 0.0, np.array([w, h, w, h], np.float32))
-  return image, boxes
+  return image, resize_boxes(boxes, scale, (h, w))
+
+
+def hflip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+  """Mirrors [N, 4] xyxy boxes in an image `width` wide: x1' = W - x2, x2' = W - x1."""
+  width = np.float32(width)
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  return np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
 
 
 def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Mirrors an image left-right: x1' = W - x2, x2' = W - x1.
+  """Mirrors an image left-right, with its boxes (`hflip_boxes`).
 
   Args:
     image: [H, W, C].
@@ -130,10 +149,7 @@ def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]
   Returns:
     (mirrored image [H, W, C], mirrored boxes float32 [N, 4]).
   """
-  width = np.float32(image.shape[1])
-  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-  flipped = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
-  return np.ascontiguousarray(image[:, ::-1]), flipped
+  return np.ascontiguousarray(image[:, ::-1]), hflip_boxes(boxes, image.shape[1])
 
 
 def pad_image(image: np.ndarray, pad_hw: tuple[int, int]) -> np.ndarray:
@@ -196,7 +212,8 @@ def pad_ground_truth(boxes: np.ndarray, labels: np.ndarray, difficult: np.ndarra
 
 
 def prepare(example: dict[str, Any], *, min_size: int, max_size: int, pad_hw: tuple[int, int],
-            max_gt: int, training: bool, flip: bool = False
+            max_gt: int, training: bool, flip: bool = False,
+            source_canvas: tuple[int, int] | None = None
             ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Turns one Example into the per-image fields of a Batch.
 
@@ -204,6 +221,10 @@ def prepare(example: dict[str, Any], *, min_size: int, max_size: int, pad_hw: tu
   frame, where image and boxes agree exactly), drop boxes that
   became degenerate (zero width or height after scaling and clipping; counted), pad the image
   to the canvas and the ground truth to `max_gt`.
+
+  With `source_canvas` the pixels are left for the device (`frcnn_jax.ops.images`): the decoded
+  image is placed on the zero source canvas unresized, and the fields say how to resize, flip
+  and pad it; the boxes, sizes and scale are the same as without.
 
   Args:
     example: Example dict (CONTRACTS.md).
@@ -213,13 +234,21 @@ def prepare(example: dict[str, Any], *, min_size: int, max_size: int, pad_hw: tu
     max_gt: G ground-truth slots.
     training: drop difficult objects (True) or keep them flagged (False).
     flip: mirror the image and its boxes left-right.
+    source_canvas: (Hs, Ws), at least the image's size: ship the decoded image on it; None:
+      resize, flip and pad here.
 
   Returns:
     fields: {"image" uint8 [Hp, Wp, 3], "image_hw" int32 [2], "scale" float32 [],
       "gt_boxes" float32 [G, 4] (resized pixels), "gt_labels" int32 [G], "gt_valid" bool [G],
-      "gt_difficult" bool [G], "image_id" int32 [], "orig_hw" int32 [2], "valid" bool []}.
+      "gt_difficult" bool [G], "image_id" int32 [], "orig_hw" int32 [2], "valid" bool []};
+      with `source_canvas`, "source_image" uint8 [Hs, Ws, 3], "source_hw" int32 [2] (=
+      orig_hw), "flip" bool [] and "canvas" uint8 [Hp, Wp, 0] instead of "image".
     counts: {"gt_overflow": objects left out for lack of slots,
       "degenerate_boxes": boxes dropped as degenerate after resizing}.
+
+  Raises:
+    ValueError: not a uint8 RGB image, an image id beyond int32, or an image larger than
+      `source_canvas`.
   """
   image = example["image"]
   if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -234,9 +263,24 @@ def prepare(example: dict[str, Any], *, min_size: int, max_size: int, pad_hw: tu
     boxes, labels, difficult = boxes[easy], labels[easy], difficult[easy]
   orig_hw = image.shape[:2]
   scale = fit_scale(orig_hw, min_size, max_size, pad_hw)
-  image, boxes = resize(image, boxes, scale, pad_hw)
-  if flip:
-    image, boxes = hflip(image, boxes)
+  if source_canvas is None:
+    image, boxes = resize(image, boxes, scale, pad_hw)
+    if flip:
+      image, boxes = hflip(image, boxes)
+    resized_hw = image.shape[:2]
+    pixels = {"image": pad_image(image, pad_hw)}
+  else:
+    if orig_hw[0] > source_canvas[0] or orig_hw[1] > source_canvas[1]:
+      raise ValueError(f"{name}: image {orig_hw[0]}x{orig_hw[1]} is larger than its source "
+                       f"canvas {tuple(source_canvas)} (its annotation gave a smaller size; "
+                       "set data.resize_on=host)")
+    resized_hw = scaled_hw(orig_hw, scale, pad_hw)
+    boxes = resize_boxes(boxes, scale, resized_hw)
+    if flip:
+      boxes = hflip_boxes(boxes, resized_hw[1])
+    pixels = {"source_image": pad_image(image, source_canvas),
+              "source_hw": np.array(orig_hw, np.int32), "flip": np.bool_(flip),
+              "canvas": np.zeros((int(pad_hw[0]), int(pad_hw[1]), 0), np.uint8)}
   ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
   degenerate = int((~ok).sum())
   if degenerate:
@@ -247,8 +291,8 @@ def prepare(example: dict[str, Any], *, min_size: int, max_size: int, pad_hw: tu
   if not 0 <= image_id < 2**31:
     raise ValueError(f"{name}: image_id {image_id} does not fit int32")
   fields = {
-      "image": pad_image(image, pad_hw),
-      "image_hw": np.array(image.shape[:2], np.int32),
+      **pixels,
+      "image_hw": np.array(resized_hw, np.int32),
       "scale": np.float32(scale),
       **gt,
       "image_id": np.int32(image_id),
@@ -257,7 +301,7 @@ def prepare(example: dict[str, Any], *, min_size: int, max_size: int, pad_hw: tu
   }
   if "proposals" in example:
     fields.update(proposal_fields(example["proposals"], example["proposals_valid"], scale,
-                                  image.shape[:2], flip))
+                                  resized_hw, flip))
   return fields, {"gt_overflow": overflow, "degenerate_boxes": degenerate}
 
 
@@ -279,29 +323,36 @@ def proposal_fields(proposals: np.ndarray, valid: np.ndarray, scale: float,
   Returns:
     {"proposals" float32 [R, 4] (resized pixels, 0 where invalid), "proposals_valid" bool [R]}.
   """
-  h, w = int(resized_hw[0]), int(resized_hw[1])
-  boxes = np.asarray(proposals, np.float32).reshape(-1, 4) * np.float32(scale)
-  boxes = np.clip(boxes, 0.0, np.array([w, h, w, h], np.float32))
+  boxes = resize_boxes(proposals, scale, resized_hw)
   if flip:
-    boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+    boxes = hflip_boxes(boxes, resized_hw[1])
   ok = (np.asarray(valid, bool).reshape(-1) & (boxes[:, 2] > boxes[:, 0])
         & (boxes[:, 3] > boxes[:, 1]))
   return {"proposals": np.where(ok[:, None], boxes, 0.0).astype(np.float32),
           "proposals_valid": ok}
 
 
-def padding_example(pad_hw: tuple[int, int], max_gt: int) -> dict[str, np.ndarray]:
+def padding_example(pad_hw: tuple[int, int], max_gt: int,
+                    source_canvas: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
   """A black canvas-sized example with valid=False (fills the last eval batch).
 
   Its image_hw and orig_hw are the canvas (not 0x0) so that no degenerate size reaches the
   model; `valid` False tells consumers to ignore it.
 
   Returns:
-    The per-image Batch fields of `prepare`: zero image and ground truth, image_id -1.
+    The per-image Batch fields of `prepare` (with the device's fields when `source_canvas`
+    is given; source_hw is then the source canvas): zero image and ground truth, image_id -1.
   """
   canvas = np.array(pad_hw, np.int32)
+  if source_canvas is None:
+    pixels = {"image": np.zeros((int(pad_hw[0]), int(pad_hw[1]), 3), np.uint8)}
+  else:
+    pixels = {"source_image": np.zeros((int(source_canvas[0]), int(source_canvas[1]), 3),
+                                       np.uint8),
+              "source_hw": np.array(source_canvas, np.int32), "flip": np.bool_(False),
+              "canvas": np.zeros((int(pad_hw[0]), int(pad_hw[1]), 0), np.uint8)}
   return {
-      "image": np.zeros((int(pad_hw[0]), int(pad_hw[1]), 3), np.uint8),
+      **pixels,
       "image_hw": canvas.copy(),
       "scale": np.float32(1.0),
       "gt_boxes": np.zeros((max_gt, 4), np.float32),

@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from frcnn_jax.models import conv
 from frcnn_jax.models import heads
 from frcnn_jax.models import rpn
 from frcnn_jax.models import vgg
 
 INPUT_NORMS = ("caffe", "keras", "torchvision")
+CONV_GRADS = conv.CONV_GRADS
 CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)   # py-faster-rcnn's PIXEL_MEANS
 KERAS_MEAN_BGR = (103.939, 116.779, 123.68)       # keras.applications.vgg16 preprocess_input
 TORCHVISION_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -73,6 +75,9 @@ class FasterRCNN(nn.Module):
     roi_aligned: roi_align half-pixel offset.
     fc_dim: fc6 / fc7 width.
     dropout: head dropout rate.
+    conv_grad: how the trunk's and the RPN's 3x3 convolutions compute their gradients, "xla"
+      (lax's) or "per_tap" (models/conv.py: weight gradients as per-tap matmuls, faster on
+      CPU); it changes neither the parameters nor, beyond float rounding, the results.
     dtype: computation dtype (float32 or bfloat16); parameters stay param_dtype and the
       outputs are float32.
     param_dtype: parameter dtype.
@@ -93,6 +98,7 @@ class FasterRCNN(nn.Module):
   roi_aligned: bool = False
   fc_dim: int = 4096
   dropout: float = 0.5
+  conv_grad: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -100,10 +106,12 @@ class FasterRCNN(nn.Module):
     precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.trunk = vgg.VGG16(width=self.width, convs_per_block=tuple(self.convs_per_block),
                            frozen_blocks=self.frozen_blocks, stride=self.stride,
-                           pool_ceil_mode=self.pool_ceil_mode, **precision)
+                           pool_ceil_mode=self.pool_ceil_mode, conv_grad=self.conv_grad,
+                           **precision)
     self.rpn = rpn.RPNHead(num_anchors=self.num_anchors,
                            channels=vgg.scaled_channels(512, self.width),
-                           objectness=self.rpn_objectness, **precision)
+                           objectness=self.rpn_objectness, conv_grad=self.conv_grad,
+                           **precision)
     self.head = heads.RoIHead(num_classes=self.num_classes, roi_op=self.roi_op,
                               roi_pool_coordinates=self.roi_pool_coordinates,
                               roi_size=self.roi_size, sampling_ratio=self.roi_sampling_ratio,

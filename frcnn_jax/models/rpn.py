@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from frcnn_jax.models import conv as conv_lib
+
 OBJECTNESS_MODES = ("softmax", "sigmoid")
 
 
@@ -17,12 +19,15 @@ class RPNHead(nn.Module):
     channels: width of the 3x3 conv (512 in the paper).
     objectness: "softmax" (2 logits per anchor, background then object: the paper) or
       "sigmoid" (1 logit per anchor).
+    conv_grad: how the 3x3 conv's gradients are computed, "xla" (lax's) or "per_tap"
+      (`conv.conv_general_dilated`); the 1x1 convs keep lax's.
     dtype: computation dtype of the convolutions; outputs are float32.
     param_dtype: parameter dtype.
   """
   num_anchors: int = 9
   channels: int = 512
   objectness: str = "softmax"
+  conv_grad: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -40,10 +45,12 @@ class RPNHead(nn.Module):
     if self.objectness not in OBJECTNESS_MODES:
       raise ValueError(f"objectness must be one of {OBJECTNESS_MODES}, got {self.objectness!r}")
     num_logits = 2 if self.objectness == "softmax" else 1
-    conv = lambda features, kernel, name: nn.Conv(
+    conv = lambda features, kernel, name, conv_fn=None: nn.Conv(
         features, kernel, padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros, name=name)
-    x = nn.relu(conv(self.channels, (3, 3), "conv")(features))
+        kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros,
+        conv_general_dilated=conv_fn, name=name)
+    x = nn.relu(conv(self.channels, (3, 3), "conv",
+                     conv_lib.conv_function(self.conv_grad))(features))
     logits = conv(self.num_anchors * num_logits, (1, 1), "objectness")(x)
     deltas = conv(self.num_anchors * 4, (1, 1), "deltas")(x)
     batch = features.shape[0]

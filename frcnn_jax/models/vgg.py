@@ -11,6 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from frcnn_jax.models import conv
+from frcnn_jax.models import pool
+
 BASE_CHANNELS = (64, 128, 256, 512, 512)
 VGG16_CONVS_PER_BLOCK = (2, 2, 3, 3, 3)
 STRIDE = 16
@@ -38,12 +41,14 @@ def pool_output_size(size: int, stride: int = STRIDE, ceil_mode: bool = False) -
 def max_pool_2x2(x: jax.Array, ceil_mode: bool = False) -> jax.Array:
   """2x2 max pooling with stride 2 over [B, H, W, C]; ceil mode pads odd sides with -inf.
 
+  Values and gradient equal `nn.max_pool`'s bit for bit; the gradient avoids lax's
+  select-and-scatter, slow on CPU (`pool.max_pool_2x2`).
+
   Returns:
     [B, h, w, C], h = H // 2 (floor) or ceil(H / 2) (ceil: the last window holds one row,
     as Caffe's window clipped to the input), w alike.
   """
-  pad = [(0, n % 2 if ceil_mode else 0) for n in x.shape[1:3]]
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding=pad)   # pads with -inf
+  return pool.max_pool_2x2(x, ceil_mode)
 
 
 class VGG16(nn.Module):
@@ -64,6 +69,8 @@ class VGG16(nn.Module):
     frozen_blocks: the first this many blocks get no gradient (stop_gradient on their output).
     stride: output stride, 16 (VGG16) or 8.
     pool_ceil_mode: round the pooled sizes up (Caffe) instead of down.
+    conv_grad: how the convolutions' gradients are computed, "xla" (lax's) or "per_tap"
+      (`conv.conv_general_dilated`: faster weight gradients on CPU; the same parameters).
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """
@@ -72,6 +79,7 @@ class VGG16(nn.Module):
   frozen_blocks: int = 2
   stride: int = STRIDE
   pool_ceil_mode: bool = False
+  conv_grad: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -96,11 +104,13 @@ class VGG16(nn.Module):
     if self.stride not in STRIDES:
       raise ValueError(f"stride must be one of {STRIDES}, got {self.stride}")
     num_pools = self.stride.bit_length() - 1
+    conv_fn = conv.conv_function(self.conv_grad)
     x = x.astype(self.dtype)
     for block, (num_convs, base) in enumerate(zip(self.convs_per_block, BASE_CHANNELS), 1):
       for i in range(1, num_convs + 1):
         x = nn.Conv(scaled_channels(base, self.width), (3, 3), padding=1, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=f"conv{block}_{i}")(x)
+                    param_dtype=self.param_dtype, conv_general_dilated=conv_fn,
+                    name=f"conv{block}_{i}")(x)
         x = nn.relu(x)
       if block <= num_pools:
         x = max_pool_2x2(x, self.pool_ceil_mode)

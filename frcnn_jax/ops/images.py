@@ -124,3 +124,35 @@ def resize_flip_pad(images: Array, source_hw: Array, target_hw: Array, flip: Arr
   fn = lambda i, s, t, f: resize_flip_pad_image(i, s, t, f, canvas_hw)
   return jax.vmap(fn)(images, jnp.asarray(source_hw, jnp.int32),
                       jnp.asarray(target_hw, jnp.int32), jnp.asarray(flip, bool))
+
+
+# The Batch fields that replace "image" when the device resizes (`data.resize_on`): the decoded
+# image on its source canvas, its true size, the flip flag, and a zero-byte array whose shape
+# carries the static training canvas.
+SOURCE_KEYS = ("source_image", "source_hw", "flip", "canvas")
+
+
+def canvas_hw(batch: dict[str, Array]) -> tuple[int, int]:
+  """The static (Hc, Wc) canvas of a Batch, whichever image fields it carries."""
+  return tuple(batch["image"].shape[1:3]) if "image" in batch else tuple(
+      batch["canvas"].shape[1:3])
+
+
+def batch_images(batch: dict[str, Array]) -> Array:
+  """The uint8 [B, Hc, Wc, 3] canvases of a Batch.
+
+  A Batch carries either "image" (resized, flipped and padded on the host) or the
+  `SOURCE_KEYS` fields: "source_image" uint8 [B, Hs, Ws, 3], "source_hw" int32 [B, 2], "flip"
+  bool [B] and "canvas" uint8 [B, Hc, Wc, 0]; then the images are made here with
+  `resize_flip_pad` to the Batch's "image_hw" (the resized size).
+  """
+  if "image" in batch:
+    return batch["image"]
+  with jax.named_scope("input_resize"):   # stage name: scripts/accelerator_check.py
+    return resize_flip_pad(batch["source_image"], batch["source_hw"], batch["image_hw"],
+                           batch["flip"], canvas_hw(batch))
+
+
+def input_keys(batch: dict[str, Array]) -> tuple[str, ...]:
+  """The Batch fields inference reads: the image fields (either kind), "image_hw", "scale"."""
+  return (("image",) if "image" in batch else SOURCE_KEYS) + ("image_hw", "scale")

@@ -244,20 +244,26 @@ import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from frcnn_jax import parallel
 from frcnn_jax.data import pipeline, shapes
+from frcnn_jax.ops import images as image_ops
 assert jax.device_count() == 8, jax.devices()
 mesh = parallel.make_mesh()
 source = shapes.ShapesSource(16, image_size=32, noise_std=0.0)
 kw = dict(batch_size=8, seed=5, min_size=32, max_size=48, pad_hw=(40, 48), max_gt=6,
           flip=True, num_workers=0, prefetch=2)
-sharded = pipeline.train_loader(source, mesh=mesh, **kw)
-local = pipeline.train_loader(source, mesh=None, **kw)
-for _ in range(2):
-  batch, ref = next(sharded), next(local)
-  for k, v in batch.items():
-    assert isinstance(v, jax.Array) and v.shape == ref[k].shape, k
-    assert v.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec("data")), v.ndim), k
-    assert len(v.addressable_shards) == 8 and v.addressable_shards[0].data.shape[0] == 1, k
-    np.testing.assert_array_equal(np.asarray(v), ref[k], err_msg=k)
+for on_device in (False, True):
+  sharded = pipeline.train_loader(source, mesh=mesh, resize_on_device=on_device, **kw)
+  local = pipeline.train_loader(source, mesh=None, resize_on_device=on_device, **kw)
+  for _ in range(2):
+    batch, ref = next(sharded), next(local)
+    assert ("canvas" in batch) == on_device
+    for k, v in batch.items():
+      assert isinstance(v, jax.Array) and v.shape == ref[k].shape, k
+      assert v.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec("data")), v.ndim), k
+      assert len(v.addressable_shards) == 8 and v.addressable_shards[0].data.shape[0] == 1, k
+      np.testing.assert_array_equal(np.asarray(v), ref[k], err_msg=k)
+    images = jax.jit(image_ops.batch_images)(batch)   # made on the devices, sharded
+    assert len(images.addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(images), image_ops.batch_images(ref))
 try:
   pipeline.train_loader(source, mesh=mesh, **{**kw, "batch_size": 4})
 except ValueError as e:

@@ -1,0 +1,222 @@
+"""Stride-1 2D convolution whose weight gradient is a sum of per-tap matmuls.
+
+XLA:CPU lowers the weight gradient of a convolution (the contraction of the input with the
+output gradient over batch and space) to a slow convolution kernel: on VGG16's conv3..conv5
+layers it runs at about a quarter of the forward rate. `conv_general_dilated` computes the same
+forward convolution with `jax.custom_vjp`; its backward pass gives the input gradient as the
+ordinary transposed convolution (the output gradient convolved with the spatially flipped,
+in/out-swapped kernel) and the weight gradient as one matmul per kernel tap,
+
+  dW[ky, kx] = sum over (b, i, j) of x_pad[b, i + ky, j + kx, :]^T dy[b, i, j, :]   [Cin, Cout],
+
+which XLA:CPU runs at matmul speed. The results equal lax's gradients up to float rounding.
+On small maps lax's own weight gradient is the faster one (VGG16's conv5 at 38 x 50: 54 against
+64 ms; conv3 at 152 x 200: 1274 against 596 ms, scripts/bench_conv.py), so layers with fewer
+than `PER_TAP_MIN_POSITIONS` output positions (B * Ho * Wo) keep lax's gradients.
+
+`conv_general_dilated` takes `lax.conv_general_dilated`'s arguments, so it plugs into Flax:
+`nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)`. It supports what the VGG16
+trunk and the RPN use (NHWC inputs, HWIO kernels, window stride 1, padding between 0 and
+kernel size - 1 per side, no dilation, no feature or batch groups) and raises a ValueError for
+anything else.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+PER_TAP_MIN_POSITIONS = 4096
+CONV_GRADS = ("xla", "per_tap")
+
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                 out_spec=(0, 3, 1, 2))
+
+
+def forward(x: jax.Array, kernel: jax.Array, padding: Padding, precision: Any = None
+            ) -> jax.Array:
+  """Stride-1 convolution with explicit padding (lax's own).
+
+  Args:
+    x: [B, H, W, Cin] input.
+    kernel: [KH, KW, Cin, Cout] kernel.
+    padding: ((top, bottom), (left, right)) zero padding.
+    precision: lax precision of the convolution.
+
+  Returns:
+    [B, Ho, Wo, Cout], Ho = H + top + bottom - KH + 1, Wo alike; dtype of x.
+  """
+  return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC,
+                                  precision=precision)
+
+
+def input_grad(dy: jax.Array, kernel: jax.Array, padding: Padding, precision: Any = None
+               ) -> jax.Array:
+  """Gradient of `forward` with respect to its input: dy convolved with the flipped kernel.
+
+  Args:
+    dy: [B, Ho, Wo, Cout] output gradient.
+    kernel: [KH, KW, Cin, Cout] kernel of the forward convolution.
+    padding: the forward convolution's padding, each side in [0, K - 1].
+    precision: lax precision of the convolution.
+
+  Returns:
+    [B, H, W, Cin] input gradient, dtype of dy.
+  """
+  kh, kw = kernel.shape[:2]
+  flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+  (top, bottom), (left, right) = padding
+  pads = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
+  return lax.conv_general_dilated(dy, flipped, (1, 1), pads, dimension_numbers=_NHWC,
+                                  precision=precision)
+
+
+def weight_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int], padding: Padding,
+                precision: Any = None) -> jax.Array:
+  """Gradient of `forward` with respect to its kernel, one matmul per tap.
+
+  Each tap contracts dy with the shifted input window over (B, Ho, Wo). dy is transposed to
+  [Cout, B, Ho, Wo] once, so every matmul has its contracted dimension minor on the left
+  (XLA:CPU's matmul wants it there and would otherwise transpose each of the KH * KW windows).
+  Products accumulate in float32 (as lax's convolutions do on CPU) and the result is cast to
+  x's dtype.
+
+  Args:
+    x: [B, H, W, Cin] forward input.
+    dy: [B, Ho, Wo, Cout] output gradient.
+    kernel_hw: (KH, KW).
+    padding: the forward convolution's padding.
+    precision: lax precision of the matmuls.
+
+  Returns:
+    [KH, KW, Cin, Cout] kernel gradient, dtype of x.
+  """
+  kh, kw = kernel_hw
+  out_h, out_w = dy.shape[1:3]
+  x_pad = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  dy_t = jnp.transpose(dy, (3, 0, 1, 2))
+  contract = (((1, 2, 3), (0, 1, 2)), ((), ()))
+  taps = [[lax.dot_general(dy_t, x_pad[:, ky:ky + out_h, kx:kx + out_w, :], contract,
+                           precision=precision, preferred_element_type=jnp.float32)
+           for kx in range(kw)] for ky in range(kh)]
+  return jnp.swapaxes(jnp.stack([jnp.stack(row) for row in taps]), 2, 3).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_per_tap(x: jax.Array, kernel: jax.Array, padding: Padding, precision: Any = None
+                 ) -> jax.Array:
+  """`forward` whose backward uses `input_grad` and the per-tap `weight_grad`.
+
+  Args:
+    x: [B, H, W, Cin] input.
+    kernel: [KH, KW, Cin, Cout] kernel, the dtype of x.
+    padding: ((top, bottom), (left, right)), each in [0, K - 1].
+    precision: lax precision (hashable: None, a lax.Precision or a pair of them).
+
+  Returns:
+    [B, Ho, Wo, Cout] as `forward`.
+  """
+  return forward(x, kernel, padding, precision)
+
+
+def _conv_per_tap_fwd(x, kernel, padding, precision):
+  return forward(x, kernel, padding, precision), (x, kernel)
+
+
+def _conv_per_tap_bwd(padding, precision, residuals, dy):
+  x, kernel = residuals
+  dx = input_grad(dy, kernel, padding, precision).astype(x.dtype)
+  dw = weight_grad(x, dy, kernel.shape[:2], padding, precision).astype(kernel.dtype)
+  return dx, dw
+
+
+conv_per_tap.defvjp(_conv_per_tap_fwd, _conv_per_tap_bwd)
+
+
+def _all_ones(name: str, values: Sequence[int] | None) -> None:
+  if values is not None and any(v != 1 for v in values):
+    raise ValueError(f"per-tap conv: {name} must be 1, got {tuple(values)}")
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: str | Sequence[tuple[int, int]],
+                         lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision: Any = None,
+                         preferred_element_type: Any = None) -> jax.Array:
+  """Drop-in for `lax.conv_general_dilated` (2D, NHWC / HWIO) with per-tap weight gradients.
+
+  Args:
+    lhs: [B, H, W, Cin] input.
+    rhs: [KH, KW, Cin, Cout] kernel.
+    window_strides: (1, 1).
+    padding: "SAME", "VALID" or ((top, bottom), (left, right)), each side in [0, K - 1].
+    lhs_dilation: None or all ones.
+    rhs_dilation: None or all ones.
+    dimension_numbers: NHWC / HWIO / NHWC, as a `lax.ConvDimensionNumbers` (what `nn.Conv`
+      passes) or ("NHWC", "HWIO", "NHWC").
+    feature_group_count: 1.
+    batch_group_count: 1.
+    precision: as lax's.
+    preferred_element_type: None or the input dtype.
+
+  Returns:
+    [B, Ho, Wo, Cout], equal to `lax.conv_general_dilated` with the same arguments. Its
+    gradients are `conv_per_tap`'s when B * Ho * Wo >= PER_TAP_MIN_POSITIONS, else lax's.
+
+  Raises:
+    ValueError: an argument this convolution does not support.
+  """
+  if lhs.ndim != 4 or rhs.ndim != 4:
+    raise ValueError(f"per-tap conv: 2D convolutions only, got input {lhs.shape} and "
+                     f"kernel {rhs.shape}")
+  if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC:
+    raise ValueError(f"per-tap conv: dimension_numbers must be NHWC / HWIO / NHWC, got "
+                     f"{dimension_numbers}")
+  _all_ones("window_strides", window_strides)
+  _all_ones("lhs_dilation", lhs_dilation)
+  _all_ones("rhs_dilation", rhs_dilation)
+  if feature_group_count != 1 or batch_group_count != 1:
+    raise ValueError(f"per-tap conv: feature_group_count and batch_group_count must be 1, got "
+                     f"{feature_group_count} and {batch_group_count}")
+  if preferred_element_type is not None and jnp.dtype(preferred_element_type) != lhs.dtype:
+    raise ValueError(f"per-tap conv: preferred_element_type must be None or the input dtype "
+                     f"{lhs.dtype}, got {preferred_element_type}")
+  if lhs.dtype != rhs.dtype:
+    raise ValueError(f"per-tap conv: input and kernel dtypes differ ({lhs.dtype}, {rhs.dtype})")
+  kernel_hw = rhs.shape[:2]
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], kernel_hw, (1, 1), padding)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if len(pads) != 2 or any(not 0 <= p <= k - 1 for (lo, hi), k in zip(pads, kernel_hw)
+                           for p in (lo, hi)):
+    raise ValueError(f"per-tap conv: padding must be two (lo, hi) pairs in [0, kernel size - 1] "
+                     f"for kernel {kernel_hw}, got {padding}")
+  if isinstance(precision, list):
+    precision = tuple(precision)
+  if lhs.shape[0] * (lhs.shape[1] + sum(pads[0]) - kernel_hw[0] + 1) * (
+      lhs.shape[2] + sum(pads[1]) - kernel_hw[1] + 1) < PER_TAP_MIN_POSITIONS:
+    return forward(lhs, rhs, pads, precision)
+  return conv_per_tap(lhs, rhs, pads, precision)
+
+
+def conv_function(conv_grad: str) -> Any:
+  """The `conv_general_dilated` for `nn.Conv` that computes gradients the `conv_grad` way.
+
+  Args:
+    conv_grad: "xla" (lax's own gradients) or "per_tap" (`conv_general_dilated` above).
+
+  Returns:
+    None (nn.Conv then uses lax.conv_general_dilated) or `conv_general_dilated`.
+
+  Raises:
+    ValueError: an unknown conv_grad.
+  """
+  if conv_grad not in CONV_GRADS:
+    raise ValueError(f"conv_grad must be one of {CONV_GRADS}, got {conv_grad!r}")
+  return conv_general_dilated if conv_grad == "per_tap" else None

@@ -1,0 +1,23 @@
+"""scripts/bench_input.py end to end on a few images: both resize settings, its JSON contract."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_input_measures_both_resize_settings():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "bench_input.py"), "--num_images=4",
+       "--repeats=1", "--workers=0,1", "--canvas=416x544"],
+      capture_output=True, text=True, env=env, timeout=300, check=True).stdout
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["canvas"] == [416, 544] and result["source_canvas"] == [384, 512]
+  assert set(result["loader_images_per_s"]) == {"host/0", "host/1", "device/0", "device/1"}
+  rates = [*result["per_core_images_per_s"].values(), *result["loader_images_per_s"].values(),
+           result["device_resize_images_per_s"]]
+  assert all(rate > 0 for rate in rates), result
+  assert set(result["cores_to_feed_target"]) == {"host", "device"}
