@@ -10,9 +10,10 @@ in/out-swapped kernel) and the weight gradient as one matmul per kernel tap,
   dW[ky, kx] = sum over (b, i, j) of x_pad[b, i + ky, j + kx, :]^T dy[b, i, j, :]   [Cin, Cout],
 
 which XLA:CPU runs at matmul speed. The results equal lax's gradients up to float rounding.
-On small maps lax's own weight gradient is the faster one (VGG16's conv5 at 38 x 50: 54 against
-64 ms; conv3 at 152 x 200: 1274 against 596 ms, scripts/bench_conv.py), so layers with fewer
-than `PER_TAP_MIN_POSITIONS` output positions (B * Ho * Wo) keep lax's gradients.
+On small maps lax's own weight gradient is the faster one (lax against per-tap, 608x800 canvas,
+scripts/bench_conv.py on the 2-core development machine: conv5_x at 38 x 50, 109 against 123
+ms; conv3_2 at 152 x 200, 1444 against 526 ms), so layers with fewer than
+`PER_TAP_MIN_POSITIONS` output positions (B * Ho * Wo) keep lax's gradients.
 
 `conv_general_dilated` takes `lax.conv_general_dilated`'s arguments, so it plugs into Flax:
 `nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)`. It supports what the VGG16
