@@ -211,10 +211,7 @@ def define_flags() -> None:
   config_flags.define_config_flag()
   flags.DEFINE_string("workdir", None, "Run directory: one folder per stage, proposals, "
                       "alt_opt.json.")
-  flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for "
-                      "jax.distributed.initialize (multi-process runs).")
-  flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
-  flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+  config_flags.define_distributed_flags()
 
 
 def main(argv: Sequence[str]) -> None:

@@ -60,6 +60,19 @@ def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS) -> flags.Fla
       flag_values=flag_values, lock_config=True)
 
 
+def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines --coordinator_address, --num_processes and --process_id, the arguments of
+  `frcnn_jax.parallel.initialize_distributed` (multi-process runs outside auto-detected
+  clusters), for the commands that may run on several hosts."""
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for "
+                      "jax.distributed.initialize (multi-process runs outside auto-detected "
+                      "clusters).", flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).",
+                       flag_values=flag_values)
+
+
 def get_config_path(flag: flags.Flag) -> str:
   """The value given to `--config` (`flags.FLAGS["config"]`): a file, maybe with `:argument`."""
   return config_flags.get_config_filename(flag)
@@ -228,6 +241,7 @@ def usage(flag_values: flags.FlagValues = flags.FLAGS) -> str:
   names = {f.name for f in flag_values.get_flags_for_module(sys.argv[0])}
   if main is not None and getattr(main, "__file__", None):
     names |= {f.name for f in flag_values.get_flags_for_module(main.__file__)}
+  names |= {f.name for f in flag_values.get_flags_for_module(__name__)} - {"config"}
   entries = []
   if "config" in flag_values:
     entries.append(("--config", "Experiment config file (experiments/X.py[:arg]). Optional when "

@@ -430,10 +430,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", -1, "Checkpoint step to evaluate; -1: the newest.")
   flags.DEFINE_bool("also_coco", False, "Also compute COCO AP@[.5:.95], AP50, AP75, APs/m/l "
                     "for a VOC metric.")
-  flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process "
-                      "runs outside auto-detected clusters.")
-  flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
-  flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+  config_flags.define_distributed_flags()
 
 
 def main(argv: Sequence[str]) -> None:

@@ -501,11 +501,7 @@ def define_flags() -> None:
   """Defines the command-line flags (only when run as a program: importing defines none)."""
   config_flags.define_config_flag()
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, eval.")
-  flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for "
-                      "jax.distributed.initialize (multi-process runs outside auto-detected "
-                      "clusters).")
-  flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
-  flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+  config_flags.define_distributed_flags()
   flags.DEFINE_bool("restart_data_iterator", False, "Resume parameters and optimizer state from "
                     "a checkpoint whose data position does not fit (another process count, "
                     "dataset, batch size or seed), and start the data iterator afresh.")

@@ -12,7 +12,7 @@ alike; medians of `--repeats` and the ratio xla / per_tap (> 1: per_tap is faste
 column says which dW the model's "per_tap" mode uses on that layer (`conv.PER_TAP_MIN_POSITIONS`).
 
 `pool`: the 2x2 max pools that get a gradient (after blocks 3 and 4) at the canvas, batch 1,
-float32, ceil mode as in the config (floor without one), ReLU'd inputs: forward plus input
+float32, ceil mode as in the config, ReLU'd inputs: forward plus input
 gradient (`jax.vjp`), lax's (`nn.max_pool`, a reduce-window whose gradient is XLA's
 select-and-scatter) against `pool.max_pool_2x2` (the trunk's), interleaved, medians of
 `--repeats`, ratio lax / pool.
@@ -155,7 +155,7 @@ def bench_layers(height: int, width: int, repeats: int) -> None:
 
 def bench_pool(config, height: int, width: int, repeats: int) -> None:
   """Prints forward + input gradient times of the trained pools, lax against pool."""
-  ceil_mode = bool(config.model.pool_ceil_mode) if config is not None else False
+  ceil_mode = bool(config.model.pool_ceil_mode)
   print(f"\npools at {height}x{width}, batch 1, float32, ceil_mode={ceil_mode}, forward + input "
         f"gradient, medians of {repeats} interleaved rounds, ms (ratio = lax / pool); "
         f"load {os.getloadavg()[0]:.2f}")
@@ -235,10 +235,7 @@ def main(argv):
   unknown = set(f.parts) - set(PARTS)
   if unknown:
     raise app.UsageError(f"--parts must be among {', '.join(PARTS)}; got {sorted(unknown)}")
-  if {"train", "train_pool"} & set(f.parts) and f.config is None:
-    raise app.UsageError("--config is required for --parts train and train_pool "
-                         "(e.g. experiments/voc.py)")
-  if f.config is not None and host_memory.wanted(f.config.train.reuse_host_memory):
+  if host_memory.wanted(f.config.train.reuse_host_memory):
     host_memory.keep_freed_memory()   # as in train.py
   print(f"JAX {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs")
   if "layers" in f.parts:
@@ -253,4 +250,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_flags.parse_flags)

@@ -152,18 +152,29 @@ def time_loader(source, mode: str, canvas: tuple[int, int], workers: int, batch_
   return statistics.median(rates)
 
 
+def _canvas(text: str) -> tuple[int, int]:
+  """"HxW" -> (H, W), positive; argparse reports anything else as a usage error."""
+  try:
+    height, width = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected HxW, e.g. 608x800, got {text!r}") from None
+  if min(height, width) <= 0:
+    raise argparse.ArgumentTypeError(f"canvas sides must be positive, got {text!r}")
+  return height, width
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--num_images", type=int, default=48)
   parser.add_argument("--batch_size", type=int, default=2)
-  parser.add_argument("--canvas", default="608x800",
+  parser.add_argument("--canvas", default=(608, 800), type=_canvas,
                       help="training canvas HxW (608x800: VOC's 4 canvases put 500x375 here)")
   parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--target_images_per_s", type=float, default=250.0,
                       help="images/s one accelerator consumes (for cores_to_feed_target)")
   args = parser.parse_args()
-  canvas = tuple(int(v) for v in args.canvas.split("x"))
+  canvas = args.canvas
   workers = [int(w) for w in args.workers.split(",") if w]
   with tempfile.TemporaryDirectory() as tmp:
     write_tree(pathlib.Path(tmp), args.num_images)

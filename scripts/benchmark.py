@@ -259,7 +259,8 @@ def synthetic_batch(batch: int, height: int, width: int, max_gt: int, num_gt: in
   rng = np.random.default_rng(seed)
   if resize_on_device:
     sh, sw = (max(1, round(v * SOURCE_LONG_SIDE / max(ch, cw))) for v in (ch, cw))
-    source = np.zeros((batch, -(-sh // 32) * 32, -(-sw // 32) * 32, 3), np.uint8)
+    (source_hw,) = canvases.source_canvases(np.array([[sh, sw]]), np.zeros(1), 1)
+    source = np.zeros((batch, *source_hw, 3), np.uint8)
     source[:, :sh, :sw] = rng.integers(0, 256, (batch, sh, sw, 3), dtype=np.uint8)
     pixels = {"source_image": source,
               "source_hw": np.tile(np.asarray([[sh, sw]], np.int32), (batch, 1)),
