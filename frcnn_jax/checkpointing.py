@@ -155,6 +155,24 @@ def checksums(tree: PyTree) -> dict[str, str]:
   return sums
 
 
+def damage(tree: PyTree, saved: dict[str, str], prefix: str = "") -> str:
+  """Which leaves of `tree` differ from the checksums saved with them; "" when none do.
+
+  Args:
+    tree: restored arrays.
+    saved: `checksums` of the saved tree, as written in the checkpoint's meta.
+    prefix: the path of `tree` within the saved tree (".params" for a `TrainState`'s
+      parameters restored alone).
+
+  Returns:
+    "" when every checked leaf is intact, else a sentence naming the damaged ones. Leaves
+    without a saved checksum (checkpoints written before checksums existed) are not checked.
+  """
+  changed = [prefix + path for path, crc in checksums(tree).items()
+             if saved.get(prefix + path, crc) != crc]
+  return f"contents differ from their checksum at save: {_listed(changed)}" if changed else ""
+
+
 _ABSENT = object()
 
 
@@ -312,11 +330,9 @@ class Checkpointer:
       jax.block_until_ready(state)
     except Exception as e:  # pylint: disable=broad-except  # the layout fits: damaged files
       return _CORRUPT, _reason(e), None
-    saved_sums = meta.get("checksums", {})
-    damaged = [path for path, crc in checksums(state).items()
-               if saved_sums.get(path, crc) != crc]
+    damaged = damage(state, meta.get("checksums", {}))
     if damaged:
-      return _CORRUPT, f"contents differ from their checksum at save: {_listed(damaged)}", None
+      return _CORRUPT, damaged, None
     if "data" in items:
       saved = restored["data"]
       try:

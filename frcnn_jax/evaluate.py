@@ -99,14 +99,17 @@ def restore_params(workdir: str | os.PathLike, mesh: jax.sharding.Mesh,
 
   Raises:
     FileNotFoundError: no checkpoint (or not that step) under `workdir`.
-    ValueError: the checkpoint's state has no "params" entry.
+    ValueError: the checkpoint's state has no "params" entry, or its files are damaged: they
+      cannot be read, or the parameters differ from the CRC-32s saved with them (nothing is
+      moved; another `step` may be intact).
   """
   directory = checkpointing.absolute(workdir) / "checkpoints"
   if not directory.exists():
     raise FileNotFoundError(f"no checkpoints in {directory}: train first "
                             "(python -m frcnn_jax.train --config ... --workdir ...)")
   manager = ocp.CheckpointManager(
-      directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+      directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                "meta": ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(manager.all_steps())
   if not steps:
@@ -115,18 +118,33 @@ def restore_params(workdir: str | os.PathLike, mesh: jax.sharding.Mesh,
     step = steps[-1]
   elif step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available: {steps}")
-  tree = manager.item_metadata(step)["state"].tree
+  where = directory / str(step)
+  others = f"nothing was moved; the other checkpoints: {[s for s in steps if s != step]}"
+  try:
+    tree = manager.item_metadata(step)["state"].tree
+    if "params" in tree:
+      sharding = parallel.replicated(mesh)
+      abstract = {"params": jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree["params"])}
+      items = {"state": ocp.args.PyTreeRestore(
+          item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+          partial_restore=True)}
+      if (where / "meta").exists():
+        items["meta"] = ocp.args.JsonRestore()
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+      params = jax.block_until_ready(restored["state"]["params"])
+  except Exception as e:  # pylint: disable=broad-except  # the step is listed: damaged files
+    raise ValueError(f"checkpoint {where} cannot be read ({type(e).__name__}: "
+                     f"{str(e)[:200]}); {others}.") from e
+  finally:
+    manager.close()
   if "params" not in tree:
-    raise ValueError(f"checkpoint {directory / str(step)} has no 'params' entry "
-                     f"(found {sorted(tree)})")
-  sharding = parallel.replicated(mesh)
-  abstract = {"params": jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree["params"])}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-      partial_restore=True)))
-  manager.close()
-  return restored["state"]["params"], int(step)
+    raise ValueError(f"checkpoint {where} has no 'params' entry (found {sorted(tree)})")
+  damaged = checkpointing.damage(params, (restored.get("meta") or {}).get("checksums", {}),
+                                 ".params")
+  if damaged:
+    raise ValueError(f"checkpoint {where} is damaged: {damaged}; {others}.")
+  return params, int(step)
 
 
 def _to_global(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -2,18 +2,22 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from frcnn_jax import builders
+from frcnn_jax import checkpointing
 from frcnn_jax import evaluate
 from frcnn_jax import detector
 from frcnn_jax import parallel
+from frcnn_jax import train
 from frcnn_jax.data import pipeline
 from frcnn_jax.data import sources
 from tests.evaluation.tiny_run import STEP
@@ -37,6 +41,44 @@ def test_restore_params_newest_and_missing(tiny_run, tmp_path):
     evaluate.restore_params(tiny_run.workdir, mesh, step=7)
   with pytest.raises(FileNotFoundError, match="train first"):
     evaluate.restore_params(tmp_path, mesh)
+
+
+def _saved_run(workdir, steps):
+  """Checkpoints of a TrainState whose parameters are one large array, in `workdir`."""
+  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", keep=len(steps))
+  for step in steps:
+    checkpointer.save(step, train.TrainState(
+        params={"w": jnp.arange(20000, dtype=jnp.float32) * step}, opt_state=(),
+        step=jnp.int32(step), rng=jnp.zeros(2, jnp.uint32), nonfinite_skips=jnp.int32(0)))
+  checkpointer.close()
+
+
+def test_restore_params_refuses_damaged_parameters_and_moves_nothing(tmp_path):
+  _saved_run(tmp_path, (1, 2))
+  state_dir = tmp_path / "checkpoints" / "2" / "state"
+  largest = max((p for p in state_dir.rglob("*") if p.is_file() and p.parent.name == "d"),
+                key=lambda p: p.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+  largest.write_bytes(bytes(data))
+  before = sorted(str(p) for p in tmp_path.rglob("*"))
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  with pytest.raises(ValueError, match=r"checkpoints/2 is damaged: .*\.params\['w'\].*\[1\]"):
+    evaluate.restore_params(tmp_path, mesh)
+  assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+  params, step = evaluate.restore_params(tmp_path, mesh, step=1)
+  assert step == 1
+  np.testing.assert_array_equal(params["w"], np.arange(20000, dtype=np.float32))
+
+
+def test_restore_params_reports_unreadable_files(tmp_path):
+  _saved_run(tmp_path, (3,))
+  for path in (tmp_path / "checkpoints" / "3" / "state").rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(b"")
+  with pytest.raises(ValueError, match=r"checkpoint .*3 cannot be read .*nothing was moved"):
+    evaluate.restore_params(tmp_path, parallel.make_mesh(jax.devices()[:1]))
 
 
 def _one_device_result(tiny_run, workdir=None):
@@ -110,6 +152,25 @@ def test_cli_prints_table_and_writes_json(tiny_run):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "mAP" in proc.stdout and "circle" in proc.stdout
   assert (tiny_run.workdir / "eval" / f"test-{STEP}.json").exists()
+
+
+def test_cli_stops_with_a_message_on_a_damaged_checkpoint(tiny_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run.workdir, workdir)
+  for path in (workdir / "checkpoints" / str(STEP) / "state").rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(b"")
+  before = sorted(str(p) for p in workdir.rglob("*"))
+  proc = subprocess.run(
+      [sys.executable, "-m", "frcnn_jax.evaluate", "--config", str(tiny_run.config_path),
+       "--workdir", str(workdir)],
+      capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert f"error: checkpoint {workdir / 'checkpoints' / str(STEP)} cannot be read (" in proc.stderr
+  # tensorstore's reads still in flight may print asyncio's "Event loop is closed" at exit.
+  assert "frcnn_jax" not in "".join(line for line in proc.stderr.splitlines()
+                                    if line.lstrip().startswith("File "))
+  assert sorted(str(p) for p in workdir.rglob("*")) == before
 
 
 def test_cli_help():
@@ -237,7 +298,8 @@ def test_cli_reads_the_run_folder_and_keeps_a_clean_console(tiny_run, tmp_path):
   from tests.evaluation.run_folder import run_folder  # pylint: disable=g-import-not-at-top
   workdir = run_folder(tiny_run, tmp_path)
   proc = subprocess.run(
-      [sys.executable, "-m", "frcnn_jax.evaluate", "--workdir", str(workdir)],
+      [sys.executable, "-m", "frcnn_jax.evaluate", "--config", str(tiny_run.config_path),
+       "--workdir", str(workdir)],
       capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((workdir / "eval" / f"test-{STEP}.json").read_text())
