@@ -464,8 +464,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
           _check_finite(pending[0], jax.device_get(pending[1]), t.nonfinite)
         checkpointer.save(step, state, data)
         if primary:
-          print(f"{stop.signal_name or 'SIGTERM'}: preempted at step {step}; checkpoint saved "
-                f"in {checkpointer.directory}, run the same command to resume.", file=console,
+          # No signal_name: the signal went to another process, or to JAX's preemption service.
+          cause = stop.signal_name or "SIGTERM or Ctrl-C to a process of the run"
+          print(f"{cause}: preempted at step {step}; checkpoint saved in "
+                f"{checkpointer.directory}, run the same command to resume.", file=console,
                 flush=True)
         result["preempted"] = True
         break

@@ -1,13 +1,16 @@
-"""Data parallelism: 8 fake CPU devices vs one, and two processes vs one (jax.distributed).
+"""Data parallelism: 8 fake CPU devices vs one, two processes vs one (jax.distributed), and a
+Ctrl-C to one of two processes.
 
 The children run this file as a script (`python tests/test_train_distributed.py MODE ...`).
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -62,6 +65,63 @@ def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
     np.testing.assert_allclose(p0[name], single[name], rtol=1e-5, atol=1e-6, err_msg=name)
   with open(tmp_path / "two" / "metrics.jsonl") as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 3]  # 3 twice: train, eval
+
+
+def _train_command(workdir, address, process_id):
+  overrides = {**test_train.TINY, "train.num_steps": 30, "train.checkpoint_every": 100}
+  return [sys.executable, "-m", "frcnn_jax.train", "--config", test_train.SHAPES, "--workdir",
+          workdir, *test_train.cli_args(overrides), "--coordinator_address", address,
+          "--num_processes", "2", "--process_id", str(process_id)]
+
+
+def _start_pair(workdir, cache_dir, logs):
+  """Both processes of a two-process run of the train command, each logging to a file."""
+  env = test_train.subprocess_env(1)
+  env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+  address = f"127.0.0.1:{_free_port()}"
+  processes = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+      processes.append(subprocess.Popen(_train_command(workdir, address, i), env=env, cwd=ROOT,
+                                        stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True))
+  return processes
+
+
+def _ended(processes, logs, timeout=300):
+  for process in processes:
+    process.wait(timeout=timeout)
+  outs = [log.read_text() for log in logs]
+  for process, out in zip(processes, outs):
+    assert process.returncode == 0, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+  return outs
+
+
+def test_ctrl_c_on_one_process_stops_both_at_one_saved_step_and_resumes(tmp_path,
+                                                                         tmp_path_factory):
+  cache = str(tmp_path_factory.getbasetemp() / "jax_cache")
+  workdir = str(tmp_path / "run")
+  logs = [tmp_path / "p0.log", tmp_path / "p1.log"]
+  processes = _start_pair(workdir, cache, logs)
+  deadline = time.monotonic() + 300
+  while "step 3/30" not in logs[0].read_text():
+    assert all(p.poll() is None for p in processes), logs[0].read_text()[-4000:]
+    assert time.monotonic() < deadline, "timed out"
+    time.sleep(0.05)
+  processes[1].send_signal(signal.SIGINT)  # Ctrl-C in process 1's terminal only
+  out = _ended(processes, logs)[0]
+  stopped = [line for line in out.splitlines() if "preempted at step" in line]
+  assert len(stopped) == 1, out[-4000:]
+  assert stopped[0].startswith("SIGTERM or Ctrl-C to a process of the run: preempted at step")
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert len(saved) == 1 and 3 <= saved[0] < 30 and f"at step {saved[0]};" in stopped[0]
+
+  out = _ended(_start_pair(workdir, cache, logs), logs)[0]
+  assert f"step {saved[0] + 1}/30" in out and "step 30/30" in out, out[-4000:]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == list(range(1, 31)) + [30]  # every step logged once, then the evaluation
 
 
 # ------------------------------------------------------------------------------------------
