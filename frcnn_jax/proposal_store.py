@@ -20,6 +20,8 @@ import functools
 import json
 import logging
 import os
+import struct
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +49,8 @@ class ProposalSet:
     names: str [N] record names.
     orig_hw: int32 [N, 2].
     meta: {"num_proposals", "pre_nms_top_n", "checkpoint", "step"}.
+    mapped_from: the file that boxes, scores and valid are read-only memory maps of (`load`);
+      None for arrays in memory.
   """
   boxes: np.ndarray
   scores: np.ndarray
@@ -54,9 +58,17 @@ class ProposalSet:
   names: np.ndarray
   orig_hw: np.ndarray
   meta: dict[str, Any]
+  mapped_from: "_MappedFile | None" = None
 
   def __len__(self) -> int:
     return len(self.boxes)
+
+  def __reduce__(self):
+    """A set mapped from its file pickles as that file's identity: spawned data workers map the
+    same pages instead of receiving a copy each (GBs for COCO-sized sets)."""
+    if self.mapped_from is None:
+      return super().__reduce__()
+    return _reopen, (self.mapped_from,)
 
   @property
   def num_proposals(self) -> int:
@@ -72,8 +84,66 @@ def save(path: str | os.PathLike[str], proposals: ProposalSet) -> None:
              meta=np.asarray(json.dumps(proposals.meta)))
 
 
+@dataclasses.dataclass(frozen=True)
+class _MappedFile:
+  """Which file a set was mapped from: the path and what identifies its contents."""
+  path: str
+  inode: int
+  size: int
+  mtime_ns: int
+
+  @classmethod
+  def of(cls, path: str) -> "_MappedFile":
+    stat = os.stat(path)
+    return cls(os.path.abspath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _reopen(mapped: _MappedFile) -> ProposalSet:
+  """`load` in another process, refusing a file replaced since the first `load`."""
+  if not os.path.isfile(mapped.path) or _MappedFile.of(mapped.path) != mapped:
+    raise ValueError(f"the proposal file {mapped.path} was replaced or removed while the run "
+                     "was reading it; start the run again")
+  return load(mapped.path)
+
+
+def _mapped_members(path: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+  """Read-only memory maps of the .npz members `names` that are stored uncompressed.
+
+  `np.savez` stores each array as an uncompressed .npy member, so its data is a contiguous
+  byte range of the file; compressed members (`np.savez_compressed`) are left out.
+  """
+  out = {}
+  with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+    for info in archive.infolist():
+      name = info.filename.removesuffix(".npy")
+      if name not in names or info.compress_type != zipfile.ZIP_STORED:
+        continue
+      f.seek(info.header_offset)
+      local = f.read(30)   # the member's local header: its name and extra field follow
+      if local[:4] != b"PK\x03\x04":
+        continue
+      name_length, extra_length = struct.unpack("<HH", local[26:30])
+      f.seek(info.header_offset + 30 + name_length + extra_length)
+      version = np.lib.format.read_magic(f)
+      if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+      elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+      else:
+        continue
+      if dtype.hasobject:
+        continue
+      out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                            order="F" if fortran else "C")
+  return out
+
+
 def load(path: str | os.PathLike[str]) -> ProposalSet:
-  """Reads a file written by `save`.
+  """Reads a file written by `save`, mapping the large arrays instead of reading them.
+
+  boxes, scores and valid are read-only memory maps of the file (read into memory instead
+  when the file was written compressed), so the data workers that receive the set share the
+  file's pages.
 
   Raises:
     FileNotFoundError: no such file.
@@ -82,13 +152,16 @@ def load(path: str | os.PathLike[str]) -> ProposalSet:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no proposal file {path} (python -m frcnn_jax.dump_proposals "
                             "--config ... --workdir ... --output FILE writes one)")
+  mapped_from = _MappedFile.of(path)
   with np.load(path) as data:
     missing = {"boxes", "scores", "valid", "names", "orig_hw", "meta"} - set(data.files)
     if missing:
       raise ValueError(f"{path} is not a proposal file: no {sorted(missing)}")
-    out = ProposalSet(boxes=data["boxes"], scores=data["scores"], valid=data["valid"],
-                      names=data["names"], orig_hw=data["orig_hw"],
-                      meta=json.loads(str(data["meta"])))
+    large = _mapped_members(path, ("boxes", "scores", "valid"))
+    if len(large) < 3:
+      large, mapped_from = {name: data[name] for name in ("boxes", "scores", "valid")}, None
+    out = ProposalSet(**large, names=data["names"], orig_hw=data["orig_hw"],
+                      meta=json.loads(str(data["meta"])), mapped_from=mapped_from)
   n, r = out.boxes.shape[:2]
   if (out.boxes.shape != (n, r, 4) or out.scores.shape != (n, r) or out.valid.shape != (n, r)
       or out.names.shape != (n,) or out.orig_hw.shape != (n, 2)):

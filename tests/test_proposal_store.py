@@ -3,6 +3,7 @@ that carry them, the RPN-only / head-only losses and the per-part trainable mask
 
 import dataclasses
 import os
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +144,57 @@ def test_save_load_round_trip_and_errors(tmp_path):
   np.savez(tmp_path / "bad.npz", boxes=np.zeros((2, 3, 4)))
   with pytest.raises(ValueError, match="not a proposal file"):
     proposal_store.load(str(tmp_path / "bad.npz"))
+
+
+def test_loaded_sets_map_the_file_and_pickle_as_it(tmp_path):
+  rng = np.random.default_rng(0)
+  store = _set(rng.random((40, 500, 4), np.float32) * 100, rng.random((40, 500)) > 0.2,
+               [f"im{i}" for i in range(40)])
+  path = str(tmp_path / "train.npz")
+  proposal_store.save(path, store)
+  back = proposal_store.load(path)
+  assert all(isinstance(getattr(back, f), np.memmap) for f in ("boxes", "scores", "valid"))
+  assert not back.boxes.flags.writeable
+  wrapped = proposal_store.WithProposals(FakeSource([_ann([[0, 0, 9, 9]], [False], f"im{i}")
+                                                     for i in range(40)]), back, 300)
+  sent = pickle.dumps(wrapped)   # what a spawned data worker receives
+  assert len(sent) < 20_000 < store.boxes.nbytes
+  received = pickle.loads(sent)
+  for i in (0, 17, 39):
+    for key in ("proposals", "proposals_valid"):
+      np.testing.assert_array_equal(received[i][key], wrapped[i][key])
+    np.testing.assert_array_equal(received[i]["proposals"], store.boxes[i, :300])
+  # A file replaced after loading is refused in the worker, not read as the old proposals.
+  proposal_store.save(path, _set(store.boxes + 1, store.valid, store.names))
+  with pytest.raises(ValueError, match="replaced or removed while the run"):
+    pickle.loads(sent)
+  # A compressed file (np.savez_compressed) is read into memory and pickles whole.
+  compressed = str(tmp_path / "compressed.npz")
+  np.savez_compressed(compressed, boxes=store.boxes, scores=store.scores, valid=store.valid,
+                      names=store.names, orig_hw=store.orig_hw, meta=np.asarray("{}"))
+  back = proposal_store.load(compressed)
+  assert back.mapped_from is None and not isinstance(back.boxes, np.memmap)
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(back)).boxes, store.boxes)
+
+
+def test_spawned_workers_read_the_mapped_proposals(tmp_path, tiny):
+  config, _, _, _, params = tiny
+  path = str(tmp_path / "train.npz")
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  proposal_store.save(path, dump_proposals.dump_for_config(
+      config, params, "train", num_proposals=12, pre_nms_top_n=-1, mesh=mesh, meta={}))
+  batches = []
+  for workers in (0, 1):
+    head = tiny_config(train__loss_mode="head", data__proposals=path, data__num_proposals=10,
+                       data__num_workers=workers)
+    source = builders.source_from_config(head, "train")
+    assert isinstance(source.proposals.boxes, np.memmap)
+    data = builders.train_data_from_config(head, source, mesh)
+    batches.append(jax.device_get([next(data) for _ in range(3)]))
+    data.close()
+  for ours, theirs in zip(*batches):
+    assert ours["proposals_valid"].any()
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
 
 
 def test_with_proposals_checks_the_source_and_adds_fields():
