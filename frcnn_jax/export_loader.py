@@ -15,6 +15,7 @@ pass order, so the canvases are bit-identical to Pillow 13's (the version this w
 against) without Pillow.
 """
 
+import functools
 import json
 import math
 import os
@@ -28,47 +29,55 @@ _FORMAT_ONE_CANVAS = "frcnn_jax.export/1"   # one program, canvas "pad_hw"
 _PRECISION_BITS = 32 - 8 - 2   # Pillow's fixed-point precision for 8-bit resampling
 
 
+@functools.lru_cache(maxsize=64)
 def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Pillow's bilinear resample weights along one axis (Resample.c, `precompute_coeffs`).
 
+  The C loop over output pixels, vectorised with the same float64 operations in the same
+  order (the normalising sum is accumulated tap by tap, as C does). Cached: read-only arrays.
+
   Returns:
-    index int64 [out_size, K] source pixels and weight int64 [out_size, K] fixed-point
+    index int32 [out_size, K] source pixels and weight int32 [out_size, K] fixed-point
     weights (0 where unused).
   """
   scale = in_size / out_size
   filter_scale = max(scale, 1.0)
   support = 1.0 * filter_scale                    # the triangle filter's support is 1
   ksize = int(math.ceil(support)) * 2 + 1
-  index = np.zeros((out_size, ksize), np.int64)
-  weight = np.zeros((out_size, ksize), np.int64)
-  for xx in range(out_size):
-    center = (xx + 0.5) * scale
-    xmin = max(int(center - support + 0.5), 0)    # int() truncates toward 0, as C does
-    xmax = min(int(center + support + 0.5), in_size) - xmin
-    x = np.arange(xmax)
-    w = np.maximum(1.0 - np.abs((x + xmin - center + 0.5) * (1.0 / filter_scale)), 0.0)
-    total = w.sum()
-    if total != 0.0:
-      w = w / total
-    fixed = np.where(w < 0, -0.5 + w * (1 << _PRECISION_BITS), 0.5 + w * (1 << _PRECISION_BITS))
-    weight[xx, :xmax] = fixed.astype(np.int64)    # truncation toward 0, as C's (int)
-    index[xx, :xmax] = x + xmin
-    index[xx, xmax:] = xmin
+  center = (np.arange(out_size) + 0.5) * scale
+  xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)   # C's (int): toward 0
+  xmax = np.minimum((center + support + 0.5).astype(np.int64), in_size) - xmin
+  taps = np.arange(ksize)
+  used = taps < xmax[:, None]
+  w = np.where(used, np.maximum(
+      1.0 - np.abs((taps + xmin[:, None] - center[:, None] + 0.5) * (1.0 / filter_scale)), 0.0),
+               0.0)
+  total = np.zeros(out_size)
+  for k in range(ksize):
+    total += w[:, k]
+  w = np.where(total[:, None] != 0.0, w / np.where(total == 0.0, 1.0, total)[:, None], w)
+  fixed = np.where(w < 0, -0.5 + w * (1 << _PRECISION_BITS), 0.5 + w * (1 << _PRECISION_BITS))
+  weight = np.where(used, fixed.astype(np.int64), 0).astype(np.int32)  # (int): toward 0
+  index = np.where(used, taps + xmin[:, None], xmin[:, None]).astype(np.int32)
+  weight.flags.writeable = index.flags.writeable = False
   return index, weight
 
 
 def _resample_axis(image: np.ndarray, out_size: int, axis: int) -> np.ndarray:
   """One pass of Pillow's 8-bit resample along `axis` (0: rows, 1: columns)."""
-  index, weight = _coefficients(image.shape[axis], out_size)
+  if axis == 1:   # as rows: gathering whole rows is 2.5x faster than gathering columns
+    return _resample_axis(image.transpose(1, 0, 2), out_size, 0).transpose(1, 0, 2)
+  index, weight = _coefficients(image.shape[0], out_size)
   # int32 holds the sums: the bilinear weights are >= 0 and add up to 2^22, times <= 255.
-  pixels = image.astype(np.int32)
-  weight = weight.astype(np.int32)
-  shape = (-1, 1, 1) if axis == 0 else (1, -1, 1)
-  total = np.full(pixels.shape[:axis] + (out_size,) + pixels.shape[axis + 1:],
-                  1 << (_PRECISION_BITS - 1), np.int32)
-  for k in range(index.shape[1]):      # K taps, each a gather over the whole image
-    total += np.take(pixels, index[:, k], axis=axis) * weight[:, k].reshape(shape)
-  return np.clip(total >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+  pixels = np.ascontiguousarray(image, np.int32)
+  total = np.full((out_size,) + pixels.shape[1:], 1 << (_PRECISION_BITS - 1), np.int32)
+  tap = np.empty_like(total)
+  for k in range(index.shape[1]):      # K taps, each a gather of rows
+    np.take(pixels, index[:, k], axis=0, out=tap)
+    tap *= weight[:, k, None, None]
+    total += tap
+  total >>= _PRECISION_BITS
+  return np.clip(total, 0, 255, out=total).astype(np.uint8)
 
 
 def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -160,7 +160,8 @@ def test_loader_resize_is_pillows_bilinear():
   sizes += [((h, w), (oh, w)) for h, w, oh in rng.integers(1, 90, (20, 3))]
   sizes += [((h, w), (oh, ow)) for h, w, oh, ow in rng.integers(1, 90, (60, 4))]
   sizes += [((375, 500), (600, 800)), ((500, 333), (1000, 666)), ((480, 640), (240, 320)),
-            ((90, 40), (20, 35)), ((40, 90), (35, 20))]     # both pass orders
+            ((90, 40), (20, 35)), ((40, 90), (35, 20)),     # both pass orders
+            ((1000, 700), (13, 999)), ((2000, 50), (7, 3))]  # long filters (K up to 573)
   for (h, w), (oh, ow) in sizes:
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     want = np.asarray(Image.fromarray(image).resize((ow, oh), Image.BILINEAR))
