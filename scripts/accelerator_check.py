@@ -21,18 +21,23 @@ important first, each started only while the time left covers its estimated cost
 item of its kind so far):
 
 1. the matmul peak of each dtype (`scripts/benchmark.py`'s `matmul_peaks`);
-2. bfloat16 on the first `--sizes` canvas, per-device batch 1, 2, 4, 8: training step and
-   inference (`benchmark.measure_case`: compile time, images/s, FLOPs, MFU);
-3. a `jax.profiler` trace of training steps (bfloat16, first canvas, `--profile_batch`),
-   summarised per stage (below);
+2. bfloat16 on the first `--sizes` canvas at the profiled per-device batch (`--profile_batch`,
+   2): training step and inference (`benchmark.measure_case`: compile time, images/s, FLOPs,
+   MFU);
+3. a `jax.profiler` trace of that training step (its program comes from the compilation
+   cache), summarised per stage (below);
 4. torchvision's same model (`benchmark.run_peer`, when torch and torchvision are installed) on
-   item 2's rows, and the speed-ups;
-5. float32 at the same canvas and batches;
-6. the cost of GPU determinism: the profiled case again in a child process with
+   item 2's row, and the speed-ups;
+5. bfloat16 at the other batches (1, 4, 8), then torchvision on them;
+6. float32 at the same canvas and batches;
+7. the cost of GPU determinism: the profiled case again in a child process with
    `XLA_FLAGS=--xla_gpu_deterministic_ops=true`, then `--xla_gpu_exclude_nondeterministic_ops=true`
    (`--deterministic`; flags a backend does not know make the child fail, which is recorded);
-7. the other canvases in bfloat16 (batch 1 and the best batch), then in float32;
-8. torchvision on the remaining rows.
+8. the other canvases in bfloat16 (batch 1 and the best batch), then in float32;
+9. torchvision on the remaining rows.
+
+Items 2-4 give each of the three targets a figure, so that a run whose compiles are slow (on
+the H200 one bf16 program took minutes) still answers all three before the batch sweep.
 
 Per-stage profile: the step's stages carry `jax.named_scope`s (detector.py: "proposals",
 "rpn_targets", "roi_sampling", "losses", "postprocess"; train.py: "optimizer"; ops/images.py:
@@ -984,11 +989,12 @@ def main(argv):
   run.result["matmul_peak"] = peaks
   run.write()
 
-  precompile(run, config, mesh, [case(main_dtype, main_size, b) for b in batches], f.num_gt,
-             f.precompile_threads)
-  for b in batches:
-    measure(run, config, mesh, case(main_dtype, main_size, b), f.steps, f.num_gt, peaks)
   profile_batch = f.profile_batch if f.profile_batch in batches else batches[0]
+  main_batches = [profile_batch] + [b for b in batches if b != profile_batch]
+  precompile(run, config, mesh, [case(main_dtype, main_size, b) for b in main_batches],
+             f.num_gt, f.precompile_threads)
+  measure(run, config, mesh, case(main_dtype, main_size, profile_batch), f.steps, f.num_gt,
+          peaks)
   try:
     profile_step(run, config, mesh, main_dtype, *main_size, profile_batch, f.profile_steps,
                  f.num_gt, f.output)
@@ -996,7 +1002,12 @@ def main(argv):
     run.result["errors"].append(f"profile: {type(e).__name__}: {str(e)[:500]}")
     print(f"profile failed: {e}", flush=True)
   if f.peer:
-    peer(run, config, [case(main_dtype, main_size, b) for b in batches], f.steps, f.num_gt)
+    peer(run, config, [case(main_dtype, main_size, profile_batch)], f.steps, f.num_gt)
+  for b in main_batches[1:]:
+    measure(run, config, mesh, case(main_dtype, main_size, b), f.steps, f.num_gt, peaks)
+  if f.peer:
+    peer(run, config, [case(main_dtype, main_size, b) for b in main_batches], f.steps,
+         f.num_gt)
   for d in dtypes[1:]:
     for b in batches:
       measure(run, config, mesh, case(d, main_size, b), f.steps, f.num_gt, peaks)

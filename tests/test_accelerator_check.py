@@ -152,13 +152,20 @@ def test_stage_summary_per_step_and_worst_non_matmul_share():
 
 def test_tiny_run_writes_rows_profile_and_summary(tmp_path):
   out = tmp_path / "out"
-  result = _run([*TINY_ARGS, "--dtype=bfloat16", f"--output={out}", "--budget_s=240",
+  result = _run([*TINY_ARGS, "--dtype=bfloat16", "--batch=1,2", "--profile_batch=2",
+                 f"--output={out}", "--budget_s=240",
                  f"--compilation_cache={tmp_path / 'cache'}"], timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(out)) == ["results.json", "summary.md", "train_step_trace.json.gz"]
   data = json.loads((out / "results.json").read_text())
   assert data["complete"], (data["skipped"], data["errors"])
-  (row,) = data["rows"]
+  # The profiled batch first, then its profile, then the other batches.
+  assert [r["batch"] for r in data["rows"]] == [2, 1] and data["profile"]["batch"] == 2
+  lines = result.stdout.splitlines()
+  order = [next(i for i, line in enumerate(lines) if line.startswith(start)) for start in
+           ("row bfloat16 64x64 batch 2", "profile: ", "row bfloat16 64x64 batch 1")]
+  assert order == sorted(order), lines
+  row = data["rows"][0]
   assert row["dtype"] == "bfloat16" and row["train_finite"]
   assert row["train_images_per_s"] > 0 and row["infer_images_per_s"] > 0
   assert 0 < row["train_mfu_content"] <= row["train_mfu"]
