@@ -10,8 +10,8 @@ and portpicker) and pycocotools must import, as `frcnn_jax.train` imports them):
 On this project's device machine, with those packages carried as wheels in .whl/ (run's carry
 [".whl"], timeout_s 480, the outputs under $OUT/accelerator). .whl/ is not in git: fetch the six
 wheels the 2026-11-30 runs used with the device README's `pip download` line (cp312,
-manylinux; `--platform manylinux_2_24_x86_64` too for grain): ml_collections==1.1.0
-grain==0.2.18 array_record==0.8.6 portpicker==1.6.0 pycocotools==2.0.11 tensorboardx==2.6.5.
+manylinux; checked to fetch all six): ml_collections==1.1.0 grain==0.2.18 array_record==0.8.6
+portpicker==1.6.0 pycocotools==2.0.11 tensorboardx==2.6.5.
 
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
