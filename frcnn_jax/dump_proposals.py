@@ -78,7 +78,8 @@ def format_recall(table: Mapping[str, float]) -> str:
 def define_flags() -> None:
   """Defines the command-line flags (only when run as a program)."""
   config_flags.define_config_flag()
-  flags.DEFINE_string("workdir", None, "Training run whose newest checkpoint's RPN is dumped.")
+  flags.DEFINE_string("workdir", None, "Training run whose checkpoint's RPN is dumped.")
+  flags.DEFINE_integer("step", -1, "Checkpoint step; -1: the newest.")
   flags.DEFINE_enum("split", "eval", ["train", "eval"], "Which split of the config.")
   flags.DEFINE_string("output", "", "Proposal file to write (default: "
                       "WORKDIR/proposals/<split>-<step>.npz).")
@@ -105,7 +106,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--workdir (or --proposals) is required")
       builders.compilation_cache_from_config(config)
       mesh = parallel.make_mesh()
-      params, step = evaluate.restore_params(f.workdir, mesh)
+      params, step = evaluate.restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
       path = f.output or os.path.join(f.workdir, "proposals", f"{f.split}-{step}.npz")
       if os.path.exists(path) and not f.overwrite:
         raise FileExistsError(f"{path} exists: evaluate it with --proposals={path}, or pass "

@@ -2,8 +2,12 @@
 that carry them, the RPN-only / head-only losses and the per-part trainable mask."""
 
 import dataclasses
+import json
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +22,8 @@ from frcnn_jax import parallel
 from frcnn_jax import proposal_store
 from frcnn_jax.data import transforms
 from frcnn_jax.models import faster_rcnn
+from tests.evaluation.tiny_run import STEP
+from tests.evaluation.tiny_run import tiny_run  # pylint: disable=unused-import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = os.path.join(ROOT, "experiments", "shapes.py")
@@ -335,3 +341,32 @@ def test_head_mode_needs_proposals_and_proposals_need_head_mode(tmp_path):
     builders.source_from_config(tiny_config(data__proposals=str(tmp_path / "p.npz")), "train")
   with pytest.raises(ValueError, match="train.loss_mode"):
     builders.detector_settings_from_config(tiny_config(train__loss_mode="all"))
+
+
+def test_dump_command_writes_refuses_to_overwrite_and_rereads(tiny_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run.workdir, workdir)
+
+  def command(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "frcnn_jax.dump_proposals", "--config",
+         str(tiny_run.config_path), "--num_proposals=12", *args], capture_output=True,
+        text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, timeout=300, check=False)
+
+  done = command(f"--workdir={workdir}", f"--step={STEP}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  path = workdir / "proposals" / f"eval-{STEP}.npz"
+  dumped = json.loads(done.stdout.splitlines()[-1])
+  assert dumped["proposals"] == str(path) and "recall@0.5" in done.stdout
+  assert json.loads(path.with_name(f"eval-{STEP}-recall.json").read_text()) == dumped
+  store = proposal_store.load(path)
+  assert store.boxes.shape == (len(tiny_run.source), 12, 4) and store.meta["step"] == STEP
+  before = path.read_bytes()
+  again = command(f"--workdir={workdir}")
+  assert again.returncode == 1 and f"{path} exists" in again.stderr
+  assert "--overwrite" in again.stderr and path.read_bytes() == before
+  missing = command(f"--workdir={workdir}", "--step=7")
+  assert missing.returncode == 1 and "no checkpoint for step 7" in missing.stderr
+  reread = command(f"--proposals={path}")
+  assert reread.returncode == 0, reread.stderr[-3000:]
+  assert json.loads(reread.stdout.splitlines()[-1]) == dumped
