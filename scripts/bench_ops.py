@@ -1,4 +1,4 @@
-"""Median milliseconds of the detection ops on this machine, next to torchvision's C++ kernels.
+"""Median milliseconds of the detection ops on this machine, next to torchvision's kernels.
 
   python scripts/bench_ops.py [--repeats 15] [--ops all|nms|roi] [--compare_ref REV]
 
@@ -9,10 +9,16 @@ vmapped), the test proposals (6000 -> 300) and the per-class NMS of the detectio
 (`batched_nms`, 20 classes x 300 boxes, 10% above the score threshold, 0.3 -> 100);
 `roi_align` (sampling_ratio 2, aligned False) and `roi_pool` of 128 and 300 RoIs on a
 38x63x512 map (a 600x1000 image at stride 16), 7x7 output, spatial scale 1/16, plus their
-gradients with respect to the features. The reference figures are torchvision's C++ CPU kernels
-on this kind of 2-thread machine. The machine, the device JAX runs on and the load average
-(other processes share the cores: compare medians taken under similar load) are printed first;
-the last line is one JSON object with every figure.
+gradients with respect to the features.
+
+When torch and torchvision are installed (`pip install torch torchvision`), torchvision's
+kernels run in the same process on the same inputs, on as many threads as the machine has
+cores: `torchvision.ops.nms` (its result cut to the same count, per image for the training
+case), `batched_nms` on the boxes above the threshold, `roi_align` / `roi_pool` on the NCHW
+map, and the gradient of the summed output through their backward. Each NMS case also checks
+that both keep the same boxes in the same order. The machine, the device JAX runs on and the
+load average (other processes share the cores: compare medians taken under similar load) are
+printed first; the last line is one JSON object with every figure.
 
 `--compare_ref REV` also times the `frcnn_jax/ops/nms.py` of git revision REV (loaded from
 `git show` into a temporary module; or a copy of it at path REV, where there is no git
@@ -40,10 +46,10 @@ import numpy as np
 from frcnn_jax.ops import nms as nms_ops
 from frcnn_jax.ops import roi
 
+import peer_torchvision  # scripts/, beside this file
+
 IMAGE_HW = (600, 1000)
 FEATURE_SHAPE = (38, 63, 512)
-TORCHVISION_MS = {"nms_2000": 23.0, "nms_6000": 179.0, "nms_12000": 608.0,
-                  "roi_align_128": 35.0, "roi_align_300": 80.0, "roi_pool_128": 37.0}
 
 
 def rpn_like_boxes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +65,7 @@ def rpn_like_boxes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.nda
 
 
 def median_ms(fn, *args, repeats: int, warmup: int = 2) -> float:
+  """Median wall milliseconds of `fn(*args)` (JAX results waited for; torch's are ready)."""
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   times = []
@@ -152,11 +159,25 @@ def main() -> None:
   args = parser.parse_args()
   info = machine()
   print(f"machine: {info}")
-  figures, comparison = {}, {}
+  try:
+    torch, torchvision = peer_torchvision.import_torch()
+    torch.set_num_threads(os.cpu_count() or 1)
+    peer = {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "threads": torch.get_num_threads()}
+  except peer_torchvision.PeerUnavailable as e:
+    torch = torchvision = None
+    peer = {"unavailable": str(e)}
+  print(f"torchvision: {peer}", flush=True)
+  figures, comparison, theirs, agrees = {}, {}, {}, {}
   if args.ops in ("all", "nms"):
     cases = nms_cases(np.random.default_rng(0))
     for name, (make, fn_args) in cases.items():
-      figures[name] = median_ms(make(nms_ops), *fn_args, repeats=args.repeats)
+      ours = make(nms_ops)
+      figures[name] = median_ms(ours, *fn_args, repeats=args.repeats)
+      if torch is not None:
+        fn, tv_args, same = torchvision_nms(torch, torchvision, name, fn_args)
+        theirs[name] = median_ms(fn, *tv_args, repeats=args.repeats)
+        agrees[name] = same(np.asarray(ours(*fn_args)), fn(*tv_args))
     if args.compare_ref:
       reference = load_reference_nms(args.compare_ref)
       for name, (make, fn_args) in cases.items():
@@ -166,36 +187,83 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for n in (2000, 6000, 12000):   # the RoIs drawn after the first nms inputs, as always
       rpn_like_boxes(rng, n)
-    roi_figures(rng, figures, args.repeats)
+    roi_figures(rng, figures, theirs, args.repeats, torch, torchvision)
 
   print(f"{'op':<28}{'ms (median)':>12}{'torchvision':>13}{'ratio':>8}")
   for name, ms in figures.items():
-    ref = TORCHVISION_MS.get(name)
-    ref_txt, ratio_txt = (f"{ref:.0f}", f"{ms / ref:.2f}") if ref else ("-", "-")
+    ref = theirs.get(name)
+    ref_txt, ratio_txt = (f"{ref:.1f}", f"{ms / ref:.2f}") if ref else ("-", "-")
     print(f"{name:<28}{ms:>12.1f}{ref_txt:>13}{ratio_txt:>8}")
-  ratios = {k: round(v / TORCHVISION_MS[k], 3) for k, v in figures.items() if k in TORCHVISION_MS}
+  if agrees:
+    print(f"same boxes kept as torchvision: {agrees}")
+  ratios = {k: round(figures[k] / v, 3) for k, v in theirs.items()}
   result = {"machine": info, "ms": {k: round(v, 2) for k, v in figures.items()},
-            "torchvision_ms": TORCHVISION_MS, "ratio_to_torchvision": ratios}
+            "torchvision": peer, "torchvision_ms": {k: round(v, 2) for k, v in theirs.items()},
+            "ratio_to_torchvision": ratios, "nms_agrees_with_torchvision": agrees}
   if args.compare_ref:
     result["compare_ref"] = {"rev": args.compare_ref,
                              "load_avg_1min_end": round(os.getloadavg()[0], 2), **comparison}
   print(json.dumps(result))
 
 
-def roi_figures(rng: np.random.Generator, figures: dict, repeats: int) -> None:
-  """Adds the RoI op timings to `figures`."""
+def torchvision_nms(torch, torchvision, name: str, args: tuple):
+  """torchvision's counterpart of nms case `name`: (fn, its arguments, same(ours, theirs))."""
+  ops = torchvision.ops
+  arrays = [torch.from_numpy(np.array(a)) for a in args]   # writable copies
+  if name.startswith("batched_nms"):
+    boxes, scores, classes, valid = arrays
+    kept = np.flatnonzero(np.asarray(args[3]))   # torchvision's postprocess drops these first
+    fn = lambda b, s, c, v: ops.batched_nms(b[v], s[v], c[v], 0.3)[:100]
+    same = lambda ours, tv: np.array_equal(ours[ours >= 0], kept[tv.numpy()])
+    return fn, (boxes, scores, classes, valid), same
+  count = {"nms_train_2x12000_to_2000": 2000, "nms_test_6000_to_300": 300}.get(name)
+  if name.startswith("nms_train"):   # one call per image, as torchvision's RPN does
+    fn = lambda b, s: [ops.nms(b[i], s[i], 0.7)[:count] for i in range(len(b))]
+    same = lambda ours, tv: all(np.array_equal(o[o >= 0], t.numpy()) for o, t in zip(ours, tv))
+  else:
+    fn = lambda b, s: ops.nms(b, s, 0.7)[:count]
+    same = lambda ours, tv: np.array_equal(ours[ours >= 0], tv.numpy())
+  return fn, tuple(arrays), same
+
+
+def roi_figures(rng: np.random.Generator, figures: dict, theirs: dict, repeats: int,
+                torch=None, torchvision=None) -> None:
+  """Adds the RoI op timings to `figures`, and torchvision's on the same inputs to `theirs`."""
   features = jax.random.normal(jax.random.key(0), FEATURE_SHAPE, jnp.float32)
   ops = {"roi_align": functools.partial(roi.roi_align, output_size=7, spatial_scale=1 / 16,
                                         sampling_ratio=2, aligned=False),
          "roi_pool": functools.partial(roi.roi_pool, output_size=7, spatial_scale=1 / 16)}
+  if torch is not None:
+    nchw = torch.from_numpy(np.ascontiguousarray(np.asarray(features).transpose(2, 0, 1))[None])
+    tv_ops = {"roi_align": lambda f, r: torchvision.ops.roi_align(f, r, 7, 1 / 16, 2, False),
+              "roi_pool": lambda f, r: torchvision.ops.roi_pool(f, r, 7, 1 / 16)}
+
+    def with_index(rois):   # [R, 5]: batch index 0, then x1, y1, x2, y2
+      return torch.from_numpy(np.concatenate([np.zeros((len(rois), 1), np.float32), rois], 1))
+
+    def tv_grad(op, f, r):
+      f = f.detach().requires_grad_(True)
+      op(f, r).sum().backward()
+      return f.grad
+
   for r in (128, 300):
-    rois = jnp.asarray(rpn_like_boxes(rng, r)[0])
+    rois = rpn_like_boxes(rng, r)[0]
     for name, op in ops.items():
-      figures[f"{name}_{r}"] = median_ms(jax.jit(op), features, rois, repeats=repeats)
-  rois = jnp.asarray(rpn_like_boxes(rng, 128)[0])
+      figures[f"{name}_{r}"] = median_ms(jax.jit(op), features, jnp.asarray(rois),
+                                         repeats=repeats)
+      if torch is not None:
+        with torch.inference_mode():
+          theirs[f"{name}_{r}"] = median_ms(tv_ops[name], nchw, with_index(rois),
+                                            repeats=repeats)
+  rois = rpn_like_boxes(rng, 128)[0]
   for name, op in ops.items():
     grad = jax.jit(jax.grad(lambda f, b, op=op: jnp.sum(op(f, b))))
-    figures[f"{name}_128_grad"] = median_ms(grad, features, rois, repeats=max(3, repeats // 3))
+    figures[f"{name}_128_grad"] = median_ms(grad, features, jnp.asarray(rois),
+                                            repeats=max(3, repeats // 3))
+    if torch is not None:
+      theirs[f"{name}_128_grad"] = median_ms(
+          functools.partial(tv_grad, tv_ops[name]), nchw, with_index(rois),
+          repeats=max(3, repeats // 3))
 
 
 if __name__ == "__main__":
