@@ -67,8 +67,13 @@ def test_two_processes_match_one_process(tmp_path, tmp_path_factory):
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 3]  # 3 twice: train, eval
 
 
+STEPS = 100
+
+
 def _train_command(workdir, address, process_id):
-  overrides = {**test_train.TINY, "train.num_steps": 30, "train.checkpoint_every": 100}
+  # JAX's preemption sync point comes some steps after the signal (10-20 of these tiny steps
+  # seen): the run is long enough for it to fall inside.
+  overrides = {**test_train.TINY, "train.num_steps": STEPS, "train.checkpoint_every": 1000}
   return [sys.executable, "-m", "frcnn_jax.train", "--config", test_train.SHAPES, "--workdir",
           workdir, *test_train.cli_args(overrides), "--coordinator_address", address,
           "--num_processes", "2", "--process_id", str(process_id)]
@@ -105,7 +110,7 @@ def test_ctrl_c_on_one_process_stops_both_at_one_saved_step_and_resumes(tmp_path
   logs = [tmp_path / "p0.log", tmp_path / "p1.log"]
   processes = _start_pair(workdir, cache, logs)
   deadline = time.monotonic() + 300
-  while "step 3/30" not in logs[0].read_text():
+  while f"step 3/{STEPS}" not in logs[0].read_text():
     assert all(p.poll() is None for p in processes), logs[0].read_text()[-4000:]
     assert time.monotonic() < deadline, "timed out"
     time.sleep(0.05)
@@ -115,13 +120,13 @@ def test_ctrl_c_on_one_process_stops_both_at_one_saved_step_and_resumes(tmp_path
   assert len(stopped) == 1, out[-4000:]
   assert stopped[0].startswith("SIGTERM or Ctrl-C to a process of the run: preempted at step")
   saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
-  assert len(saved) == 1 and 3 <= saved[0] < 30 and f"at step {saved[0]};" in stopped[0]
+  assert len(saved) == 1 and 3 <= saved[0] < STEPS and f"at step {saved[0]};" in stopped[0]
 
   out = _ended(_start_pair(workdir, cache, logs), logs)[0]
-  assert f"step {saved[0] + 1}/30" in out and "step 30/30" in out, out[-4000:]
+  assert f"step {saved[0] + 1}/{STEPS}" in out and f"step {STEPS}/{STEPS}" in out, out[-4000:]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
-  assert steps == list(range(1, 31)) + [30]  # every step logged once, then the evaluation
+  assert steps == [*range(1, STEPS + 1), STEPS]  # every step logged once, then the evaluation
 
 
 # ------------------------------------------------------------------------------------------
