@@ -93,27 +93,35 @@ class _MappedFile:
   mtime_ns: int
 
   @classmethod
-  def of(cls, path: str) -> "_MappedFile":
-    stat = os.stat(path)
+  def of(cls, path: str | os.PathLike[str], f: Any) -> "_MappedFile":
+    """The identity of `path`, opened as the binary file `f`."""
+    stat = os.fstat(f.fileno())
     return cls(os.path.abspath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def _reopen(mapped: _MappedFile) -> ProposalSet:
   """`load` in another process, refusing a file replaced since the first `load`."""
-  if not os.path.isfile(mapped.path) or _MappedFile.of(mapped.path) != mapped:
+  try:
+    proposals = load(mapped.path)
+  except FileNotFoundError:
+    proposals = None
+  if proposals is None or proposals.mapped_from != mapped:
     raise ValueError(f"the proposal file {mapped.path} was replaced or removed while the run "
                      "was reading it; start the run again")
-  return load(mapped.path)
+  return proposals
 
 
-def _mapped_members(path: str, names: Sequence[str]) -> dict[str, np.ndarray]:
+def _mapped_members(f: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
   """Read-only memory maps of the .npz members `names` that are stored uncompressed.
 
   `np.savez` stores each array as an uncompressed .npy member, so its data is a contiguous
   byte range of the file; compressed members (`np.savez_compressed`) are left out.
+
+  Args:
+    f: the .npz file, open for binary reading (the maps outlive it).
   """
   out = {}
-  with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+  with zipfile.ZipFile(f) as archive:
     for info in archive.infolist():
       name = info.filename.removesuffix(".npy")
       if name not in names or info.compress_type != zipfile.ZIP_STORED:
@@ -133,7 +141,7 @@ def _mapped_members(path: str, names: Sequence[str]) -> dict[str, np.ndarray]:
         continue
       if dtype.hasobject:
         continue
-      out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+      out[name] = np.memmap(f, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
                             order="F" if fortran else "C")
   return out
 
@@ -152,12 +160,11 @@ def load(path: str | os.PathLike[str]) -> ProposalSet:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no proposal file {path} (python -m frcnn_jax.dump_proposals "
                             "--config ... --workdir ... --output FILE writes one)")
-  mapped_from = _MappedFile.of(path)
-  with np.load(path) as data:
+  with open(path, "rb") as f, np.load(f) as data:   # one descriptor: one version of the file
     missing = {"boxes", "scores", "valid", "names", "orig_hw", "meta"} - set(data.files)
     if missing:
       raise ValueError(f"{path} is not a proposal file: no {sorted(missing)}")
-    large = _mapped_members(path, ("boxes", "scores", "valid"))
+    large, mapped_from = _mapped_members(f, ("boxes", "scores", "valid")), _MappedFile.of(path, f)
     if len(large) < 3:
       large, mapped_from = {name: data[name] for name in ("boxes", "scores", "valid")}, None
     out = ProposalSet(**large, names=data["names"], orig_hw=data["orig_hw"],
