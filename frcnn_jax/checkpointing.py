@@ -206,7 +206,8 @@ def _listed(items: list[str]) -> str:
   return "; ".join(items[:_MAX_LISTED]) + (f"; and {more} more" if more > 0 else "")
 
 
-def _reason(error: BaseException) -> str:
+def reason(error: BaseException) -> str:
+  """`error` in one line: its type and the first line of its message (200 characters)."""
   return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
@@ -316,7 +317,7 @@ class Checkpointer:
       meta = dict(self._manager.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     except Exception as e:  # pylint: disable=broad-except  # unreadable metadata: damaged
-      return _CORRUPT, _reason(e), None
+      return _CORRUPT, reason(e), None
     misfit = self._misfit(step, meta, abstract_state,
                           check_topology=data_iterator is not None and not restart)
     if misfit:
@@ -329,7 +330,7 @@ class Checkpointer:
       state = restored["state"]
       jax.block_until_ready(state)
     except Exception as e:  # pylint: disable=broad-except  # the layout fits: damaged files
-      return _CORRUPT, _reason(e), None
+      return _CORRUPT, reason(e), None
     damaged = damage(state, meta.get("checksums", {}))
     if damaged:
       return _CORRUPT, damaged, None
@@ -341,7 +342,7 @@ class Checkpointer:
         data_iterator.set_state(saved)
       except Exception as e:  # pylint: disable=broad-except  # the iterator refuses it
         return _MISMATCH, self._mismatch_message(
-            step, [f"the data iterator refuses the saved position ({_reason(e)})"],
+            step, [f"the data iterator refuses the saved position ({reason(e)})"],
             meta, topology_only=True), None
     return _GOOD, "", (state, meta)
 

@@ -23,6 +23,7 @@ resized scale still count. Images the input pipeline skipped (undecodable) are n
 The training loop calls `evaluate_params` directly with its live parameters.
 """
 
+import contextlib
 import functools
 import json
 import logging
@@ -120,28 +121,31 @@ def restore_params(workdir: str | os.PathLike, mesh: jax.sharding.Mesh,
     raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available: {steps}")
   where = directory / str(step)
   others = f"nothing was moved; the other checkpoints: {[s for s in steps if s != step]}"
-  try:
-    tree = manager.item_metadata(step)["state"].tree
-    if "params" in tree:
-      sharding = parallel.replicated(mesh)
-      abstract = {"params": jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree["params"])}
-      items = {"state": ocp.args.PyTreeRestore(
-          item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-          partial_restore=True)}
-      if (where / "meta").exists():
-        items["meta"] = ocp.args.JsonRestore()
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
+
+  def unreadable(error: Exception) -> ValueError:
+    return ValueError(f"checkpoint {where} cannot be read ({checkpointing.reason(error)}); "
+                      f"{others}.")
+
+  with contextlib.closing(manager):
+    try:
+      tree = manager.item_metadata(step)["state"].tree
+    except Exception as e:  # pylint: disable=broad-except  # the step is listed: damaged files
+      raise unreadable(e) from e
+    if "params" not in tree:
+      raise ValueError(f"checkpoint {where} has no 'params' entry (found {sorted(tree)})")
+    sharding = parallel.replicated(mesh)
+    abstract = {"params": jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree["params"])}
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+              partial_restore=True),
+          meta=ocp.args.JsonRestore()))
       params = jax.block_until_ready(restored["state"]["params"])
-  except Exception as e:  # pylint: disable=broad-except  # the step is listed: damaged files
-    raise ValueError(f"checkpoint {where} cannot be read ({type(e).__name__}: "
-                     f"{str(e)[:200]}); {others}.") from e
-  finally:
-    manager.close()
-  if "params" not in tree:
-    raise ValueError(f"checkpoint {where} has no 'params' entry (found {sorted(tree)})")
-  damaged = checkpointing.damage(params, (restored.get("meta") or {}).get("checksums", {}),
-                                 ".params")
+    except Exception as e:  # pylint: disable=broad-except
+      raise unreadable(e) from e
+  damaged = checkpointing.damage(params, restored["meta"].get("checksums", {}), ".params")
   if damaged:
     raise ValueError(f"checkpoint {where} is damaged: {damaged}; {others}.")
   return params, int(step)

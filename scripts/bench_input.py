@@ -20,9 +20,10 @@ Usage:
 
 Prints one line per setting and, last, a JSON line with "per_core_images_per_s" and
 "per_cpu_second_images" ({"host": ..., "device": ...}), "device_resize_images_per_s",
-"loader_images_per_s" ({"host/0": ..., "device/2": ...}) and "cores_to_feed_target" per mode
+"loader_images_per_s" ({"host/0": ..., "device/2": ...}), "cores_to_feed_target" per mode
 (ceil(target / per-CPU-second rate): the host cores that keep one accelerator consuming
-`target_images_per_s` fed).
+`target_images_per_s` fed) and "export_loader_resize_ms" ({"numpy": ..., "pillow": ...}: the
+JAX + NumPy loader's resize of one photo to 600x800, and Pillow's).
 """
 
 import argparse
@@ -43,6 +44,7 @@ from PIL import Image
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from frcnn_jax import defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax import export_loader  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.data import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.data import voc  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -113,6 +115,22 @@ def time_in_process(source, canvas: tuple[int, int], repeats: int) -> dict[str, 
       rates[mode].append(len(source) / (time.perf_counter() - start))
       rates[mode + "_cpu"].append(len(source) / (time.process_time() - cpu_start))
   return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def time_export_resize(image: np.ndarray, repeats: int) -> dict[str, float]:
+  """Median milliseconds of `export_loader.resize_bilinear` (the JAX + NumPy loader's Pillow
+  port) and of Pillow itself on one VOC-sized photo to 600x800 (the pipeline's scale for
+  it), interleaved."""
+  height, width = 600, 800
+  resizers = {"numpy": lambda: export_loader.resize_bilinear(image, height, width),
+              "pillow": lambda: Image.fromarray(image).resize((width, height), Image.BILINEAR)}
+  times: dict[str, list[float]] = collections.defaultdict(list)
+  for _ in range(max(5, 3 * repeats)):
+    for name, resize in resizers.items():
+      start = time.perf_counter()
+      resize()
+      times[name].append((time.perf_counter() - start) * 1e3)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _loader(source, mode: str, canvas: tuple[int, int], workers: int, batch_size: int):
@@ -186,6 +204,9 @@ def main() -> None:
     device_rate = time_device_resize(source, canvas, args.batch_size, args.repeats)
     print(f"device resize + flip + pad on {jax_device()}: {device_rate:.1f} images/s",
           flush=True)
+    export_ms = time_export_resize(source[0]["image"], args.repeats)
+    print(f"export_loader resize to 600x800: {export_ms['numpy']:.1f} ms (NumPy), Pillow "
+          f"{export_ms['pillow']:.1f} ms", flush=True)
     loader_rates = {}
     for mode in MODES:
       for w in workers:
@@ -200,6 +221,7 @@ def main() -> None:
       "per_cpu_second_images": {m: round(rates[m + "_cpu"], 2) for m in MODES},
       "device_resize_images_per_s": round(device_rate, 2),
       "loader_images_per_s": {k: round(v, 2) for k, v in loader_rates.items()},
+      "export_loader_resize_ms": {k: round(v, 2) for k, v in export_ms.items()},
       "cpu_count": os.cpu_count(),
       "target_images_per_s": args.target_images_per_s,
       "cores_to_feed_target": {m: math.ceil(args.target_images_per_s / rates[m + "_cpu"])

@@ -187,7 +187,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for n in (2000, 6000, 12000):   # the RoIs drawn after the first nms inputs, as always
       rpn_like_boxes(rng, n)
-    roi_figures(rng, figures, theirs, args.repeats, torch, torchvision)
+    features = np.asarray(jax.random.normal(jax.random.key(0), FEATURE_SHAPE, jnp.float32))
+    cases = roi_cases(rng)
+    figures.update(roi_figures(features, cases, args.repeats))
+    if torch is not None:
+      theirs.update(torchvision_roi_figures(torch, torchvision, features, cases, args.repeats))
 
   print(f"{'op':<28}{'ms (median)':>12}{'torchvision':>13}{'ratio':>8}")
   for name, ms in figures.items():
@@ -226,44 +230,57 @@ def torchvision_nms(torch, torchvision, name: str, args: tuple):
   return fn, tuple(arrays), same
 
 
-def roi_figures(rng: np.random.Generator, figures: dict, theirs: dict, repeats: int,
-                torch=None, torchvision=None) -> None:
-  """Adds the RoI op timings to `figures`, and torchvision's on the same inputs to `theirs`."""
-  features = jax.random.normal(jax.random.key(0), FEATURE_SHAPE, jnp.float32)
+def roi_cases(rng: np.random.Generator) -> dict[str, tuple[str, np.ndarray]]:
+  """name -> (op, rois [R, 4]): the forward at 128 and 300 RoIs, the gradient at 128."""
+  cases = {}
+  for r in (128, 300):
+    rois = rpn_like_boxes(rng, r)[0]
+    for op in ("roi_align", "roi_pool"):
+      cases[f"{op}_{r}"] = (op, rois)
+  rois = rpn_like_boxes(rng, 128)[0]
+  for op in ("roi_align", "roi_pool"):
+    cases[f"{op}_128_grad"] = (op, rois)
+  return cases
+
+
+def roi_figures(features: np.ndarray, cases: dict, repeats: int) -> dict[str, float]:
+  """Median ms of each RoI case on the [H, W, C] `features` (gradients: of the summed output)."""
   ops = {"roi_align": functools.partial(roi.roi_align, output_size=7, spatial_scale=1 / 16,
                                         sampling_ratio=2, aligned=False),
          "roi_pool": functools.partial(roi.roi_pool, output_size=7, spatial_scale=1 / 16)}
-  if torch is not None:
-    nchw = torch.from_numpy(np.ascontiguousarray(np.asarray(features).transpose(2, 0, 1))[None])
-    tv_ops = {"roi_align": lambda f, r: torchvision.ops.roi_align(f, r, 7, 1 / 16, 2, False),
-              "roi_pool": lambda f, r: torchvision.ops.roi_pool(f, r, 7, 1 / 16)}
+  figures = {}
+  for name, (op, rois) in cases.items():
+    fn = ops[op]
+    if name.endswith("_grad"):
+      fn = jax.grad(lambda f, b, fn=fn: jnp.sum(fn(f, b)))
+    figures[name] = median_ms(jax.jit(fn), jnp.asarray(features), jnp.asarray(rois),
+                              repeats=max(3, repeats // 3) if name.endswith("_grad") else repeats)
+  return figures
 
-    def with_index(rois):   # [R, 5]: batch index 0, then x1, y1, x2, y2
-      return torch.from_numpy(np.concatenate([np.zeros((len(rois), 1), np.float32), rois], 1))
 
-    def tv_grad(op, f, r):
-      f = f.detach().requires_grad_(True)
-      op(f, r).sum().backward()
-      return f.grad
+def torchvision_roi_figures(torch, torchvision, features: np.ndarray, cases: dict,
+                            repeats: int) -> dict[str, float]:
+  """`roi_figures` for torchvision's kernels on the same inputs (the map as NCHW)."""
+  nchw = torch.from_numpy(np.ascontiguousarray(features.transpose(2, 0, 1))[None])
+  ops = {"roi_align": lambda f, r: torchvision.ops.roi_align(f, r, 7, 1 / 16, 2, False),
+         "roi_pool": lambda f, r: torchvision.ops.roi_pool(f, r, 7, 1 / 16)}
 
-  for r in (128, 300):
-    rois = rpn_like_boxes(rng, r)[0]
-    for name, op in ops.items():
-      figures[f"{name}_{r}"] = median_ms(jax.jit(op), features, jnp.asarray(rois),
-                                         repeats=repeats)
-      if torch is not None:
-        with torch.inference_mode():
-          theirs[f"{name}_{r}"] = median_ms(tv_ops[name], nchw, with_index(rois),
-                                            repeats=repeats)
-  rois = rpn_like_boxes(rng, 128)[0]
-  for name, op in ops.items():
-    grad = jax.jit(jax.grad(lambda f, b, op=op: jnp.sum(op(f, b))))
-    figures[f"{name}_128_grad"] = median_ms(grad, features, jnp.asarray(rois),
-                                            repeats=max(3, repeats // 3))
-    if torch is not None:
-      theirs[f"{name}_128_grad"] = median_ms(
-          functools.partial(tv_grad, tv_ops[name]), nchw, with_index(rois),
-          repeats=max(3, repeats // 3))
+  def grad(op, f, r):
+    f = f.detach().requires_grad_(True)
+    op(f, r).sum().backward()
+    return f.grad
+
+  figures = {}
+  for name, (op, rois) in cases.items():
+    indexed = torch.from_numpy(   # [R, 5]: batch index 0, then x1, y1, x2, y2
+        np.concatenate([np.zeros((len(rois), 1), np.float32), rois], 1))
+    if name.endswith("_grad"):
+      figures[name] = median_ms(functools.partial(grad, ops[op]), nchw, indexed,
+                                repeats=max(3, repeats // 3))
+    else:
+      with torch.inference_mode():
+        figures[name] = median_ms(ops[op], nchw, indexed, repeats=repeats)
+  return figures
 
 
 if __name__ == "__main__":
