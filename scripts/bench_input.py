@@ -192,8 +192,16 @@ def main() -> None:
   parser.add_argument("--target_images_per_s", type=float, default=250.0,
                       help="images/s one accelerator consumes (for cores_to_feed_target)")
   args = parser.parse_args()
+  for name in ("num_images", "batch_size", "repeats"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
   canvas = args.canvas
-  workers = [int(w) for w in args.workers.split(",") if w]
+  try:
+    workers = [int(w) for w in args.workers.split(",") if w]
+  except ValueError:
+    parser.error(f"--workers takes comma-separated counts, e.g. 0,1,2; got {args.workers!r}")
+  if any(w < 0 for w in workers):
+    parser.error(f"--workers counts must be >= 0, got {args.workers!r}")
   with tempfile.TemporaryDirectory() as tmp:
     write_tree(pathlib.Path(tmp), args.num_images)
     source = voc.VOCFolderSource(tmp, ("2007",), "trainval")

@@ -157,6 +157,16 @@ def main() -> None:
                       help="also time nms.py of this git revision (or file) against the "
                            "working tree's")
   args = parser.parse_args()
+  if args.repeats < 1:
+    parser.error(f"--repeats must be >= 1, got {args.repeats}")
+  reference = None
+  if args.compare_ref and args.ops in ("all", "nms"):
+    try:   # before any timing: a bad revision is a usage error, not a late traceback
+      reference = load_reference_nms(args.compare_ref)
+    except (subprocess.CalledProcessError, OSError) as e:   # OSError: no git at all
+      detail = (getattr(e, "stderr", None) or str(e)).strip()
+      parser.error(f"--compare_ref {args.compare_ref}: no such file, and git cannot show its "
+                   f"frcnn_jax/ops/nms.py ({detail})")
   info = machine()
   print(f"machine: {info}")
   try:
@@ -178,8 +188,7 @@ def main() -> None:
         fn, tv_args, same = torchvision_nms(torch, torchvision, name, fn_args)
         theirs[name] = median_ms(fn, *tv_args, repeats=args.repeats)
         agrees[name] = same(np.asarray(ours(*fn_args)), fn(*tv_args))
-    if args.compare_ref:
-      reference = load_reference_nms(args.compare_ref)
+    if reference is not None:
       for name, (make, fn_args) in cases.items():
         comparison[name] = compare(make(reference), make(nms_ops), fn_args, args.repeats)
         print(f"{name}: {args.compare_ref} vs working tree {comparison[name]}", flush=True)
@@ -204,7 +213,7 @@ def main() -> None:
   result = {"machine": info, "ms": {k: round(v, 2) for k, v in figures.items()},
             "torchvision": peer, "torchvision_ms": {k: round(v, 2) for k, v in theirs.items()},
             "ratio_to_torchvision": ratios, "nms_agrees_with_torchvision": agrees}
-  if args.compare_ref:
+  if reference is not None:
     result["compare_ref"] = {"rev": args.compare_ref,
                              "load_avg_1min_end": round(os.getloadavg()[0], 2), **comparison}
   print(json.dumps(result))

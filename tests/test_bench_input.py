@@ -23,3 +23,11 @@ def test_bench_input_measures_both_resize_settings():
   assert set(result["cores_to_feed_target"]) == {"host", "device"}
   assert all(ms > 0 for ms in result["export_loader_resize_ms"].values())
   assert set(result["export_loader_resize_ms"]) == {"numpy", "pillow"}
+
+
+def test_bad_counts_are_usage_errors():
+  for args, message in ((["--num_images=0"], "--num_images must be >= 1"),
+                        (["--workers=a,b"], "--workers takes comma-separated counts")):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_input.py"),
+                           *args], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr

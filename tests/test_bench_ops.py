@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = {"nms_2000", "nms_6000", "nms_12000", "nms_train_2x12000_to_2000",
          "nms_test_6000_to_300", "batched_nms_6000_to_100", "roi_align_128", "roi_pool_128",
@@ -41,3 +43,13 @@ def test_bench_ops_times_every_op_beside_torchvision():
   else:
     assert "torch" in result["torchvision"]["unavailable"]
     assert result["torchvision_ms"] == {} and result["nms_agrees_with_torchvision"] == {}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats=0"], "--repeats must be >= 1"),
+    (["--compare_ref=no-such-revision"], "--compare_ref no-such-revision: no such file"),
+])
+def test_bad_arguments_are_usage_errors(args, message):
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_ops.py"), *args],
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
