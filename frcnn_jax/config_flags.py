@@ -22,6 +22,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from frcnn_jax import parallel
+
 # Allowed values of the string keys this project interprets (checked by `validate_config`).
 CHOICES = {
     "data.name": ("shapes", "voc_tfds", "voc_folder", "coco_json"),
@@ -32,6 +34,8 @@ CHOICES = {
     "model.roi_pool_coordinates": ("torchvision", "caffe"),
     "model.anchor_style": ("exact", "py-faster-rcnn"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.conv_grad": ("auto", "xla", "per_tap"),
+    "data.resize_on": ("auto", "host", "device"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("piecewise", "cosine"),
     "train.nonfinite": ("error", "skip"),
@@ -61,9 +65,12 @@ def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS) -> flags.Fla
 
 
 def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Defines --coordinator_address, --num_processes and --process_id, the arguments of
-  `frcnn_jax.parallel.initialize_distributed` (multi-process runs outside auto-detected
-  clusters), for the commands that may run on several hosts."""
+  """Defines --coordinator_address, --num_processes and --process_id.
+
+  They are the arguments of `frcnn_jax.parallel.initialize_distributed` (multi-process runs
+  outside auto-detected clusters), for the commands that may run on several hosts; a
+  combination that does not fit is a usage error when the flags are parsed.
+  """
   flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for "
                       "jax.distributed.initialize (multi-process runs outside auto-detected "
                       "clusters).", flag_values=flag_values)
@@ -71,6 +78,16 @@ def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Non
                        flag_values=flag_values)
   flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).",
                        flag_values=flag_values)
+
+  def fits(values: dict[str, Any]) -> bool:
+    try:
+      parallel.check_distributed_args(values["coordinator_address"], values["num_processes"],
+                                      values["process_id"])
+    except ValueError as e:
+      raise flags.ValidationError(str(e)) from None
+    return True
+  flags.register_multi_flags_validator(("coordinator_address", "num_processes", "process_id"),
+                                       fits, flag_values=flag_values)
 
 
 def get_config_path(flag: flags.Flag) -> str:

@@ -34,6 +34,15 @@ def _cluster_detected() -> bool:
   return False
 
 
+def check_distributed_args(coordinator_address: str, num_processes: int,
+                           process_id: int) -> None:
+  """Raises ValueError unless the arguments of `initialize_distributed` fit together."""
+  if coordinator_address and (num_processes < 1 or not 0 <= process_id < num_processes):
+    raise ValueError(
+        f"--coordinator_address needs --num_processes >= 1 and 0 <= --process_id < "
+        f"--num_processes, got num_processes={num_processes}, process_id={process_id}.")
+
+
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
                            process_id: int = -1) -> None:
   """Starts JAX's multi-process runtime when the run spans several processes.
@@ -43,11 +52,8 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     num_processes: number of processes (with `coordinator_address`).
     process_id: this process's index (with `coordinator_address`).
   """
+  check_distributed_args(coordinator_address, num_processes, process_id)
   if coordinator_address:
-    if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise ValueError(
-          f"--coordinator_address needs --num_processes >= 1 and 0 <= --process_id < "
-          f"--num_processes, got num_processes={num_processes}, process_id={process_id}.")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
   elif _cluster_detected():

@@ -4,15 +4,16 @@ Usage:
   python scripts/bench_conv.py --config experiments/voc.py [--height 608 --width 800] \
       [--parts layers,train,pool,train_pool] [--repeats 5] [--steps 3]
 
-`layers`: for every distinct trained 3x3 conv of VGG16 (conv3_x, conv4_x, conv5_x and the RPN
-conv; conv1/conv2 are frozen and get no gradient) at the canvas, batch 1, float32: the forward
-conv, the input gradient dx and the weight gradient dW, each jitted on fixed inputs. dx and dW
-run both ways, xla and per_tap interleaved (xla, per_tap, xla, ...), so load changes hit both
-alike; medians of `--repeats` and the ratio xla / per_tap (> 1: per_tap is faster). The "model"
-column says which dW the model's "per_tap" mode uses on that layer (`conv.PER_TAP_MIN_POSITIONS`).
+`layers`: for every distinct trained 3x3 conv of the config's model (the trunk's blocks after
+`model.frozen_blocks` and the RPN conv, read from the model's parameter shapes, at the sizes its
+pools give the canvas), batch 1, float32: the forward conv and the weight gradient dW, each
+jitted on fixed inputs, xla and per_tap interleaved (xla, per_tap, xla, ...), so load changes hit
+both alike; medians of `--repeats` and the ratio xla / per_tap (> 1: per_tap is faster). The
+input gradient is lax's in both modes. The "model dW" column says which dW the model's
+"per_tap" mode uses on that layer (`conv.uses_per_tap`).
 
-`pool`: the 2x2 max pools that get a gradient (after blocks 3 and 4) at the canvas, batch 1,
-float32, ceil mode as in the config, ReLU'd inputs: forward plus input
+`pool`: the 2x2 max pools of the config's trunk that get a gradient (after the trained blocks),
+at the canvas, batch 1, float32, ceil mode as in the config, ReLU'd inputs: forward plus input
 gradient (`jax.vjp`), lax's (`nn.max_pool`, a reduce-window whose gradient is XLA's
 select-and-scatter) against `pool.max_pool_2x2` (the trunk's), interleaved, medians of
 `--repeats`, ratio lax / pool.
@@ -51,12 +52,11 @@ from frcnn_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-i
 from frcnn_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.models import conv  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.models import faster_rcnn  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.models import pool  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.models import vgg  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PADDING = ((1, 1), (1, 1))
-MODES = ("xla", "per_tap")
-POOLS = ("lax", "pool")
 PARTS = ("layers", "train", "pool", "train_pool")
 
 
@@ -69,21 +69,45 @@ def define_flags() -> None:
   flags.DEFINE_integer("steps", 3, "interleaved rounds of the training step")
 
 
-def layer_shapes(height: int, width: int) -> list[tuple[str, int, int, int, int]]:
-  """(names, H, W, Cin, Cout) of VGG16's distinct trained 3x3 convs on a canvas."""
-  h3, w3 = height // 4, width // 4
-  h4, w4 = h3 // 2, w3 // 2
-  h5, w5 = h4 // 2, w4 // 2
-  return [("conv3_1", h3, w3, 128, 256), ("conv3_2-3", h3, w3, 256, 256),
-          ("conv4_1", h4, w4, 256, 512), ("conv4_2-3", h4, w4, 512, 512),
-          ("conv5_1-3, rpn", h5, w5, 512, 512)]
+def _trunk_blocks(config) -> list[tuple[int, int, bool]]:
+  """(block, pools before it, trained) of the config's trunk, blocks numbered from 1."""
+  num_pools = int(config.model.anchor_stride).bit_length() - 1
+  return [(block, min(block - 1, num_pools), block > int(config.model.frozen_blocks))
+          for block in range(1, len(vgg.BASE_CHANNELS) + 1)]
 
 
-def pooled_shapes(height: int, width: int, ceil_mode: bool) -> list[tuple[str, int, int, int]]:
-  """(name, H, W, C) of the inputs of VGG16's pools after blocks 3 and 4 on a canvas."""
-  h3, w3 = (vgg.pool_output_size(n, 4, ceil_mode) for n in (height, width))
-  h4, w4 = (vgg.pool_output_size(n, 8, ceil_mode) for n in (height, width))
-  return [("pool3", h3, w3, 256), ("pool4", h4, w4, 512)]
+def layer_shapes(config, height: int, width: int) -> list[tuple[str, int, int, int, int]]:
+  """(names, H, W, Cin, Cout) of the model's distinct trained 3x3 convs on a canvas, from the
+  parameter shapes of `config`'s model and the map sizes its pools give."""
+  c = config.copy_and_resolve_references()
+  c.model.pretrained = ""
+  model = builders.model_from_config(c, len(c.data.classes))
+  params = jax.eval_shape(functools.partial(faster_rcnn.init_params, model), jax.random.key(0))
+  ceil_mode = bool(c.model.pool_ceil_mode)
+  size = lambda n, pools: vgg.pool_output_size(n, 2**pools, ceil_mode)
+  convs = []
+  for block, pools, trained in _trunk_blocks(c):
+    for name, layer in params["trunk"].items():
+      if trained and name.startswith(f"conv{block}_"):
+        convs.append((name, size(height, pools), size(width, pools), *layer["kernel"].shape[2:]))
+  stride = int(c.model.anchor_stride).bit_length() - 1
+  convs.append(("rpn", size(height, stride), size(width, stride),
+                *params["rpn"]["conv"]["kernel"].shape[2:]))
+  grouped: dict[tuple[int, int, int, int], list[str]] = {}
+  for name, *shape in convs:
+    grouped.setdefault(tuple(shape), []).append(name)
+  return [(", ".join(names), *shape) for shape, names in grouped.items()]
+
+
+def pooled_shapes(config, height: int, width: int) -> list[tuple[str, int, int, int]]:
+  """(name, H, W, C) of the inputs of the config's trunk pools that get a gradient."""
+  ceil_mode = bool(config.model.pool_ceil_mode)
+  num_pools = int(config.model.anchor_stride).bit_length() - 1
+  channels = lambda block: vgg.scaled_channels(vgg.BASE_CHANNELS[block - 1],
+                                               float(config.model.width))
+  return [(f"pool{block}", *(vgg.pool_output_size(n, 2**pools, ceil_mode)
+                             for n in (height, width)), channels(block))
+          for block, pools, trained in _trunk_blocks(config) if trained and block <= num_pools]
 
 
 def lax_max_pool_2x2(x: jax.Array, ceil_mode: bool = False) -> jax.Array:
@@ -116,38 +140,31 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, flo
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _xla_dx(x, kernel, dy):
-  return jax.vjp(lambda x: conv.forward(x, kernel, PADDING), x)[1](dy)[0]
-
-
 def _xla_dw(x, kernel, dy):
   return jax.vjp(lambda k: conv.forward(x, k, PADDING), kernel)[1](dy)[0]
 
 
-def bench_layers(height: int, width: int, repeats: int) -> None:
-  """Prints forward / dx / dW times per layer, xla against per_tap."""
+def bench_layers(config, height: int, width: int, repeats: int) -> None:
+  """Prints forward and weight-gradient times per layer, xla against per_tap."""
   print(f"\nlayers at {height}x{width}, batch 1, float32, medians of {repeats} interleaved "
         f"rounds, ms (ratio = xla / per_tap); load {os.getloadavg()[0]:.2f}")
-  print(f"{'layer':16} {'HxW':>8} {'Cin>Cout':>9} | {'fwd':>6} | {'dx xla':>7} "
-        f"{'per_tap':>7} {'ratio':>5} | {'dW xla':>7} {'per_tap':>7} {'ratio':>5} | model dW")
+  print(f"{'layer':28} {'HxW':>8} {'Cin>Cout':>9} | {'fwd':>6} | {'dW xla':>7} {'per_tap':>7} "
+        f"{'ratio':>5} | model dW")
   rng = np.random.default_rng(0)
-  for name, h, w, cin, cout in layer_shapes(height, width):
+  for name, h, w, cin, cout in layer_shapes(config, height, width):
     x = jnp.asarray(rng.normal(size=(1, h, w, cin)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) * 0.02, jnp.float32)
     dy = jnp.asarray(rng.normal(size=(1, h, w, cout)), jnp.float32)
     jitted = {
         "fwd": jax.jit(lambda x, k, dy: conv.forward(x, k, PADDING)),
-        "dx xla": jax.jit(_xla_dx),
-        "dx per_tap": jax.jit(lambda x, k, dy: conv.input_grad(dy, k, PADDING)),
         "dW xla": jax.jit(_xla_dw),
         "dW per_tap": jax.jit(lambda x, k, dy: conv.weight_grad(x, dy, (3, 3), PADDING)),
     }
     t = interleaved({n: functools.partial(f, x, kernel, dy) for n, f in jitted.items()},
                     repeats)
     ms = {n: 1e3 * v for n, v in t.items()}
-    model_dw = "per_tap" if h * w >= conv.PER_TAP_MIN_POSITIONS else "xla"
-    print(f"{name:16} {h:>3}x{w:<4} {cin:>4}>{cout:<4} | {ms['fwd']:6.0f} | "
-          f"{ms['dx xla']:7.0f} {ms['dx per_tap']:7.0f} {ms['dx xla'] / ms['dx per_tap']:5.2f} | "
+    model_dw = "per_tap" if conv.uses_per_tap((h, w)) else "xla"
+    print(f"{name:28} {h:>3}x{w:<4} {cin:>4}>{cout:<4} | {ms['fwd']:6.0f} | "
           f"{ms['dW xla']:7.0f} {ms['dW per_tap']:7.0f} {ms['dW xla'] / ms['dW per_tap']:5.2f} | "
           f"{model_dw}", flush=True)
   print(f"load after: {os.getloadavg()[0]:.2f}")
@@ -162,7 +179,7 @@ def bench_pool(config, height: int, width: int, repeats: int) -> None:
   print(f"{'pool':6} {'HxW':>8} {'C':>4} | {'lax':>7} {'pool':>7} {'ratio':>5}")
   fns = {"lax": lax_max_pool_2x2, "pool": pool.max_pool_2x2}
   rng = np.random.default_rng(0)
-  for name, h, w, c in pooled_shapes(height, width, ceil_mode):
+  for name, h, w, c in pooled_shapes(config, height, width):
     x = jnp.asarray(np.maximum(rng.normal(size=(1, h, w, c)), 0), jnp.float32)
     out_shape = (1, *(vgg.pool_output_size(n, 2, ceil_mode) for n in (h, w)), c)
     dy = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
@@ -193,7 +210,7 @@ def bench_train(config, height: int, width: int, steps: int, compare: str) -> No
   host = benchmark.synthetic_batch(1, height, width, c.data.max_gt, 5, num_classes)
   batch = parallel.host_batch_to_global(host, mesh)
   if compare == "conv_grad":
-    variants = {mode: (mode, vgg.max_pool_2x2) for mode in MODES}
+    variants = {mode: (mode, vgg.max_pool_2x2) for mode in conv.CONV_GRADS}
   else:
     variants = {"lax": (c.model.conv_grad, lax_max_pool_2x2),
                 "pool": (c.model.conv_grad, vgg.max_pool_2x2)}
@@ -232,6 +249,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
+  for name in ("height", "width", "repeats", "steps"):
+    if f[name].value < 1:
+      raise app.UsageError(f"--{name} must be >= 1, got {f[name].value}")
   unknown = set(f.parts) - set(PARTS)
   if unknown:
     raise app.UsageError(f"--parts must be among {', '.join(PARTS)}; got {sorted(unknown)}")
@@ -239,7 +259,7 @@ def main(argv):
     host_memory.keep_freed_memory()   # as in train.py
   print(f"JAX {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs")
   if "layers" in f.parts:
-    bench_layers(f.height, f.width, f.repeats)
+    bench_layers(f.config, f.height, f.width, f.repeats)
   if "pool" in f.parts:
     bench_pool(f.config, f.height, f.width, f.repeats)
   if "train" in f.parts:

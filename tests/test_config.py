@@ -200,6 +200,8 @@ def test_overrides_are_applied_and_type_checked():
     ({"train.momentum": 1.0}, "train.momentum"),
     ({"train.lr_boundaries": (10, 5)}, "train.lr_boundaries"),
     ({"eval.metric": "map"}, "eval.metric"),
+    ({"model.conv_grad": "fast"}, "model.conv_grad"),
+    ({"data.resize_on": "gpu"}, "data.resize_on"),
 ])
 def test_bad_values_name_the_key(overrides, key):
   with pytest.raises(config_flags.ConfigError, match=key.replace(".", r"\.")):
@@ -229,3 +231,18 @@ def test_missing_config_file(monkeypatch):
   assert isinstance(message, str) and "nope.py" in message
   with pytest.raises(FileNotFoundError, match="nope.py"):
     config_flags.load_config("nope.py")
+
+
+@pytest.mark.parametrize("args, ok", [
+    ([], True), (["--coordinator_address=h:1", "--num_processes=2", "--process_id=1"], True),
+    (["--coordinator_address=h:1"], False),
+    (["--coordinator_address=h:1", "--num_processes=2", "--process_id=2"], False),
+])
+def test_distributed_flags_that_do_not_fit_are_refused_when_parsed(args, ok):
+  values = flags.FlagValues()
+  config_flags.define_distributed_flags(values)
+  if ok:
+    values(["prog", *args])
+  else:
+    with pytest.raises(flags.IllegalFlagValueError, match="--num_processes >= 1"):
+      values(["prog", *args])

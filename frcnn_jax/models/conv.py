@@ -1,25 +1,24 @@
 """Stride-1 2D convolution whose weight gradient is a sum of per-tap matmuls.
 
 XLA:CPU lowers the weight gradient of a convolution (the contraction of the input with the
-output gradient over batch and space) to a slow convolution kernel: on VGG16's conv3..conv5
-layers it runs at about a quarter of the forward rate. `conv_general_dilated` computes the same
-forward convolution with `jax.custom_vjp`; its backward pass gives the input gradient as the
-ordinary transposed convolution (the output gradient convolved with the spatially flipped,
-in/out-swapped kernel) and the weight gradient as one matmul per kernel tap,
+output gradient over batch and space) to a slow convolution kernel: on VGG16's conv3 layers it
+runs at about a quarter of the forward rate. `conv_general_dilated` computes the same forward
+convolution with `jax.custom_vjp`; its backward pass gives the input gradient as lax's own
+(the transpose of the forward convolution, so it equals lax's exactly) and the weight gradient
+as one matmul per kernel tap,
 
   dW[ky, kx] = sum over (b, i, j) of x_pad[b, i + ky, j + kx, :]^T dy[b, i, j, :]   [Cin, Cout],
 
-which XLA:CPU runs at matmul speed. The results equal lax's gradients up to float rounding.
+which XLA:CPU runs at matmul speed. The weight gradient equals lax's up to float rounding.
 On small maps lax's own weight gradient is the faster one (lax against per-tap, 608x800 canvas,
 scripts/bench_conv.py on the 2-core development machine: conv5_x at 38 x 50, 109 against 123
-ms; conv3_2 at 152 x 200, 1444 against 526 ms), so layers with fewer than
-`PER_TAP_MIN_POSITIONS` output positions (B * Ho * Wo) keep lax's gradients.
+ms; conv3_2 at 152 x 200, 1444 against 526 ms), so layers whose output map has fewer than
+`PER_TAP_MIN_POSITIONS` positions (Ho * Wo, whatever the batch) keep lax's gradients.
 
 `conv_general_dilated` takes `lax.conv_general_dilated`'s arguments, so it plugs into Flax:
 `nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)`. It supports what the VGG16
-trunk and the RPN use (NHWC inputs, HWIO kernels, window stride 1, padding between 0 and
-kernel size - 1 per side, no dilation, no feature or batch groups) and raises a ValueError for
-anything else.
+trunk and the RPN use (NHWC inputs, HWIO kernels, window stride 1, non-negative padding, no
+dilation, no feature or batch groups) and raises a ValueError for anything else.
 """
 
 import functools
@@ -52,27 +51,6 @@ def forward(x: jax.Array, kernel: jax.Array, padding: Padding, precision: Any = 
     [B, Ho, Wo, Cout], Ho = H + top + bottom - KH + 1, Wo alike; dtype of x.
   """
   return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC,
-                                  precision=precision)
-
-
-def input_grad(dy: jax.Array, kernel: jax.Array, padding: Padding, precision: Any = None
-               ) -> jax.Array:
-  """Gradient of `forward` with respect to its input: dy convolved with the flipped kernel.
-
-  Args:
-    dy: [B, Ho, Wo, Cout] output gradient.
-    kernel: [KH, KW, Cin, Cout] kernel of the forward convolution.
-    padding: the forward convolution's padding, each side in [0, K - 1].
-    precision: lax precision of the convolution.
-
-  Returns:
-    [B, H, W, Cin] input gradient, dtype of dy.
-  """
-  kh, kw = kernel.shape[:2]
-  flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
-  (top, bottom), (left, right) = padding
-  pads = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
-  return lax.conv_general_dilated(dy, flipped, (1, 1), pads, dimension_numbers=_NHWC,
                                   precision=precision)
 
 
@@ -110,12 +88,12 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int], padding
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_per_tap(x: jax.Array, kernel: jax.Array, padding: Padding, precision: Any = None
                  ) -> jax.Array:
-  """`forward` whose backward uses `input_grad` and the per-tap `weight_grad`.
+  """`forward` whose backward uses lax's input gradient and the per-tap `weight_grad`.
 
   Args:
     x: [B, H, W, Cin] input.
     kernel: [KH, KW, Cin, Cout] kernel, the dtype of x.
-    padding: ((top, bottom), (left, right)), each in [0, K - 1].
+    padding: ((top, bottom), (left, right)), each >= 0.
     precision: lax precision (hashable: None, a lax.Precision or a pair of them).
 
   Returns:
@@ -130,12 +108,16 @@ def _conv_per_tap_fwd(x, kernel, padding, precision):
 
 def _conv_per_tap_bwd(padding, precision, residuals, dy):
   x, kernel = residuals
-  dx = input_grad(dy, kernel, padding, precision).astype(x.dtype)
-  dw = weight_grad(x, dy, kernel.shape[:2], padding, precision).astype(kernel.dtype)
-  return dx, dw
+  _, input_vjp = jax.vjp(lambda x: forward(x, kernel, padding, precision), x)
+  return input_vjp(dy)[0], weight_grad(x, dy, kernel.shape[:2], padding, precision)
 
 
 conv_per_tap.defvjp(_conv_per_tap_fwd, _conv_per_tap_bwd)
+
+
+def uses_per_tap(out_hw: Sequence[int]) -> bool:
+  """Whether a layer with output map `out_hw` (Ho, Wo) gets the per-tap weight gradient."""
+  return out_hw[0] * out_hw[1] >= PER_TAP_MIN_POSITIONS
 
 
 def _all_ones(name: str, values: Sequence[int] | None) -> None:
@@ -156,7 +138,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     lhs: [B, H, W, Cin] input.
     rhs: [KH, KW, Cin, Cout] kernel.
     window_strides: (1, 1).
-    padding: "SAME", "VALID" or ((top, bottom), (left, right)), each side in [0, K - 1].
+    padding: "SAME", "VALID" or ((top, bottom), (left, right)), each side >= 0.
     lhs_dilation: None or all ones.
     rhs_dilation: None or all ones.
     dimension_numbers: NHWC / HWIO / NHWC, as a `lax.ConvDimensionNumbers` (what `nn.Conv`
@@ -168,7 +150,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
 
   Returns:
     [B, Ho, Wo, Cout], equal to `lax.conv_general_dilated` with the same arguments. Its
-    gradients are `conv_per_tap`'s when B * Ho * Wo >= PER_TAP_MIN_POSITIONS, else lax's.
+    gradients are `conv_per_tap`'s when `uses_per_tap((Ho, Wo))`, else lax's.
 
   Raises:
     ValueError: an argument this convolution does not support.
@@ -194,14 +176,13 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], kernel_hw, (1, 1), padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if len(pads) != 2 or any(not 0 <= p <= k - 1 for (lo, hi), k in zip(pads, kernel_hw)
-                           for p in (lo, hi)):
-    raise ValueError(f"per-tap conv: padding must be two (lo, hi) pairs in [0, kernel size - 1] "
-                     f"for kernel {kernel_hw}, got {padding}")
+  if len(pads) != 2 or any(p < 0 for pair in pads for p in pair):
+    raise ValueError(f"per-tap conv: padding must be two non-negative (lo, hi) pairs, got "
+                     f"{padding}")
   if isinstance(precision, list):
     precision = tuple(precision)
-  if lhs.shape[0] * (lhs.shape[1] + sum(pads[0]) - kernel_hw[0] + 1) * (
-      lhs.shape[2] + sum(pads[1]) - kernel_hw[1] + 1) < PER_TAP_MIN_POSITIONS:
+  out_hw = [size + lo + hi - k + 1 for size, (lo, hi), k in zip(lhs.shape[1:3], pads, kernel_hw)]
+  if not uses_per_tap(out_hw):
     return forward(lhs, rhs, pads, precision)
   return conv_per_tap(lhs, rhs, pads, precision)
 
