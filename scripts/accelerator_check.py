@@ -10,7 +10,7 @@ and portpicker) and pycocotools must import, as `frcnn_jax.train` imports them):
 On this project's device machine, with those packages carried as wheels in .whl/ (run's carry
 [".whl"], timeout_s 480, the outputs under $OUT/accelerator). .whl/ is not in git: fetch the six
 wheels the 2026-11-30 runs used with the device README's `pip download` line (cp312,
-manylinux; checked to fetch all six): ml_collections==1.1.0 grain==0.2.18 array_record==0.8.6
+manylinux): ml_collections==1.1.0 grain==0.2.18 array_record==0.8.6
 portpicker==1.6.0 pycocotools==2.0.11 tensorboardx==2.6.5.
 
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -40,7 +40,8 @@ item of its kind so far):
 9. torchvision on the remaining rows.
 
 Items 2-4 give each of the three targets a figure, so that a run whose compiles are slow (on
-the H200 one bf16 program took minutes) still answers all three before the batch sweep.
+the H200, eight bf16 programs compiling in four threads had not finished after 185 s) still
+answers all three before the batch sweep.
 
 Per-stage profile: the step's stages carry `jax.named_scope`s (detector.py: "proposals",
 "rpn_targets", "roi_sampling", "losses", "postprocess"; train.py: "optimizer"; ops/images.py:
