@@ -14,6 +14,7 @@ from frcnn_jax.data import canvases as canvas_lib
 from frcnn_jax.data import pipeline
 from frcnn_jax.data import shapes
 from frcnn_jax.data import sources
+from frcnn_jax.models import conv
 from frcnn_jax.models import faster_rcnn
 from frcnn_jax.models import heads
 from frcnn_jax.models import rpn
@@ -65,7 +66,7 @@ def model_from_config(config: ml_collections.ConfigDict,
   if m.anchor_stride not in vgg.STRIDES:
     raise ValueError(f"model.anchor_stride is the trunk stride and must be one of {vgg.STRIDES}, "
                      f"got {m.anchor_stride!r}")
-  conv_grad = _choice("model.conv_grad", m.conv_grad, ("auto",) + faster_rcnn.CONV_GRADS)
+  conv_grad = _choice("model.conv_grad", m.conv_grad, ("auto",) + conv.CONV_GRADS)
   if conv_grad == "auto":
     conv_grad = "per_tap" if jax.default_backend() == "cpu" else "xla"
   return faster_rcnn.FasterRCNN(

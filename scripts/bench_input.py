@@ -43,8 +43,10 @@ from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position  # scripts/
 from frcnn_jax import defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax import export_loader  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.data import canvases  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.data import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.data import voc  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -91,7 +93,9 @@ def write_tree(root: pathlib.Path, num_images: int, seed: int = 0) -> None:
   (year / "ImageSets" / "Main" / "trainval.txt").write_text("".join(n + "\n" for n in names))
 
 
-SOURCE_CANVAS = (384, 512)   # what the pipeline ships these 375x500 images on (device path)
+# What the pipeline ships these images on when the device resizes (one group of one size).
+SOURCE_CANVAS = tuple(int(n) for n in canvases.source_canvases(
+    np.array([[HEIGHT, WIDTH]]), np.zeros(1, np.int32), 1)[0])
 MODES = ("host", "device")   # data.resize_on
 
 
@@ -171,14 +175,12 @@ def time_loader(source, mode: str, canvas: tuple[int, int], workers: int, batch_
 
 
 def _canvas(text: str) -> tuple[int, int]:
-  """"HxW" -> (H, W), positive; argparse reports anything else as a usage error."""
+  """"HxW" -> (H, W) (`benchmark.parse_size`); argparse reports anything else as a usage
+  error."""
   try:
-    height, width = (int(v) for v in text.lower().split("x"))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected HxW, e.g. 608x800, got {text!r}") from None
-  if min(height, width) <= 0:
-    raise argparse.ArgumentTypeError(f"canvas sides must be positive, got {text!r}")
-  return height, width
+    return benchmark.parse_size(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main() -> None:

@@ -389,7 +389,8 @@ def train_loader(source, *, batch_size: int, seed: int, min_size: int, max_size:
       this process's numpy batches (B / process count examples).
     shard_options: an object with `shard_index` and `shard_count` standing in for the JAX
       process (tests simulate processes with it; leave `mesh` None then).
-    worker_buffer_size: batches each worker prepares ahead.
+    worker_buffer_size: tasks queued per worker (`worker_pool.OrderedPool`'s `buffer`; a
+      batch larger than the 1 MiB result pipe keeps its worker about one batch ahead).
     resize_on_device: ship each decoded image on its group's source canvas with the fields
       `frcnn_jax.ops.images.batch_images` resizes, flips and pads it from on the device,
       instead of the resized image (README "Input on the device").

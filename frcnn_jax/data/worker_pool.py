@@ -3,9 +3,10 @@
 `OrderedPool(fn, num_workers)` computes fn(start), fn(start + 1), ... in `num_workers` spawned
 processes (task t goes to worker t mod W) and returns the results in
 order. Results travel pickled through one pipe per worker (no shared memory, so nothing can
-leak in /dev/shm), widened to 1 MiB where Linux allows (`F_SETPIPE_SZ`): with the default
-64 KiB a batch of decoded VOC images crossed at about 400 MB/s on the 2-core development
-machine, with 1 MiB at about 2 GB/s. Workers
+leak in /dev/shm), widened to 1 MiB where Linux allows (`F_SETPIPE_SZ`; the loader moved 357
+instead of 239 VOC images/s with one worker, `scripts/bench_input.py`). A worker sends from
+its only thread, so a result larger than the pipe holds it until the parent reads it: each
+worker is about one result ahead, whatever `buffer` queues. Workers
 
 * die with their parent: Linux's parent-death signal (SIGKILL) is armed first thing in each
   worker, and a worker also exits when it finds its parent gone while waiting for a task;
@@ -79,7 +80,7 @@ def _worker_main(fn: Callable[[int], Any], tasks: Any, results: Any, parent_pid:
       result = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
     try:
       results.send(result)
-    except (BrokenPipeError, OSError):   # the parent closed the pool
+    except OSError:   # BrokenPipeError: the parent closed the pool
       return
 
 
@@ -94,7 +95,8 @@ class OrderedPool:
       fn: picklable callable, task number -> picklable result.
       num_workers: worker processes (0: run `fn` in this process).
       start: the first task number.
-      buffer: tasks queued ahead per worker.
+      buffer: tasks queued ahead per worker (results larger than the pipe wait in the worker:
+        see the module docstring).
       init: picklable callable run first in each worker.
 
     Raises:

@@ -15,13 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frcnn_jax.models import conv
 from frcnn_jax.models import heads
 from frcnn_jax.models import rpn
 from frcnn_jax.models import vgg
 
 INPUT_NORMS = ("caffe", "keras", "torchvision")
-CONV_GRADS = conv.CONV_GRADS
 CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)   # py-faster-rcnn's PIXEL_MEANS
 KERAS_MEAN_BGR = (103.939, 116.779, 123.68)       # keras.applications.vgg16 preprocess_input
 TORCHVISION_MEAN_RGB = (0.485, 0.456, 0.406)

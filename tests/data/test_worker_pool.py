@@ -1,5 +1,6 @@
 """frcnn_jax.data.worker_pool: ordered results, errors, dead workers, clean shutdown."""
 
+import fcntl
 import os
 import signal
 
@@ -27,6 +28,17 @@ def test_results_come_in_task_order_from_start(workers):
     for n in range(5, 12):
       out = next(pool)
       assert out["task"] == n and (out["pixels"] == n % 256).all()
+  finally:
+    pool.close()
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="Linux pipe sizes only")
+def test_result_pipes_are_widened_to_one_mebibyte():
+  pool = worker_pool.OrderedPool(_batch, 2)
+  try:
+    sizes = [fcntl.fcntl(r.fileno(), fcntl.F_GETPIPE_SZ)
+             for r in pool._results]   # pylint: disable=protected-access
+    assert sizes == [1 << 20] * 2
   finally:
     pool.close()
 
