@@ -128,16 +128,10 @@ def trunk_pool(pool_fn: Callable[[jax.Array, bool], jax.Array]):
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-  """Median wall seconds of each fn: all warmed up, then `rounds` rounds calling each once."""
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  """Median wall seconds of each fn (`benchmark.interleaved_runs`, each result waited for)."""
+  runs = benchmark.interleaved_runs(
+      [(name, lambda fn=fn: jax.block_until_ready(fn())) for name, fn in fns.items()], rounds)
+  return {name: statistics.median(wall) for name, (wall, _) in runs.items()}
 
 
 def _xla_dw(x, kernel, dy):

@@ -779,7 +779,7 @@ def layout_per_image(layout: Layout, canvas_seconds: dict[tuple[int, int], float
              for canvas, share in zip(layout.canvases, layout.shares) if share > 0)
 
 
-def _interleaved_runs(items: list[tuple[Any, Any]], rounds: int
+def interleaved_runs(items: list[tuple[Any, Any]], rounds: int
                       ) -> dict[Any, tuple[list[float], list[float]]]:
   """Wall and process-CPU seconds of each (key, fn): all warmed up once, then `rounds` rounds
   that call every fn once in order (so load changes hit every item alike)."""
@@ -925,7 +925,7 @@ def run_mix(config: ml_collections.ConfigDict, plan: MixPlan, *, dtype: str, ste
   flat = [((*key, part), fn) for key, fns in items for part, fn in zip(PARTS, fns)]
   print(f"timing: {len(flat)} programs, one warm-up round then {steps} interleaved rounds "
         f"(load {load_start})", flush=True)
-  runs = _interleaved_runs(flat, steps)
+  runs = interleaved_runs(flat, steps)
   peaks_after = matmul_peaks([dtype], peak_size)
   peak = max(peaks_before[dtype], peaks_after[dtype], key=lambda p: p["flops_per_s"])
   peak = {**peak, "before_flops_per_s": peaks_before[dtype]["flops_per_s"],
