@@ -266,11 +266,11 @@ def synthetic_batch(batch: int, height: int, width: int, max_gt: int, num_gt: in
               "source_hw": np.tile(np.asarray([[sh, sw]], np.int32), (batch, 1)),
               "flip": np.arange(batch) % 2 == 1,
               "canvas": np.zeros((batch, height, width, 0), np.uint8)}
-    scale = ch / sh
+    scale, orig_hw = ch / sh, (sh, sw)
   else:
     image = np.zeros((batch, height, width, 3), np.uint8)
     image[:, :ch, :cw] = rng.integers(0, 256, (batch, ch, cw, 3), dtype=np.uint8)
-    pixels, scale = {"image": image}, 1.0
+    pixels, scale, orig_hw = {"image": image}, 1.0, (ch, cw)
   x1 = rng.uniform(0, cw * 0.6, (batch, max_gt))
   y1 = rng.uniform(0, ch * 0.6, (batch, max_gt))
   w = rng.uniform(min(32, cw * 0.2), cw * 0.4, (batch, max_gt))
@@ -287,7 +287,7 @@ def synthetic_batch(batch: int, height: int, width: int, max_gt: int, num_gt: in
       "gt_valid": valid,
       "gt_difficult": np.zeros((batch, max_gt), bool),
       "image_id": np.arange(batch, dtype=np.int32),
-      "orig_hw": np.tile(np.asarray([[ch, cw]], np.int32), (batch, 1)),
+      "orig_hw": np.tile(np.asarray([orig_hw], np.int32), (batch, 1)),   # = source_hw
       "valid": np.ones(batch, bool),
   }
 

@@ -292,6 +292,7 @@ def test_synthetic_batch_for_the_device_resize_fills_the_content():
                                     resize_on_device=True)
   assert "image" not in batch and batch["source_image"].shape == (2, 384, 512, 3)
   np.testing.assert_array_equal(batch["source_hw"], [[375, 500], [375, 500]])
+  np.testing.assert_array_equal(batch["orig_hw"], batch["source_hw"])   # as the pipeline ships
   np.testing.assert_allclose(batch["scale"], 1.6)
   images = np.asarray(image_ops.batch_images(batch))
   assert images.shape == (2, 640, 832, 3)
