@@ -24,7 +24,7 @@ earlier 1800 (x0.1 at 1450): 1800 steps ended at 0.918 with lax's convolution gr
 
 import ml_collections
 
-from frcnn_jax import defaults
+from frcnn_jax.config import defaults
 
 CLASSES = ("circle", "square", "triangle", "diamond", "star", "cross")
 

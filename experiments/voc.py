@@ -36,7 +36,7 @@ stable (a deviation from the reference, which never runs such batches).
 
 import ml_collections
 
-from frcnn_jax import defaults
+from frcnn_jax.config import defaults
 
 IMAGES_PER_UPDATE = 2       # py-faster-rcnn: IMS_PER_BATCH 1 x solver iter_size 2
 LR_PER_UPDATE = 1e-3        # solver base_lr, for IMAGES_PER_UPDATE images

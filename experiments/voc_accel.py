@@ -15,7 +15,7 @@ What changes from `experiments/voc.py` (everything else is its recipe):
 - the learning rate and schedule follow voc.py's scaling rule, which keeps py-faster-rcnn's
   learning rate per image (lr = 1e-3 * N / 2, the schedule counted in images, a 500-image
   warmup from N >= 8).
-- `train.reuse_host_memory` stays "auto", which is off on accelerators (frcnn_jax/host_memory.py).
+- `train.reuse_host_memory` stays "auto", which is off on accelerators (frcnn_jax/runtime/host_memory.py).
 
 `voc_accel.py:BxK` accumulates K steps of B images per update, as in voc.py. On TPU use
 `--config.model.roi_op=roi_align` (the README's "Accelerators" section says why).
@@ -25,7 +25,7 @@ import os
 
 import ml_collections
 
-from frcnn_jax import config_flags
+from frcnn_jax.config import flags as config_flags
 
 voc = config_flags.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "voc.py"))
 

@@ -19,7 +19,7 @@ folder WORKDIR/<stage> with its own checkpoints, metrics and final evaluation:
      convs frozen. Its checkpoint is the final detector (trunk of stage 2, RPN of stage 3, head
      of stage 4); evaluate / detect / export it with --workdir WORKDIR/stage4_fast_rcnn.
 
-Proposals (`frcnn_jax.proposal_store` files) go to WORKDIR/proposals/<stage>-<split>.npz:
+Proposals (`frcnn_jax.data.proposal_store` files) go to WORKDIR/proposals/<stage>-<split>.npz:
 the training split's (what the next Fast R-CNN stage trains on, `alt_opt.num_proposals` per
 image, `alt_opt.pre_nms_top_n` boxes entering NMS) and the eval split's, whose recall at the
 top 300 / 1000 / 2000 proposals and IoU 0.5 / 0.7 is written next to it (-recall.json).
@@ -43,16 +43,17 @@ from absl import flags
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
-from frcnn_jax import atomic_io
-from frcnn_jax import builders
-from frcnn_jax import config_flags
 from frcnn_jax import dump_proposals
-from frcnn_jax import evaluate
-from frcnn_jax import host_memory
-from frcnn_jax import parallel
-from frcnn_jax import proposal_store
 from frcnn_jax import train
-from frcnn_jax import workdir_lock
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import flags as config_flags
+from frcnn_jax.data import proposal_store
+from frcnn_jax.runtime import atomic_io
+from frcnn_jax.runtime import host_memory
+from frcnn_jax.runtime import parallel
+from frcnn_jax.runtime import workdir_lock
+from frcnn_jax.training import restore
+from frcnn_jax.training import step as train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _dump(config: ml_collections.ConfigDict, stage_dir: str, split: str, path: s
       raise ValueError(f"{path} holds the proposals of step {stored.meta.get('step')}, not of "
                        f"the finished stage's step {num_steps}; move it away to dump again")
     return stored
-  params, step = evaluate.restore_params(stage_dir, mesh, num_steps)
+  params, step = restore.restore_params(stage_dir, mesh, num_steps)
   a = config.alt_opt
   proposals = dump_proposals.dump_for_config(
       config, params, split, num_proposals=int(a.num_proposals),
@@ -227,7 +228,7 @@ def main(argv: Sequence[str]) -> None:
   builders.compilation_cache_from_config(f.config)
   try:
     summary = run(f.config, f.workdir, stop=stop)
-  except (train.NonFiniteLossError, ValueError, FileNotFoundError,
+  except (train_step.NonFiniteLossError, ValueError, FileNotFoundError,
           workdir_lock.WorkdirLockedError) as e:
     sys.exit(f"error: {e}")
   finally:

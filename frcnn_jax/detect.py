@@ -6,7 +6,7 @@ Usage:
       [--threshold 0.5] [--config.test.score_threshold=0.1 ...] image.jpg more/*.png folder/
 
 The run's config (WORKDIR/config.json) is used; test-time keys may be overridden (see
-frcnn_jax/run_config.py). The output folder must lie outside the input folders; files left
+frcnn_jax/config/run.py). The output folder must lie outside the input folders; files left
 there by an earlier run are kept unless --overwrite. An unreadable image is skipped with a
 message, the others are processed, and the exit code is 1 at the end.
 
@@ -33,17 +33,18 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from frcnn_jax import builders
-from frcnn_jax import config_flags
-from frcnn_jax import detector
-from frcnn_jax import drawing
-from frcnn_jax import evaluate
-from frcnn_jax import parallel
-from frcnn_jax import run_config
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import flags as config_flags
+from frcnn_jax.config import run as run_config
 from frcnn_jax.data import canvases as canvas_lib
 from frcnn_jax.data import images as image_io
 from frcnn_jax.data import shapes
 from frcnn_jax.data import transforms
+from frcnn_jax.detection import detector
+from frcnn_jax.evaluation import runner as eval_runner
+from frcnn_jax.runtime import parallel
+from frcnn_jax.training import restore
+from frcnn_jax.visualization import drawing
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -216,7 +217,7 @@ def run(config: ml_collections.ConfigDict, params: Any, paths: Sequence[pathlib.
     out = jax.device_get(detector.predict(params, prepare(image, config, canvases),
                                           model=model, settings=settings))
     out = {k: v[0] for k, v in out.items()}
-    out["boxes"] = evaluate.clip_to_image(out["boxes"], *image.shape[:2])
+    out["boxes"] = eval_runner.clip_to_image(out["boxes"], *image.shape[:2])
     record = detections_record(path, image, out, class_names)
     record.update(extra or {})
     json_path = out_dir / f"{name}.json"
@@ -260,7 +261,7 @@ def main(argv: Sequence[str]) -> None:
     check_output(f.output, argv[1:], paths, overwrite=f.overwrite)
     class_names = class_names_from_config(resolved.config)
     mesh = parallel.make_mesh(jax.local_devices()[:1])
-    params, step = evaluate.restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
+    params, step = restore.restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
     print(f"checkpoint step {step}, {len(paths)} images", flush=True)
     run(resolved.config, params, paths, f.output, class_names=class_names,
         threshold=f.threshold, skipped=skipped,

@@ -16,7 +16,8 @@ split's ground truth, difficult objects excluded. The last line printed is that 
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -24,12 +25,12 @@ import ml_collections
 from absl import app
 from absl import flags
 
-from frcnn_jax import atomic_io
-from frcnn_jax import builders
-from frcnn_jax import config_flags
-from frcnn_jax import evaluate
-from frcnn_jax import parallel
-from frcnn_jax import proposal_store
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import flags as config_flags
+from frcnn_jax.data import proposal_store
+from frcnn_jax.runtime import atomic_io
+from frcnn_jax.runtime import parallel
+from frcnn_jax.training import restore
 
 
 def split_source(config: ml_collections.ConfigDict, split: str):
@@ -106,7 +107,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--workdir (or --proposals) is required")
       builders.compilation_cache_from_config(config)
       mesh = parallel.make_mesh()
-      params, step = evaluate.restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
+      params, step = restore.restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
       path = f.output or os.path.join(f.workdir, "proposals", f"{f.split}-{step}.npz")
       if os.path.exists(path) and not f.overwrite:
         raise FileExistsError(f"{path} exists: evaluate it with --proposals={path}, or pass "

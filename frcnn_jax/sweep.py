@@ -33,15 +33,16 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 from absl import app
 from absl import flags
 
-from frcnn_jax import atomic_io
-from frcnn_jax import config_flags
-from frcnn_jax import run_config
+from frcnn_jax.config import flags as config_flags
+from frcnn_jax.config import run as run_config
+from frcnn_jax.runtime import atomic_io
 
 
 def define_flags() -> None:

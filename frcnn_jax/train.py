@@ -28,116 +28,35 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app
 from absl import flags
 from jax.experimental import multihost_utils
 
-from frcnn_jax import atomic_io
-from frcnn_jax import builders
-from frcnn_jax import checkpointing
-from frcnn_jax import config_flags
-from frcnn_jax import detector
-from frcnn_jax import evaluate
-from frcnn_jax import host_memory
-from frcnn_jax import metrics_writer
-from frcnn_jax import parallel
-from frcnn_jax import workdir_lock
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import flags as config_flags
+from frcnn_jax.detection import detector
+from frcnn_jax.evaluation import runner as eval_runner
 from frcnn_jax.ops import images as image_ops
+from frcnn_jax.runtime import atomic_io
+from frcnn_jax.runtime import host_memory
+from frcnn_jax.runtime import parallel
+from frcnn_jax.runtime import workdir_lock
+from frcnn_jax.training import checkpointing
+from frcnn_jax.training import metrics_writer
+from frcnn_jax.training import step as train_step
 
 Batch = dict[str, jax.Array]
 PyTree = Any
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a resumed run needs besides the data iterator.
-
-  Attributes:
-    params: network parameters.
-    opt_state: optimizer state.
-    step: int32 scalar, number of train steps taken.
-    rng: uint32 [2] base PRNG key; step s uses `fold_in(rng, s)`.
-    nonfinite_skips: int32 scalar, updates skipped for a non-finite loss or gradient.
-  """
-  params: PyTree
-  opt_state: PyTree
-  step: jax.Array
-  rng: jax.Array
-  nonfinite_skips: jax.Array
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss or gradient became NaN or infinite (the message names the step and term)."""
-
-
-def make_train_step(model: Any, settings: detector.DetectorSettings,
-                    tx: optax.GradientTransformation, lr_fn: Callable[[jax.Array], jax.Array],
-                    *, grad_accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple]:
-  """Returns the (unjitted) train step `(state, batch) -> (state, metrics)`.
-
-  A step whose loss or gradient is not finite leaves params and optimizer state unchanged and
-  counts a skip; the caller decides whether that is an error (`train.nonfinite`).
-
-  Metrics (scalars): "total", the loss terms of `detector.loss_fn`, "grad_norm",
-  "learning_rate" (of this step's update) and "finite" (bool).
-  """
-
-  def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    key = jax.random.fold_in(state.rng, state.step)
-    loss = lambda p: detector.loss_fn(p, batch, key, model=model, settings=settings, train=True)
-    (total, terms), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-    for name in detector.LOSS_TERMS:
-      finite &= jnp.isfinite(terms[name])
-    with jax.named_scope("optimizer"):   # stage name: scripts/accelerator_check.py
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      new_state = state.replace(
-          params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-          step=state.step + 1,
-          nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32))
-    metrics = {"total": total, **terms, "grad_norm": grad_norm,
-               "learning_rate": lr_fn(state.step // grad_accum_steps), "finite": finite}
-    return new_state, metrics
-
-  return step_fn
-
-
-def jit_train_step(model: Any, settings: detector.DetectorSettings,
-                   tx: optax.GradientTransformation, lr_fn: Callable[[jax.Array], jax.Array],
-                   mesh: jax.sharding.Mesh, *, grad_accum_steps: int = 1) -> Callable:
-  """`make_train_step` jitted over `mesh`: state replicated and donated, batch sharded on the
-  `data` axis. One program is compiled per batch shape (per canvas)."""
-  return jax.jit(make_train_step(model, settings, tx, lr_fn, grad_accum_steps=grad_accum_steps),
-                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-                 out_shardings=parallel.replicated(mesh), donate_argnums=0)
-
-
-def create_train_state(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh
-                       ) -> tuple[TrainState, optax.GradientTransformation, Callable]:
-  """Initial state (replicated on `mesh`), the optimizer and the learning-rate schedule."""
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  params = builders.init_params_from_config(config, model, init_key)
-  tx, lr_fn = builders.optimizer_from_config(config, params, model)
-  state = TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
-                     rng=train_key, nonfinite_skips=jnp.int32(0))
-  return parallel.replicate(state, mesh), tx, lr_fn
 
 
 def _abstract(tree: PyTree) -> PyTree:
@@ -210,18 +129,6 @@ class _Open:
         close = getattr(part, "close", None)  # the data loader's stops its workers
         if close is not None:
           stack.callback(close)
-
-
-def _check_finite(step: int, metrics: dict[str, Any], mode: str) -> None:
-  """Raises NonFiniteLossError for a non-finite step when `mode` is "error"."""
-  if mode != "error" or bool(metrics["finite"]):
-    return
-  bad = [name for name in ("total", *detector.LOSS_TERMS) if not math.isfinite(metrics[name])]
-  what = f"loss term(s) {', '.join(bad)}" if bad else f"gradient (norm {metrics['grad_norm']})"
-  values = ", ".join(f"{name}={float(metrics[name]):.4g}" for name in detector.LOSS_TERMS)
-  raise NonFiniteLossError(
-      f"non-finite {what} at step {step} ({values}); the update was not applied. Lower "
-      "train.learning_rate, enable train.grad_clip_norm, or set train.nonfinite=skip.")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -322,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
      bool (the run was already finished), "params": final parameters}.
 
   Raises:
-    NonFiniteLossError: a non-finite loss with `train.nonfinite == "error"`.
+    train_step.NonFiniteLossError: a non-finite loss with `train.nonfinite == "error"`.
     ValueError / FileNotFoundError: bad config values or a missing dataset (from the builders).
     checkpointing.CheckpointMismatchError: the checkpoint does not fit this config (a
       ValueError; nothing was moved).
@@ -351,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         stop.restore()
 
 
-def _result(state: TrainState, **fields: Any) -> dict[str, Any]:
+def _result(state: train_step.TrainState, **fields: Any) -> dict[str, Any]:
   return {"train": {}, "eval": {}, "preempted": False, "complete": False, **fields,
           "step": int(state.step), "nonfinite_skips": int(state.nonfinite_skips),
           "params": state.params}
@@ -365,7 +272,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
   console = opened.log = metrics_writer.ConsoleLog(
       os.path.join(workdir, "console.log") if primary else None)
 
-  def stopped_at_start(state: TrainState) -> dict[str, Any]:
+  def stopped_at_start(state: train_step.TrainState) -> dict[str, Any]:
     if primary:
       print(f"{stop.signal_name or 'stop request'} during start-up: stopped before training, "
             f"at step {int(state.step)}; nothing new to save.", file=console, flush=True)
@@ -378,7 +285,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
   builders.source_from_config(config, "eval")  # fail now, not after training, if it is missing
   model = builders.model_from_config(config, len(train_source.classes))
   settings = builders.detector_settings_from_config(config)
-  state, tx, lr_fn = create_train_state(config, model, mesh)
+  state, tx, lr_fn = train_step.create_train_state(config, model, mesh)
   if stop.now():
     return stopped_at_start(state)
   checkpointer = opened.checkpointer = checkpointing.Checkpointer(
@@ -413,7 +320,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
                                   drop_eval=evaluate_again)
   writer = opened.writer = metrics_writer.MetricsWriter(workdir, enabled=primary)
   progress = metrics_writer.ProgressLine(t.num_steps, start, enabled=primary, stream=console)
-  train_step = jit_train_step(model, settings, tx, lr_fn, mesh,
+  train_step = train_step.jit_train_step(model, settings, tx, lr_fn, mesh,
                               grad_accum_steps=t.grad_accum_steps)
   evaluate_now = lambda step: _evaluate(config, model, settings, mesh, state.params, workdir,
                                         step, writer, console)
@@ -430,7 +337,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
       timed_steps += 1
       if pending is not None:  # check the previous step while this one runs
         window.append(jax.device_get(pending[1]))
-        _check_finite(pending[0], window[-1], t.nonfinite)
+        train_step.check_finite(pending[0], window[-1], t.nonfinite)
       pending = (step, metrics)
       if canvas not in compiled:  # exclude compilation from the speed and the ETA
         compiled.add(canvas)
@@ -440,7 +347,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
       last = step == t.num_steps
       if step % t.log_every == 0 or last:
         window.append(jax.device_get(metrics))
-        _check_finite(step, window[-1], t.nonfinite)
+        train_step.check_finite(step, window[-1], t.nonfinite)
         pending = None
         elapsed = time.monotonic() - window_start
         scalars = _mean_metrics(window)
@@ -461,7 +368,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
         checkpointer.save(step, state, data)
       if stop.reached(step):
         if pending is not None:
-          _check_finite(pending[0], jax.device_get(pending[1]), t.nonfinite)
+          train_step.check_finite(pending[0], jax.device_get(pending[1]), t.nonfinite)
         checkpointer.save(step, state, data)
         if primary:
           # No signal_name: the signal went to another process, or to JAX's preemption service.
@@ -475,7 +382,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
         evaluate_now(step)
     if not result["preempted"]:
       if pending is not None:
-        _check_finite(pending[0], jax.device_get(pending[1]), t.nonfinite)
+        train_step.check_finite(pending[0], jax.device_get(pending[1]), t.nonfinite)
       checkpointer.save(int(state.step), state, data)
       result["eval"] = evaluate_now(int(state.step))
   finally:
@@ -489,7 +396,7 @@ def _evaluate(config: ml_collections.ConfigDict, model: Any,
               console: metrics_writer.ConsoleLog) -> dict[str, Any]:
   """Evaluates on the eval split: WORKDIR/eval/<split>-<step>.json, mAP to the metrics."""
   start = time.monotonic()
-  result = evaluate.run_evaluation(config, params, step=step, workdir=workdir, mesh=mesh,
+  result = eval_runner.run_evaluation(config, params, step=step, workdir=workdir, mesh=mesh,
                                    model=model, settings=settings)
   seconds = time.monotonic() - start
   writer.write(step, {"map": result["map"], "seconds": seconds}, "eval")
@@ -524,7 +431,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     train_and_evaluate(f.config, f.workdir, restart_data_iterator=f.restart_data_iterator,
                        evaluate_again=f.evaluate_again, stop=stop)
-  except (NonFiniteLossError, ValueError, FileNotFoundError,
+  except (train_step.NonFiniteLossError, ValueError, FileNotFoundError,
           workdir_lock.WorkdirLockedError) as e:
     sys.exit(f"error: {e}")
   finally:

@@ -90,7 +90,6 @@ import time
 _T0 = time.monotonic()   # the budget counts from here, before the slow imports
 
 import collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-from concurrent import futures
 import datetime
 import functools
 import gzip
@@ -103,6 +102,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from concurrent import futures
 from importlib import metadata
 from typing import Any
 
@@ -112,16 +112,15 @@ from absl import flags
 _SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_SCRIPTS, os.path.dirname(_SCRIPTS)]   # benchmark.py, and frcnn_jax uninstalled
 import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from frcnn_jax import atomic_io  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import builders  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import detector  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.config import flags as config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.detection import detector  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.runtime import atomic_io  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.runtime import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.runtime import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.training import step as train_step
 
 _json_safe = benchmark._json_safe  # pylint: disable=protected-access
 _fmt = benchmark._fmt  # pylint: disable=protected-access
@@ -524,8 +523,8 @@ def precompile(run: Run, config, mesh, cases: list[benchmark.Case], num_gt: int,
                                      case.height, case.width, c.data.max_gt, num_gt,
                                      num_classes, resize_on_device=builders.resize_on_device(c))
     batch = parallel.host_batch_to_global(host, mesh)
-    state, tx, lr_fn = train.create_train_state(c, model, mesh)
-    train.jit_train_step(model, settings, tx, lr_fn, mesh,
+    state, tx, lr_fn = train_step.create_train_state(c, model, mesh)
+    train_step.jit_train_step(model, settings, tx, lr_fn, mesh,
                          grad_accum_steps=c.train.grad_accum_steps).lower(state, batch).compile()
     jax.jit(functools.partial(detector.predict, model=model, settings=settings)).lower(
         state.params, batch).compile()
@@ -639,8 +638,8 @@ def profile_step(run: Run, config, mesh, dtype: str, height: int, width: int, ba
                                    c.data.max_gt, num_gt, num_classes,
                                    resize_on_device=builders.resize_on_device(c))
   device_batch = parallel.host_batch_to_global(host, mesh)
-  state, tx, lr_fn = train.create_train_state(c, model, mesh)
-  jitted = train.jit_train_step(model, settings, tx, lr_fn, mesh,
+  state, tx, lr_fn = train_step.create_train_state(c, model, mesh)
+  jitted = train_step.jit_train_step(model, settings, tx, lr_fn, mesh,
                                 grad_accum_steps=c.train.grad_accum_steps)
   compile_start = time.monotonic()
   lowered = jitted.lower(state, device_batch)

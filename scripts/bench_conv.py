@@ -18,7 +18,7 @@ gradient (`jax.vjp`), lax's (`nn.max_pool`, a reduce-window whose gradient is XL
 select-and-scatter) against `pool.max_pool_2x2` (the trunk's), interleaved, medians of
 `--repeats`, ratio lax / pool.
 
-`train`: the config's whole training step (`frcnn_jax.train.jit_train_step`: forward, backward,
+`train`: the config's whole training step (`frcnn_jax.train_step.jit_train_step`: forward, backward,
 optimizer update; random weights, a synthetic batch of one image filling the canvas) with
 `model.conv_grad=xla` and `=per_tap`, compiled, warmed up, then `--steps` interleaved rounds.
 `train_pool`: the same step with the config's `conv_grad`, its trunk pools traced once with
@@ -34,27 +34,28 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
-from absl import app
-from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from frcnn_jax import builders  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.config import flags as config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.models import conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.models import faster_rcnn  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.models import pool  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.models import vgg  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.runtime import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.runtime import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.training import step as train_step
 
 PADDING = ((1, 1), (1, 1))
 PARTS = ("layers", "train", "pool", "train_pool")
@@ -213,8 +214,8 @@ def bench_train(config, height: int, width: int, steps: int, compare: str) -> No
     c.model.conv_grad = conv_grad
     model = builders.model_from_config(c, num_classes)
     settings = builders.detector_settings_from_config(c)
-    state, tx, lr_fn = train.create_train_state(c, model, mesh)
-    jitted = train.jit_train_step(model, settings, tx, lr_fn, mesh,
+    state, tx, lr_fn = train_step.create_train_state(c, model, mesh)
+    jitted = train_step.jit_train_step(model, settings, tx, lr_fn, mesh,
                                   grad_accum_steps=c.train.grad_accum_steps)
     start = time.perf_counter()
     jax.clear_caches()   # the step's inner jits would reuse the other variant's trace

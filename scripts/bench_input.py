@@ -44,12 +44,13 @@ from PIL import Image
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position  # scripts/
-from frcnn_jax import defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import export_loader  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from frcnn_jax.config import defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.data import canvases  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.data import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.data import voc  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.export import loader as export_loader  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.ops import images as image_ops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 WIDTH, HEIGHT = 500, 375

@@ -42,11 +42,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peer_torchvision  # scripts/, beside this file
 
 from frcnn_jax.ops import nms as nms_ops
 from frcnn_jax.ops import roi
-
-import peer_torchvision  # scripts/, beside this file
 
 IMAGE_HW = (600, 1000)
 FEATURE_SHAPE = (38, 63, 512)

@@ -12,13 +12,13 @@ Usage:
 
 The config is loaded as train.py loads it (a config file plus `--config.key=value` overrides);
 `model.pretrained` is ignored (random weights) and `train.reuse_host_memory` applies as in
-training (frcnn_jax/host_memory.py). Every combination of `--dtype`, `--sizes` and
+training (frcnn_jax/runtime/host_memory.py). Every combination of `--dtype`, `--sizes` and
 `--batch` (images per device; the global batch spans every device, sharded as in training) is
 one row. `--sweep` instead shows how the cost grows with pixels (training and inference at each
 of `--sweep_sizes`) and with the number of proposals (inference at the first sweep size for each
 `rpn.post_nms_top_n_test` in `--sweep_proposals`).
 
-Per row: the training step is `frcnn_jax.train.make_train_step` (forward, backward, the config's
+Per row: the training step is `frcnn_jax.train_step.make_train_step` (forward, backward, the config's
 optimizer update, frozen blocks masked) jitted over the data mesh with the state donated, as in
 training; inference is `detector.predict` (image in, detections out). Each is lowered and
 compiled (compile time), run once to warm up, then `--steps` times with block_until_ready; the
@@ -72,7 +72,6 @@ the step's median wall time over the global batch), "compile_s", "device", "heig
 import collections
 import dataclasses
 import functools
-from importlib import metadata
 import itertools
 import json
 import math
@@ -82,24 +81,25 @@ import resource
 import statistics
 import sys
 import time
+from importlib import metadata
 from typing import Any
 
-from absl import app
-from absl import flags
 import jax
 import ml_collections
 import numpy as np
+from absl import app
+from absl import flags
 
-from frcnn_jax import builders
-from frcnn_jax import config_flags
-from frcnn_jax import detector
 from frcnn_jax import flops
-from frcnn_jax import host_memory
-from frcnn_jax import parallel
-from frcnn_jax import train
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import flags as config_flags
 from frcnn_jax.data import canvases
 from frcnn_jax.data import images
+from frcnn_jax.detection import detector
 from frcnn_jax.models import vgg
+from frcnn_jax.runtime import host_memory
+from frcnn_jax.runtime import parallel
+from frcnn_jax.training import step as train_step
 
 PARTS = ("train", "infer")
 
@@ -373,9 +373,9 @@ def measure_case(config: ml_collections.ConfigDict, case: Case, mesh: jax.shardi
                                               "runs_s", "cpu_runs_s", "cpu_step_time_s",
                                               "flops_per_image", "program_mib")})
 
-  state, tx, lr_fn = train.create_train_state(c, model, mesh)
+  state, tx, lr_fn = train_step.create_train_state(c, model, mesh)
   if "train" in case.parts:
-    jitted = train.jit_train_step(model, settings, tx, lr_fn, mesh,
+    jitted = train_step.jit_train_step(model, settings, tx, lr_fn, mesh,
                                   grad_accum_steps=c.train.grad_accum_steps)
     compiled, row["train_compile_s"] = _compile(jitted, state, batch)
     holder = {"state": state}
@@ -853,8 +853,8 @@ def run_mix(config: ml_collections.ConfigDict, plan: MixPlan, *, dtype: str, ste
   mesh = parallel.make_mesh()
   global_batch = mesh.devices.size
   peaks_before = matmul_peaks([dtype], peak_size)
-  state, tx, lr_fn = train.create_train_state(c, model, mesh)
-  train_jit = train.jit_train_step(model, settings, tx, lr_fn, mesh,
+  state, tx, lr_fn = train_step.create_train_state(c, model, mesh)
+  train_jit = train_step.jit_train_step(model, settings, tx, lr_fn, mesh,
                                    grad_accum_steps=c.train.grad_accum_steps)
   predict_jit = jax.jit(functools.partial(detector.predict, model=model, settings=settings))
 

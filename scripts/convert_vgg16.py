@@ -30,7 +30,8 @@ weights layout (root attribute "layer_names", per-layer "weight_names") is read,
 import argparse
 import os
 import re
-from typing import Iterator, Mapping
+from typing import Iterator
+from typing import Mapping
 
 import numpy as np
 

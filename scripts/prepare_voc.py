@@ -26,6 +26,7 @@ def local_tar_builder():
   """tfds' `voc` builder class reading the original tars (imported here: `--help` and the
   argument check need no TensorFlow)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   # pylint: disable-next=g-import-not-at-top
   from tensorflow_datasets.object_detection import voc as tfds_voc
 

@@ -35,16 +35,17 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from frcnn_jax import builders  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax import detect  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import detector  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import drawing  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax import run_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.config import flags as config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.config import run as run_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.detection import detector  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.evaluation import runner as eval_runner  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.models import faster_rcnn  # pylint: disable=g-import-not-at-top,wrong-import-position
 from frcnn_jax.ops import anchors as anchor_ops  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.runtime import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.training import restore
+from frcnn_jax.visualization import drawing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def anchors_at(config, model, batch: dict, x: float, y: float
@@ -164,7 +165,7 @@ def draw_examples(config, output: str | os.PathLike, *, params=None, split: str 
           picture, low, high, f"top {len(keep)} of {len(valid)} RPN proposals by objectness")
       dets = jax.device_get(detector.predict(params, batch, model=model, settings=settings))
       chosen = dets["valid"][0] & (dets["scores"][0] >= threshold)
-      boxes = evaluate.clip_to_image(dets["boxes"][0][chosen], *image.shape[:2])
+      boxes = eval_runner.clip_to_image(dets["boxes"][0][chosen], *image.shape[:2])
       found = drawing.draw_boxes(shown, boxes * f, dets["labels"][0][chosen],
                                  dets["scores"][0][chosen], names)
       pictures["detections"] = drawing.side_by_side(
@@ -213,7 +214,7 @@ def main(argv: Sequence[str]) -> None:
       logging.warning("%s", note)
     if f.workdir:
       mesh = parallel.make_mesh(jax.local_devices()[:1])
-      params, step = evaluate.restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
+      params, step = restore.restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
       print(f"checkpoint step {step}")
     paths = draw_examples(resolved.config, f.output, params=params, split=f.split,
                           num_images=f.num_images, anchor_xy=anchor_xy,

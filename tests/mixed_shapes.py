@@ -52,7 +52,10 @@ def _mixed_source_from_config(config, split):
 
 def main() -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
-  from frcnn_jax import builders, config_flags, train  # pylint: disable=g-import-not-at-top
+
+  from frcnn_jax import train  # pylint: disable=g-import-not-at-top
+  from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top
+  from frcnn_jax.config import flags as config_flags  # pylint: disable=g-import-not-at-top
   builders.source_from_config = _mixed_source_from_config
   train.define_flags()
   app.run(train.main, flags_parser=config_flags.parse_flags)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from frcnn_jax import alt_opt
-from frcnn_jax import builders
-from frcnn_jax import config_flags
-from frcnn_jax import evaluate
-from frcnn_jax import parallel
-from frcnn_jax import proposal_store
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import flags as config_flags
+from frcnn_jax.data import proposal_store
+from frcnn_jax.runtime import parallel
+from frcnn_jax.training import restore
 from tests import test_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def test_stage_configs_follow_the_paper():
 
 
 def _params(workdir):
-  params, step = evaluate.restore_params(workdir, parallel.make_mesh(jax.devices()[:1]))
+  params, step = restore.restore_params(workdir, parallel.make_mesh(jax.devices()[:1]))
   return jax.tree.map(np.asarray, params), step
 
 

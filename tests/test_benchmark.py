@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from frcnn_jax import config_flags
 from frcnn_jax import flops
+from frcnn_jax.config import flags as config_flags
 from frcnn_jax.ops import images as image_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from frcnn_jax import builders
-from frcnn_jax import detector
-from frcnn_jax import parallel
-from frcnn_jax import train
+from frcnn_jax.config import build as builders
+from frcnn_jax.detection import detector
 from frcnn_jax.models import faster_rcnn
+from frcnn_jax.runtime import parallel
+from frcnn_jax.training import step as train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 6
@@ -131,10 +131,10 @@ def test_bf16_model_computes_convolutions_in_bf16_but_returns_float32():
 def test_bf16_train_state_and_step_keep_float32_params_and_optimizer_state():
   c, model, settings = _model("bfloat16")
   mesh = parallel.make_mesh()
-  state, tx, lr_fn = train.create_train_state(c, model, mesh)
+  state, tx, lr_fn = train_step.create_train_state(c, model, mesh)
   assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
           if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
-  step = jax.jit(train.make_train_step(model, settings, tx, lr_fn))
+  step = jax.jit(train_step.make_train_step(model, settings, tx, lr_fn))
   batch = parallel.host_batch_to_global({**_batch(1), "valid": np.ones(1, bool)}, mesh)
   new_state, metrics = step(state, batch)
   assert bool(metrics["finite"])
@@ -158,7 +158,7 @@ def test_bf16_predictions_decode_boxes_in_float32():
 
 @pytest.mark.parametrize("argument, batch, accum", [("", 8, 1), (":16", 16, 1), (":4x2", 4, 2)])
 def test_voc_accel_recipe_is_voc_in_bf16_with_the_per_image_learning_rate(argument, batch, accum):
-  from frcnn_jax import config_flags  # pylint: disable=g-import-not-at-top
+  from frcnn_jax.config import flags as config_flags  # pylint: disable=g-import-not-at-top
   accel = config_flags.load_config(os.path.join(ROOT, "experiments", "voc_accel.py") + argument)
   voc = config_flags.load_config(os.path.join(ROOT, "experiments", "voc.py") + (argument or ":8"))
   assert accel.model.dtype == "bfloat16" and voc.model.dtype == "float32"

@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 
-from frcnn_jax import config_flags
 from frcnn_jax import train
+from frcnn_jax.config import flags as config_flags
 from tests.data import conftest as trees
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

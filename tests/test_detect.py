@@ -1,4 +1,4 @@
-"""Tests for frcnn_jax/detect.py and frcnn_jax/drawing.py."""
+"""Tests for frcnn_jax/detect.py and frcnn_jax/visualization/drawing.py."""
 
 import json
 import os
@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from frcnn_jax import detect
-from frcnn_jax import detector
-from frcnn_jax import drawing
+from frcnn_jax.detection import detector
+from frcnn_jax.visualization import drawing
 from tests.evaluation.tiny_run import STEP
-from tests.evaluation.tiny_run import tiny_run  # pylint: disable=unused-import
+from tests.evaluation.tiny_run import tiny_run  # noqa: F401  pylint: disable=unused-import
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

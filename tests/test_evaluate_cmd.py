@@ -12,16 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from frcnn_jax import builders
-from frcnn_jax import checkpointing
 from frcnn_jax import evaluate
-from frcnn_jax import detector
-from frcnn_jax import parallel
-from frcnn_jax import train
+from frcnn_jax.config import build as builders
 from frcnn_jax.data import pipeline
 from frcnn_jax.data import sources
+from frcnn_jax.detection import detector
+from frcnn_jax.evaluation import runner as eval_runner
+from frcnn_jax.runtime import parallel
+from frcnn_jax.training import checkpointing
+from frcnn_jax.training import restore
+from frcnn_jax.training import step as train_step
 from tests.evaluation.tiny_run import STEP
-from tests.evaluation.tiny_run import tiny_run  # pylint: disable=unused-import
+from tests.evaluation.tiny_run import tiny_run  # noqa: F401  pylint: disable=unused-import
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,20 +36,20 @@ def _env(**extra):
 
 def test_restore_params_newest_and_missing(tiny_run, tmp_path):
   mesh = parallel.make_mesh(jax.devices()[:1])
-  params, step = evaluate.restore_params(tiny_run.workdir, mesh)
+  params, step = restore.restore_params(tiny_run.workdir, mesh)
   assert step == STEP
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), tiny_run.params)
   with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7.*\[5\]"):
-    evaluate.restore_params(tiny_run.workdir, mesh, step=7)
+    restore.restore_params(tiny_run.workdir, mesh, step=7)
   with pytest.raises(FileNotFoundError, match="train first"):
-    evaluate.restore_params(tmp_path, mesh)
+    restore.restore_params(tmp_path, mesh)
 
 
 def _saved_run(workdir, steps):
   """Checkpoints of a TrainState whose parameters are one large array, in `workdir`."""
   checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", keep=len(steps))
   for step in steps:
-    checkpointer.save(step, train.TrainState(
+    checkpointer.save(step, train_step.TrainState(
         params={"w": jnp.arange(20000, dtype=jnp.float32) * step}, opt_state=(),
         step=jnp.int32(step), rng=jnp.zeros(2, jnp.uint32), nonfinite_skips=jnp.int32(0)))
   checkpointer.close()
@@ -65,15 +67,15 @@ def test_restore_params_refuses_damaged_parameters_and_moves_nothing(tmp_path):
   before = sorted(str(p) for p in tmp_path.rglob("*"))
   mesh = parallel.make_mesh(jax.devices()[:1])
   with pytest.raises(ValueError, match=r"checkpoints/2 is damaged: .*\.params\['w'\].*\[1\]"):
-    evaluate.restore_params(tmp_path, mesh)
+    restore.restore_params(tmp_path, mesh)
   assert sorted(str(p) for p in tmp_path.rglob("*")) == before
-  params, step = evaluate.restore_params(tmp_path, mesh, step=1)
+  params, step = restore.restore_params(tmp_path, mesh, step=1)
   assert step == 1
   np.testing.assert_array_equal(params["w"], np.arange(20000, dtype=np.float32))
 
 
 def _one_device_result(tiny_run, workdir=None):
-  return evaluate.run_evaluation(tiny_run.config, tiny_run.params, step=STEP, workdir=workdir,
+  return eval_runner.run_evaluation(tiny_run.config, tiny_run.params, step=STEP, workdir=workdir,
                                  mesh=parallel.make_mesh(jax.devices()[:1]))
 
 
@@ -81,14 +83,14 @@ def test_gathered_detections_match_per_image_runs(tiny_run):
   mesh = parallel.make_mesh(jax.devices()[:1])
   cfg, source = tiny_run.config, tiny_run.source
   kw = dict(model=tiny_run.model, settings=tiny_run.settings, mesh=mesh)
-  dets, gts, ids = evaluate.collect_detections(
+  dets, gts, ids = eval_runner.collect_detections(
       tiny_run.params, builders.eval_data_from_config(cfg, source, mesh), source=source, **kw)
   np.testing.assert_array_equal(ids, np.arange(len(source)))
   assert sum(len(d["scores"]) for d in dets) > 0
   for i in range(len(source)):
     example = source[i]
     one_source = _One(example)
-    one, _, _ = evaluate.collect_detections(
+    one, _, _ = eval_runner.collect_detections(
         tiny_run.params, builders.eval_data_from_config(cfg, one_source, mesh),
         source=one_source, **kw)
     for key in ("boxes", "scores", "labels"):
@@ -130,7 +132,7 @@ class _One:
 def test_format_table_marks_classes_without_gt():
   result = {"metric": "voc07", "map": 0.5, "num_images": 3,
             "ap": {"cat": 0.5, "dog": None}}
-  table = evaluate.format_table(result)
+  table = eval_runner.format_table(result)
   assert "cat    0.5000" in table and "n/a (no ground truth)" in table
   assert table.splitlines()[-1].startswith("mAP")
 
@@ -174,19 +176,22 @@ def test_cli_help():
 _PARALLEL_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
-    from frcnn_jax import builders, config_flags, evaluate, parallel
+    from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top
+    from frcnn_jax.config import flags as config_flags  # pylint: disable=g-import-not-at-top
+    from frcnn_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from frcnn_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
     config = config_flags.load_config(sys.argv[1], {"eval.batch_size": 8})
     assert jax.device_count() == 8, jax.devices()
     mesh = parallel.make_mesh()
-    params, _ = evaluate.restore_params(sys.argv[2], mesh)
+    params, _ = restore.restore_params(sys.argv[2], mesh)
     source = builders.source_from_config(config, "eval")
     model = builders.model_from_config(config, len(source.classes))
-    dets, gts, ids = evaluate.collect_detections(
+    dets, gts, ids = eval_runner.collect_detections(
         params, builders.eval_data_from_config(config, source, mesh), source=source,
         model=model, settings=builders.detector_settings_from_config(config), mesh=mesh)
-    r = evaluate.compute_metrics(dets, gts, source.classes)
+    r = eval_runner.compute_metrics(dets, gts, source.classes)
     # eval.batch_size=2 is rounded up to the 8 devices by run_evaluation.
-    rounded = evaluate.run_evaluation(config_flags.load_config(sys.argv[1]), params, step=0,
+    rounded = eval_runner.run_evaluation(config_flags.load_config(sys.argv[1]), params, step=0,
                                       mesh=mesh)
     assert rounded["map"] == r["map"] and rounded["ap"] == r["ap"], (rounded, r)
     print(json.dumps({"map": r["map"], "ap": r["ap"], "ids": ids.tolist(),
@@ -202,10 +207,10 @@ def test_eight_devices_give_the_same_detections_and_metrics(tiny_run):
   assert proc.returncode == 0, proc.stderr[-3000:]
   eight = json.loads(proc.stdout.strip().splitlines()[-1])
   mesh = parallel.make_mesh(jax.devices()[:1])
-  dets, gts, ids = evaluate.collect_detections(
+  dets, gts, ids = eval_runner.collect_detections(
       tiny_run.params, builders.eval_data_from_config(tiny_run.config, tiny_run.source, mesh),
       source=tiny_run.source, model=tiny_run.model, settings=tiny_run.settings, mesh=mesh)
-  one = evaluate.compute_metrics(dets, gts, tiny_run.source.classes)
+  one = eval_runner.compute_metrics(dets, gts, tiny_run.source.classes)
   assert eight["ids"] == ids.tolist()
   for d8, d1 in zip(eight["dets"], dets):
     for key in ("boxes", "scores", "labels"):
@@ -268,20 +273,20 @@ def test_ground_truth_is_the_original_annotation(monkeypatch):
     table["boxes"][i, :n], table["labels"][i, :n], table["valid"][i, :n] = boxes, labels, True
     table["scores"][i, :n] = np.linspace(0.5, 0.9, n)
   monkeypatch.setattr(detector, "predict", _oracle_predict)
-  evaluate._gathered_predict.cache_clear()  # pylint: disable=protected-access
+  eval_runner._gathered_predict.cache_clear()  # pylint: disable=protected-access
   try:
-    dets, gts, ids = evaluate.collect_detections(
+    dets, gts, ids = eval_runner.collect_detections(
         table, batches, source=source, model="oracle", settings=None,
         mesh=parallel.make_mesh(jax.devices()[:1]))
   finally:
-    evaluate._gathered_predict.cache_clear()  # pylint: disable=protected-access
+    eval_runner._gathered_predict.cache_clear()  # pylint: disable=protected-access
   np.testing.assert_array_equal(ids, [0, 1])
   for i in ids:
     np.testing.assert_array_equal(gts[i]["boxes"], _ORACLE_BOXES[i])
     np.testing.assert_array_equal(gts[i]["labels"], _ORACLE_LABELS[i])
     np.testing.assert_array_equal(dets[i]["boxes"], _ORACLE_BOXES[i])
   for metric in ("voc07", "voc12"):
-    result = evaluate.compute_metrics(dets, gts, source.classes, metric=metric)
+    result = eval_runner.compute_metrics(dets, gts, source.classes, metric=metric)
     assert result["map"] == 1.0 and result["ap"] == {"a": 1.0, "b": 1.0, "c": 1.0}, result
 
 
@@ -316,13 +321,13 @@ def test_cli_refuses_a_key_that_shapes_the_model(tiny_run, tmp_path):
 
 
 def test_command_report_records_overrides_and_never_overwrites(tiny_run, tmp_path):
-  from frcnn_jax import run_config  # pylint: disable=g-import-not-at-top
+  from frcnn_jax.config import run as run_config  # pylint: disable=g-import-not-at-top
   names = list(tiny_run.source.classes)
   dets = [{"boxes": np.array([[0, 0, 10, 10.]]), "scores": np.array([0.9]),
            "labels": np.array([1])}]
   gts = [{"boxes": np.array([[0, 0, 10, 10.]]), "labels": np.array([1]),
           "difficult": np.array([False])}]
-  result = evaluate.compute_metrics(dets, gts, names)
+  result = eval_runner.compute_metrics(dets, gts, names)
   result["step"] = STEP
 
   def write(overrides):

@@ -3,7 +3,7 @@
 XLA:GPU runs a `while` loop whose trip count it cannot prove at compile time by copying the
 loop condition to the host after every trip (a device-to-host sync each time), and host
 callbacks, infeed/outfeed and send/recv leave the device program as well. These tests compile
-(on CPU; no accelerator needed) the real training step (`train.make_train_step`) and
+(on CPU; no accelerator needed) the real training step (`train_step.make_train_step`) and
 `detector.predict` for a tiny width-reduced model (on Batches resized on the host and on the
 device), read XLA's optimized HLO, and require that
 every `while` carries a `known_trip_count` (XLA's WhileLoopTripCountAnnotator records it in
@@ -24,9 +24,9 @@ import numpy as np
 import optax
 import pytest
 
-from frcnn_jax import detector
-from frcnn_jax import train
+from frcnn_jax.detection import detector
 from frcnn_jax.ops import nms as nms_ops
+from frcnn_jax.training import step as train_step
 from tests.models import tiny
 
 SIZE = 64
@@ -133,9 +133,9 @@ def train_step_hlo(request) -> str:
   params = tiny.numpy_params(MODEL)
   lr_fn = optax.constant_schedule(0.01)
   tx = optax.sgd(lr_fn, momentum=0.9)
-  state = train.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+  state = train_step.TrainState(params=params, opt_state=tx.init(params), step=jnp.int32(0),
                            rng=jax.random.PRNGKey(0), nonfinite_skips=jnp.int32(0))
-  step = jax.jit(train.make_train_step(MODEL, SETTINGS, tx, lr_fn))
+  step = jax.jit(train_step.make_train_step(MODEL, SETTINGS, tx, lr_fn))
   return step.lower(state, _batch(request.param)).compile().as_text()
 
 

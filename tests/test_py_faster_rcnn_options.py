@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from frcnn_jax import builders
-from frcnn_jax import config_flags
-from frcnn_jax import defaults
-from frcnn_jax import detector
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import defaults
+from frcnn_jax.config import flags as config_flags
+from frcnn_jax.detection import detector
 from frcnn_jax.ops import anchors as anchor_ops
 from tests.models import tiny
 

@@ -97,7 +97,7 @@ def test_only_test_time_sweeps_share_one_model():
 
 
 def test_test_time_sweep_trains_once_and_evaluates_each_point(tmp_path, monkeypatch, capsys):
-  from frcnn_jax import config_flags  # pylint: disable=g-import-not-at-top
+  from frcnn_jax.config import flags as config_flags  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "sw"
   calls = []
 

@@ -13,13 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from frcnn_jax import builders
-from frcnn_jax import checkpointing
-from frcnn_jax import config_flags
-from frcnn_jax import detector
-from frcnn_jax import parallel
 from frcnn_jax import train
-from frcnn_jax import workdir_lock
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import flags as config_flags
+from frcnn_jax.detection import detector
+from frcnn_jax.runtime import parallel
+from frcnn_jax.runtime import workdir_lock
+from frcnn_jax.training import checkpointing
+from frcnn_jax.training import step as train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = os.path.join(ROOT, "experiments", "shapes.py")
@@ -68,7 +69,7 @@ def load_params(workdir: str, config) -> tuple[int, dict]:
   """Newest checkpoint's (step, params) as numpy."""
   mesh = parallel.make_mesh(jax.devices()[:1])
   model = builders.model_from_config(config, 6)
-  state, _, _ = train.create_train_state(config, model, mesh)
+  state, _, _ = train_step.create_train_state(config, model, mesh)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=5)
@@ -87,8 +88,8 @@ def fixed_setup():
   batch = next(builders.train_data_from_config(config, source, mesh))
   model = builders.model_from_config(config, len(source.classes))
   settings = builders.detector_settings_from_config(config)
-  state, tx, lr_fn = train.create_train_state(config, model, mesh)
-  step = jax.jit(train.make_train_step(model, settings, tx, lr_fn))
+  state, tx, lr_fn = train_step.create_train_state(config, model, mesh)
+  step = jax.jit(train_step.make_train_step(model, settings, tx, lr_fn))
 
   def fixed_loss(params):
     total, _ = detector.loss_fn(params, batch, jax.random.key(0), model=model,
@@ -122,7 +123,7 @@ def test_nonfinite_loss_is_skipped_and_counted_or_named(fixed_setup):
   assert not metrics["finite"] and int(new_state.nonfinite_skips) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_state.params), before)
   train._check_finite(7, metrics, "skip")
-  with pytest.raises(train.NonFiniteLossError, match=r"step 7.*(rpn_box|det_box|total)"):
+  with pytest.raises(train_step.NonFiniteLossError, match=r"step 7.*(rpn_box|det_box|total)"):
     train._check_finite(7, metrics, "error")
 
 

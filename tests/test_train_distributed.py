@@ -136,7 +136,10 @@ def test_ctrl_c_on_one_process_stops_both_at_one_saved_step_and_resumes(tmp_path
 def _eight_devices() -> None:
   """One update with the global batch of 8 on 8 devices vs on 1 device."""
   import jax  # pylint: disable=import-outside-toplevel
-  from frcnn_jax import builders, parallel, train  # pylint: disable=import-outside-toplevel
+
+  from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top
+  from frcnn_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+  from frcnn_jax.training import step as train_step  # pylint: disable=g-import-not-at-top
 
   assert jax.device_count() == 8, jax.devices()
   config = test_train.tiny_config(train__batch_size=8, data__flip=False)
@@ -147,8 +150,8 @@ def _eight_devices() -> None:
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = parallel.make_mesh(devices)
     batch = next(builders.train_data_from_config(config, source, mesh))
-    state, tx, lr_fn = train.create_train_state(config, model, mesh)
-    step = jax.jit(train.make_train_step(model, settings, tx, lr_fn),
+    state, tx, lr_fn = train_step.create_train_state(config, model, mesh)
+    step = jax.jit(train_step.make_train_step(model, settings, tx, lr_fn),
                    in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                    out_shardings=parallel.replicated(mesh))
     for _ in range(2):
@@ -166,7 +169,9 @@ def _eight_devices() -> None:
 def _worker(workdir: str, out: str, address: str = "", process_id: str = "0") -> None:
   """Trains the tiny config 3 steps (batch 2) and saves this process's params to `out`."""
   import jax  # pylint: disable=import-outside-toplevel
-  from frcnn_jax import parallel, train  # pylint: disable=import-outside-toplevel
+
+  from frcnn_jax import train  # pylint: disable=g-import-not-at-top
+  from frcnn_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
 
   if address:
     parallel.initialize_distributed(address, 2, int(process_id))
@@ -182,8 +187,11 @@ def _reference(out: str) -> None:
   read from that process's data shard), the same jitted step."""
   import grain  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from frcnn_jax import builders, parallel, train  # pylint: disable=import-outside-toplevel
+
+  from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top
   from frcnn_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from frcnn_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+  from frcnn_jax.training import step as train_step  # pylint: disable=g-import-not-at-top
 
   config = test_train.tiny_config(train__num_steps=3)
   d = config.data
@@ -195,8 +203,8 @@ def _reference(out: str) -> None:
       shard_options=grain.sharding.ShardOptions(i, 2, drop_remainder=True)) for i in range(2)]
   model = builders.model_from_config(config, len(source.classes))
   settings = builders.detector_settings_from_config(config)
-  state, tx, lr_fn = train.create_train_state(config, model, mesh)
-  step = jax.jit(train.make_train_step(model, settings, tx, lr_fn),
+  state, tx, lr_fn = train_step.create_train_state(config, model, mesh)
+  step = jax.jit(train_step.make_train_step(model, settings, tx, lr_fn),
                  in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                  out_shardings=parallel.replicated(mesh))
   for _ in range(config.train.num_steps):

@@ -15,7 +15,7 @@ import os
 
 import ml_collections
 
-from frcnn_jax import config_flags
+from frcnn_jax.config import flags as config_flags
 
 _BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shapes.py")
 

@@ -20,11 +20,13 @@ VOC-like and random cases tested.
 import itertools
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import numpy as np
 
-from frcnn_jax.data import images, transforms
+from frcnn_jax.data import images
+from frcnn_jax.data import transforms
 
 # Exhaustive search while (number of K-subsets) x (distinct sizes) x K stays below this.
 _EXHAUSTIVE_WORK = 20_000_000

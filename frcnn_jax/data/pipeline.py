@@ -48,16 +48,17 @@ memory behind; `close()` stops them.
 
 import collections
 import logging
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import jax
 import numpy as np
 from absl import flags
 
-from frcnn_jax import parallel
 from frcnn_jax.data import canvases as canvas_lib
 from frcnn_jax.data import transforms
 from frcnn_jax.data import worker_pool
+from frcnn_jax.runtime import parallel
 
 SKIPPED = "skipped_records"
 COUNT_NAMES = (SKIPPED,) + transforms.COUNT_KEYS

@@ -24,7 +24,8 @@ own cache, never pickled), so every later epoch reads them back instead.
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from PIL import ImageDraw
 
 from frcnn_jax.data import sources
 

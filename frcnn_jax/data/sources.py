@@ -24,11 +24,13 @@ reads it from the image header and raises `images.ImageDecodeError` when that is
 
 import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Any
+from typing import Callable
+from typing import Sequence
 
 import numpy as np
 
-from frcnn_jax import defaults
+from frcnn_jax.config import defaults
 from frcnn_jax.data import images
 
 POLICIES = ("skip", "error")

@@ -17,13 +17,14 @@ x1 = -1, clipped to 0 and counted.
 import bisect
 import io
 import os
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from frcnn_jax import defaults
+from frcnn_jax.config import defaults
 from frcnn_jax.data import images
 from frcnn_jax.data import sources
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from frcnn_jax import defaults
+from frcnn_jax.config import defaults
 from frcnn_jax.data import images
 from frcnn_jax.data import sources
 

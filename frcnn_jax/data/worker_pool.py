@@ -25,7 +25,8 @@ import os
 import queue
 import signal
 import traceback
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 _PR_SET_PDEATHSIG = 1
 _POLL_SECONDS = 1.0

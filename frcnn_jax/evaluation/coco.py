@@ -14,7 +14,8 @@ there are no masks. Entries pycocotools reports as -1 (no ground truth in that r
 
 import contextlib
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 
 import numpy as np
 from pycocotools.coco import COCO

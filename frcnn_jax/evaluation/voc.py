@@ -45,7 +45,8 @@ matters only for an IoU exactly at the threshold (where the devkit's `>=` and ou
 differ).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 
 import numpy as np
 

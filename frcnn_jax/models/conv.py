@@ -23,7 +23,8 @@ dilation, no feature or batch groups) and raises a ValueError for anything else.
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

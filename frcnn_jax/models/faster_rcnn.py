@@ -1,13 +1,14 @@
 """Faster R-CNN network: input normalisation, VGG16 trunk, RPN head and RoI head.
 
 The module holds parameters and forward passes only; anchors, targets, proposals, losses and
-post-processing live in `frcnn_jax.ops` and are joined in `frcnn_jax.detector`. Call the parts
+post-processing live in `frcnn_jax.ops` and are joined in `frcnn_jax.detection.detector`. Call the parts
 with `model.apply(variables, ..., method=FasterRCNN.<method>)`; `model.init` (through
 `__call__`) creates every parameter.
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import flax
 import flax.linen as nn

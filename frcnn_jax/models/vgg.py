@@ -5,7 +5,8 @@ Parameters are named after the Caffe/torchvision layers (`conv1_1` ... `conv5_3`
 """
 
 import re
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import flax.linen as nn
 import jax

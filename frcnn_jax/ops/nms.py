@@ -37,8 +37,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
 from frcnn_jax.ops import boxes as box_ops
 

@@ -12,7 +12,8 @@ Treat the session-scoped trees as read-only. `assert_annotations_match(source)` 
 import io
 import json
 import pathlib
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import numpy as np
 import pytest

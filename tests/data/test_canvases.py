@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from frcnn_jax.data import canvases as cv
-from frcnn_jax.data import images, transforms
+from frcnn_jax.data import images
+from frcnn_jax.data import transforms
 
 # VOC-like original sizes (height, width) and how often each occurs.
 VOC_MIX = {(375, 500): 60, (500, 375): 15, (333, 500): 10, (500, 333): 4, (500, 500): 3,
@@ -172,7 +173,8 @@ def test_canvases_for_source_from_annotations():
 
 
 def test_canvases_from_config_keys():
-  from frcnn_jax import builders, defaults  # pylint: disable=import-outside-toplevel
+  from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top
+  from frcnn_jax.config import defaults  # pylint: disable=g-import-not-at-top
   config = defaults.get_config()
   assert config.data.pad_hw == () and config.data.canvases == ()
   source = _Source([(375, 500), (500, 375), (375, 500), (333, 500), (500, 333)])

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from frcnn_jax import builders
-from frcnn_jax import config_flags
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import flags as config_flags
 from frcnn_jax.data import canvases as cv
 from frcnn_jax.data import pipeline
 from frcnn_jax.data import transforms

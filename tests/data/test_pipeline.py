@@ -242,7 +242,7 @@ def test_tiny_voc_tree_through_the_pipeline(voc_root, voc_spec):
 _SHARDED_SCRIPT = """
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from frcnn_jax import parallel
+from frcnn_jax.runtime import parallel
 from frcnn_jax.data import pipeline, shapes
 from frcnn_jax.ops import images as image_ops
 assert jax.device_count() == 8, jax.devices()

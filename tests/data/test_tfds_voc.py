@@ -18,7 +18,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from frcnn_jax import defaults
+from frcnn_jax.config import defaults
 from frcnn_jax.data import images
 from frcnn_jax.data import sources
 from frcnn_jax.data import tfds_voc

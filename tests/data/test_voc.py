@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from frcnn_jax import defaults
+from frcnn_jax.config import defaults
 from frcnn_jax.data import images
 from frcnn_jax.data import sources
 from frcnn_jax.data import voc

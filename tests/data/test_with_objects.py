@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from frcnn_jax import builders
-from frcnn_jax import defaults
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import defaults
 from frcnn_jax.data import coco
 from frcnn_jax.data import images
 from frcnn_jax.data import sources

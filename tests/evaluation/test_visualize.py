@@ -6,7 +6,7 @@ import os
 from PIL import Image
 
 from frcnn_jax import detect
-from tests.evaluation.tiny_run import tiny_run  # pylint: disable=unused-import
+from tests.evaluation.tiny_run import tiny_run  # noqa: F401  pylint: disable=unused-import
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "visualize.py")
 
@@ -50,6 +50,7 @@ def test_anchors_at_picks_the_cell_under_the_point(tiny_run):
 def test_cli_reads_the_run_folder(tiny_run, tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   from tests.evaluation.run_folder import run_folder  # pylint: disable=g-import-not-at-top
   workdir = run_folder(tiny_run, tmp_path)
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

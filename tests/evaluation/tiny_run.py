@@ -1,7 +1,7 @@
 """A tiny trained-looking run shared by the evaluate / detect / export tests.
 
 A width-reduced one-conv-per-block trunk on 64x64 synthetic shapes with random parameters,
-saved as a training checkpoint (a `train.TrainState` through `checkpointing.Checkpointer`) in a
+saved as a training checkpoint (a `train_step.TrainState` through `checkpointing.Checkpointer`) in a
 temporary workdir. Import the fixture into a test module with
 `from tests.evaluation.tiny_run import tiny_run  # pylint: disable=unused-import`.
 """
@@ -16,15 +16,15 @@ import jax
 import numpy as np
 import pytest
 
-from frcnn_jax import builders
-from frcnn_jax import checkpointing
-from frcnn_jax import config_flags
-from frcnn_jax import train
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import flags as config_flags
 from frcnn_jax.models import faster_rcnn
+from frcnn_jax.training import checkpointing
+from frcnn_jax.training import step as train_step
 
 CONFIG_TEXT = textwrap.dedent('''\
     """Tiny test config: 64x64 shapes, width-reduced trunk."""
-    from frcnn_jax import defaults
+    from frcnn_jax.config import defaults
 
 
     def get_config():
@@ -94,7 +94,7 @@ def tiny_run(tmp_path_factory) -> TinyRun:
   source = builders.source_from_config(config, "eval")
   model = builders.model_from_config(config, len(source.classes))
   params = _random_params(model)
-  state = train.TrainState(params=params, opt_state={}, step=np.int32(STEP),
+  state = train_step.TrainState(params=params, opt_state={}, step=np.int32(STEP),
                            rng=np.zeros(2, np.uint32), nonfinite_skips=np.int32(0))
   workdir = root / "workdir"
   checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", keep=2, async_save=False)

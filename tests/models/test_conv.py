@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from frcnn_jax import builders
-from frcnn_jax import defaults
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import defaults
 from frcnn_jax.models import conv
 from frcnn_jax.models import faster_rcnn
 from tests.models import tiny

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from frcnn_jax.ops import postprocess
-from tests.ops.test_proposals import bbox_transform_inv, clip_boxes, np_clip, np_decode
-from tests.ops.test_proposals import np_greedy_nms, py_cpu_nms
+from tests.ops.test_proposals import bbox_transform_inv
+from tests.ops.test_proposals import clip_boxes
+from tests.ops.test_proposals import np_clip
+from tests.ops.test_proposals import np_decode
+from tests.ops.test_proposals import np_greedy_nms
+from tests.ops.test_proposals import py_cpu_nms
 
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 

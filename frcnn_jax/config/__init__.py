@@ -1,0 +1,1 @@
+"""Experiment configs: defaults, command-line overrides, a run folder's config, building objects from a config."""

@@ -1,0 +1,1 @@
+"""The detector as pure jitted functions of (params, batch): loss, proposals, predictions."""

@@ -1,0 +1,1 @@
+"""Exported detectors: the writer (`python -m frcnn_jax.export`) and the JAX+NumPy loader."""

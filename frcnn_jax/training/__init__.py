@@ -1,0 +1,1 @@
+"""Training: the optimiser, checkpoints and metric logs."""

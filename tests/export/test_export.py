@@ -1,0 +1,236 @@
+"""Tests for frcnn_jax/export/writer.py: the exported program equals the live model."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from frcnn_jax import detect
+from frcnn_jax.detection import detector
+from frcnn_jax.evaluation import runner as eval_runner
+from frcnn_jax.export import writer as export
+from tests.evaluation.tiny_run import STEP
+from tests.evaluation.tiny_run import tiny_run  # noqa: F401  pylint: disable=unused-import
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Loads and runs an export in a fresh interpreter, then lists the frcnn_jax modules it imported.
+_LOAD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from frcnn_jax.export import loader
+    model = loader.load(sys.argv[1])
+    image = np.load(sys.argv[2])
+    out = model.detect(image)
+    print(json.dumps({"boxes": out["boxes"].tolist(), "scores": out["scores"].tolist(),
+                      "labels": out["labels"].tolist(), "class_names": model.class_names,
+                      "modules": sorted(m for m in sys.modules if m.startswith("frcnn_jax"))}))
+    """)
+
+
+@pytest.fixture(scope="module")
+def exported_file(tiny_run, tmp_path_factory):
+  path = tmp_path_factory.mktemp("export") / "model.bin"
+  proc = subprocess.run(
+      [sys.executable, "-m", "frcnn_jax.export", "--config", str(tiny_run.config_path),
+       "--workdir", str(tiny_run.workdir), "--output", str(path)],
+      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
+      timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"step {STEP}" in proc.stdout
+  return path
+
+
+def test_exported_program_equals_live_model(tiny_run, exported_file):
+  loaded = export.loader.load(exported_file)
+  assert loaded.meta["step"] == STEP and loaded.meta["batch_size"] == 1
+  batch = detect.prepare(tiny_run.source[2]["image"], tiny_run.config)
+  got = loaded(batch["image"], batch["image_hw"], batch["scale"])
+  want = detector.predict(tiny_run.params, batch, model=tiny_run.model,
+                          settings=tiny_run.settings)
+  assert got["valid"].any()
+  np.testing.assert_array_equal(got["valid"], np.asarray(want["valid"]))
+  np.testing.assert_array_equal(got["labels"], np.asarray(want["labels"]))
+  np.testing.assert_allclose(got["boxes"], np.asarray(want["boxes"]), atol=1e-4)
+  np.testing.assert_allclose(got["scores"], np.asarray(want["scores"]), atol=1e-6)
+
+
+def test_loader_needs_no_model_code(tiny_run, exported_file, tmp_path):
+  image = tiny_run.source[3]["image"]
+  np.save(tmp_path / "image.npy", image)
+  proc = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(exported_file),
+                         str(tmp_path / "image.npy")],
+                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO),
+                        cwd=REPO, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["modules"] == ["frcnn_jax", "frcnn_jax.export", "frcnn_jax.export.loader"]
+  assert result["class_names"] == list(tiny_run.source.classes)
+  out = detector.predict(tiny_run.params, detect.prepare(image, tiny_run.config),
+                         model=tiny_run.model, settings=tiny_run.settings)
+  keep = np.asarray(out["valid"][0])
+  np.testing.assert_allclose(np.asarray(result["boxes"]).reshape(-1, 4),
+                             eval_runner.clip_to_image(np.asarray(out["boxes"][0])[keep],
+                                                    *image.shape[:2]), atol=1e-4)
+  np.testing.assert_allclose(result["scores"], np.asarray(out["scores"][0])[keep], atol=1e-6)
+
+
+def test_load_rejects_other_files(tmp_path):
+  path = tmp_path / "other.npz"
+  np.savez(path, meta=np.frombuffer(b'{"format": "x"}', np.uint8))
+  with pytest.raises(ValueError, match=r"not a frcnn_jax.export/\d file"):
+    export.loader.load(path)
+
+
+@pytest.mark.parametrize("hw", [(50, 70), (64, 64), (130, 20), (7, 300)])
+def test_loader_resize_equals_the_pipeline(tiny_run, hw):
+  image = np.random.default_rng(0).integers(0, 255, (*hw, 3), dtype=np.uint8)
+  d = tiny_run.config.data
+  canvas, image_hw, scale = export.loader.resize_and_pad(image, min_size=d.min_size,
+                                                  max_size=d.max_size, pad_hw=tuple(d.pad_hw))
+  want = detect.prepare(image, tiny_run.config)
+  np.testing.assert_array_equal(canvas, want["image"][0])
+  np.testing.assert_array_equal(image_hw, want["image_hw"][0])
+  assert scale == want["scale"][0]
+
+
+# Runs the loader with everything but JAX and NumPy made unimportable.
+_BLOCKED_LOAD_SCRIPT = textwrap.dedent("""
+    import importlib.abc, json, sys
+    BLOCKED = set(sys.argv[4].split(","))
+
+    class Block(importlib.abc.MetaPathFinder):
+      def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+          raise ImportError(f"{name} is blocked")
+        return None
+
+    sys.meta_path.insert(0, Block())
+    for name in list(sys.modules):
+      if name.split(".")[0] in BLOCKED:
+        del sys.modules[name]
+    import numpy as np
+    if sys.argv[3] == "package":
+      from frcnn_jax.export import loader
+    else:
+      sys.path.insert(0, sys.argv[3])
+      import export_loader as loader
+    model = loader.load(sys.argv[1])
+    out = model.detect(np.load(sys.argv[2]))
+    print(json.dumps({"boxes": out["boxes"].tolist(), "scores": out["scores"].tolist(),
+                      "class_names": model.class_names}))
+    """)
+_OTHERS = "absl,PIL,ml_collections,flax,optax,orbax,grain,tensorflow,tensorflow_datasets,etils,chex"
+
+
+@pytest.mark.parametrize("where", ["copied_file", "package"])
+def test_loader_needs_only_jax_and_numpy(tiny_run, exported_file, tmp_path, where):
+  import shutil  # pylint: disable=g-import-not-at-top
+  image = tiny_run.source[4]["image"]
+  np.save(tmp_path / "image.npy", image)
+  blocked = _OTHERS
+  if where == "copied_file":   # the loader file alone, next to an application
+    shutil.copy(os.path.join(REPO, "frcnn_jax", "export", "loader.py"), tmp_path / "export_loader.py")
+    blocked += ",frcnn_jax"
+  proc = subprocess.run([sys.executable, "-c", _BLOCKED_LOAD_SCRIPT, str(exported_file),
+                         str(tmp_path / "image.npy"),
+                         str(tmp_path) if where == "copied_file" else "package", blocked],
+                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO),
+                        cwd=str(tmp_path), timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["class_names"] == list(tiny_run.source.classes)
+  out = detector.predict(tiny_run.params, detect.prepare(image, tiny_run.config),
+                         model=tiny_run.model, settings=tiny_run.settings)
+  keep = np.asarray(out["valid"][0])
+  np.testing.assert_allclose(np.asarray(result["scores"]), np.asarray(out["scores"][0])[keep],
+                             atol=1e-6)
+
+
+def test_loader_resize_is_pillows_bilinear():
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from frcnn_jax.export import loader as export_loader  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  sizes = [((h, w), (h, ow)) for h, w, ow in rng.integers(1, 90, (20, 3))]
+  sizes += [((h, w), (oh, w)) for h, w, oh in rng.integers(1, 90, (20, 3))]
+  sizes += [((h, w), (oh, ow)) for h, w, oh, ow in rng.integers(1, 90, (60, 4))]
+  sizes += [((375, 500), (600, 800)), ((500, 333), (1000, 666)), ((480, 640), (240, 320)),
+            ((90, 40), (20, 35)), ((40, 90), (35, 20)),     # both pass orders
+            ((1000, 700), (13, 999)), ((2000, 50), (7, 3))]  # long filters (K up to 573)
+  for (h, w), (oh, ow) in sizes:
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(image).resize((ow, oh), Image.BILINEAR))
+    np.testing.assert_array_equal(export_loader.resize_bilinear(image, oh, ow), want,
+                                  err_msg=f"{h}x{w} -> {oh}x{ow}")
+
+
+def test_cli_uses_the_run_config_and_keeps_an_existing_file(tiny_run, tmp_path):
+  from tests.evaluation.run_folder import run_folder  # pylint: disable=g-import-not-at-top
+  workdir = run_folder(tiny_run, tmp_path)
+  path = tmp_path / "new" / "folder" / "model.bin"      # the folder does not exist yet
+
+  def export_command(*extra):
+    return subprocess.run(
+        [sys.executable, "-m", "frcnn_jax.export", "--workdir", str(workdir), "--output",
+         str(path), *extra], capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, timeout=300, check=False)
+
+  proc = export_command("--config.test.score_threshold=0.3")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  loaded = export.loader.load(path)
+  assert loaded.meta["overrides"] == {"test.score_threshold": 0.3}
+  before = path.read_bytes()
+  proc = export_command()
+  assert proc.returncode != 0 and "--overwrite" in proc.stderr
+  assert "Traceback" not in proc.stderr and path.read_bytes() == before
+  proc = export_command("--overwrite", "--config.model.fc_dim=8")
+  assert proc.returncode != 0 and "model.fc_dim" in proc.stderr
+
+
+TWO_CANVASES = ((48, 64), (64, 48))   # landscape and portrait, multiples of the stride 16
+
+
+@pytest.fixture(scope="module")
+def two_canvas_file(tiny_run, tmp_path_factory):
+  path = tmp_path_factory.mktemp("export2") / "model.bin"
+  proc = subprocess.run(
+      [sys.executable, "-m", "frcnn_jax.export", "--config", str(tiny_run.config_path),
+       "--workdir", str(tiny_run.workdir), "--output", str(path), "--canvases",
+       ",".join(f"{h}x{w}" for h, w in TWO_CANVASES)],
+      capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
+      timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "2 program(s)" in proc.stdout
+  return path
+
+
+@pytest.mark.parametrize("hw, canvas", [((45, 60), (48, 64)), ((60, 45), (64, 48)),
+                                        ((96, 128), (48, 64)), ((30, 30), (48, 64))])
+def test_export_picks_the_smallest_canvas_and_equals_predict(tiny_run, two_canvas_file, hw,
+                                                             canvas):
+  loaded = export.loader.load(two_canvas_file)
+  assert loaded.canvases == list(TWO_CANVASES)
+  image = np.random.default_rng(1).integers(0, 255, (*hw, 3), dtype=np.uint8)
+  batch = detect.prepare(image, tiny_run.config, TWO_CANVASES)
+  assert batch["image"].shape[1:3] == canvas
+  out = detector.predict(tiny_run.params, batch, model=tiny_run.model,
+                         settings=tiny_run.settings)
+  keep = np.asarray(out["valid"][0])
+  assert keep.any(), "the tiny model detects something at score >= 0"
+  got = loaded.detect(image)
+  np.testing.assert_allclose(got["scores"], np.asarray(out["scores"][0])[keep], atol=1e-5)
+  np.testing.assert_allclose(got["boxes"], eval_runner.clip_to_image(
+      np.asarray(out["boxes"][0])[keep], *hw), atol=1e-3)
+  with pytest.raises(ValueError, match="no exported program for canvas"):
+    loaded(np.zeros((1, 32, 32, 3), np.uint8), np.array([[32, 32]]), np.ones(1))
+
+
+def test_parse_canvases():
+  assert export.parse_canvases(["608x800", "800X608"]) == ((608, 800), (800, 608))
+  with pytest.raises(ValueError, match="HxW"):
+    export.parse_canvases(["608"])
