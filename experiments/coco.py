@@ -22,7 +22,7 @@ dropped at 350k (not reproduced here; `--config.train.*` overrides can).
 
 Data: COCO-format json folders (`data.name=coco_json`), the official distribution, which also
 serves the subsets other work uses (minival2014 / valminusminival2014 jsons from Detectron:
-set data.coco_eval_json); tfds `coco/2014` is not read (it must be downloaded and re-encoded
+set data.coco_json.eval_json); tfds `coco/2014` is not read (it must be downloaded and re-encoded
 through tfds and has no minival split).
 
 Scaling rule: `--config experiments/coco.py:N` or `:BxK` as for experiments/voc.py (learning
@@ -49,14 +49,14 @@ def get_config(batch: str | None = None) -> ml_collections.ConfigDict:
   """The COCO config; `batch` (the `:N` or `:BxK` after the file name) applies the scaling rule."""
   c = voc.get_config()
   c.data.name = "coco_json"
-  c.data.data_dir = "data/coco"
-  c.data.coco_train_json = "annotations/instances_train2014.json"
-  c.data.coco_train_images = "train2014"
-  c.data.coco_eval_json = "annotations/instances_val2014.json"
-  c.data.coco_eval_images = "val2014"
+  c.data.coco_json.data_dir = "data/coco"
+  c.data.coco_json.train_json = "annotations/instances_train2014.json"
+  c.data.coco_json.train_images = "train2014"
+  c.data.coco_json.eval_json = "annotations/instances_val2014.json"
+  c.data.coco_json.eval_images = "val2014"
   c.data.max_gt = 100               # COCO images hold more than 64 boxes (up to about 90)
-  c.model.anchor_sizes = (64, 128, 256, 512)
-  c.model.dropout = 0.0
+  c.anchors.sizes = (64, 128, 256, 512)
+  c.model.fc.dropout = 0.0
   c.roi.bg_iou_lo = 0.0
   c.eval.metric = "coco"
   b, k = voc.parse_batch(batch) if batch else (IMAGES_PER_UPDATE, 1)

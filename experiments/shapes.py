@@ -26,17 +26,13 @@ import ml_collections
 
 from frcnn_jax.config import defaults
 
-CLASSES = ("circle", "square", "triangle", "diamond", "star", "cross")
-
-
 def get_config() -> ml_collections.ConfigDict:
   """The shapes config (see the module docstring)."""
   c = defaults.get_config()
   c.data.name = "shapes"
-  c.data.classes = CLASSES
-  c.data.shapes_num_train = 1024
-  c.data.shapes_num_test = 128
-  c.data.shapes_image_size = 256
+  c.data.shapes.num_train = 1024
+  c.data.shapes.num_test = 128
+  c.data.shapes.image_size = 256
   c.data.min_size = 256
   c.data.max_size = 256
   c.data.pad_hw = (256, 256)
@@ -44,15 +40,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 1
   c.data.prefetch = 2
 
-  c.model.width = 0.125
-  c.model.convs_per_block = (1, 1, 1, 1, 1)
-  c.model.anchor_stride = 8         # trunk without pool4: 17-30 px shapes span 2-4 cells
-  c.model.frozen_blocks = 0
+  c.model.vgg16.width = 0.125
+  c.model.vgg16.convs_per_block = (1, 1, 1, 1, 1)
+  c.model.vgg16.stride = 8         # trunk without pool4: 17-30 px shapes span 2-4 cells
+  c.model.vgg16.frozen_blocks = 0
   c.model.input_norm = "torchvision"
-  c.model.anchor_sizes = (16, 32, 64, 128, 256)
+  c.anchors.sizes = (16, 32, 64, 128, 256)
   c.model.roi_op = "roi_align"
-  c.model.fc_dim = 256
-  c.model.dropout = 0.0
+  c.model.fc.dim = 256
+  c.model.fc.dropout = 0.0
 
   c.rpn.pre_nms_top_n_train = 2000
   c.rpn.post_nms_top_n_train = 128

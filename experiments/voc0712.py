@@ -28,7 +28,7 @@ DECAY_AT_UPDATE = 80000
 def get_config(batch: str | None = None) -> ml_collections.ConfigDict:
   """The 07+12 config; `batch` (the `:N` or `:BxK` after the file name) applies the scaling rule."""
   c = voc.get_config()
-  c.data.years = ("2007", "2012")
+  c.data.voc_tfds.years = ("2007", "2012")
   voc.scale_to_batch(c, *voc.parse_batch(batch), updates=UPDATES,
                      decay_at_update=DECAY_AT_UPDATE)
   return c

@@ -1,10 +1,11 @@
 r"""The paper's 4-step alternating training (Section 3.2; py-faster-rcnn's `alt_opt`).
 
 Usage (one command runs every stage; run it again to resume: finished stages are skipped,
-the unfinished one resumes from its newest checkpoint):
+the unfinished one resumes from its newest checkpoint; --evaluate_again evaluates the finished
+stages again):
 
   python -m frcnn_jax.alt_opt --config experiments/voc_alt_opt.py --workdir runs/voc_alt_opt \
-      [--config.key=value ...]
+      [--evaluate_again] [--config.key=value ...]
 
 Stages (`STAGES`), each an ordinary training run (`train.train_and_evaluate`) in its own
 folder WORKDIR/<stage> with its own checkpoints, metrics and final evaluation:
@@ -14,7 +15,7 @@ folder WORKDIR/<stage> with its own checkpoints, metrics and final evaluation:
   2. stage2_fast_rcnn: Fast R-CNN (trunk and head) from ImageNet weights on stage 1's
      proposals for the training set (loss_mode "head", `data.proposals`).
   3. stage3_rpn: the RPN alone, initialised from stage 2, the shared convs frozen
-     (`model.frozen_blocks` = every block).
+     (`model.vgg16.frozen_blocks` = every block).
   4. stage4_fast_rcnn: the head alone on stage 3's proposals, initialised from stage 3, shared
      convs frozen. Its checkpoint is the final detector (trunk of stage 2, RPN of stage 3, head
      of stage 4); evaluate / detect / export it with --workdir WORKDIR/stage4_fast_rcnn.
@@ -114,7 +115,7 @@ def stage_config(config: ml_collections.ConfigDict, workdir: str,
     c.train.init_from = os.path.join(workdir, stage.init_from)
     c.model.pretrained = ""
   if stage.freeze_trunk:
-    c.model.frozen_blocks = len(c.model.convs_per_block)
+    c.model.vgg16.frozen_blocks = len(c.model.vgg16.convs_per_block)
   if stage.proposals_from:
     c.data.proposals = proposals_path(workdir, stage.proposals_from, "train")
     c.data.num_proposals = int(a.num_proposals)
@@ -160,18 +161,23 @@ def _recall(config: ml_collections.ConfigDict, proposals: proposal_store.Proposa
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        stop: train._Preemption | None = None) -> dict[str, Any]:
+        stop: train._Preemption | None = None, *,
+        evaluate_again: bool = False) -> dict[str, Any]:
   """Runs (or resumes) the four stages in `workdir`.
 
   Args:
     config: the experiment config (with its `alt_opt` section).
     workdir: the alternating-training run directory.
     stop: the SIGTERM / SIGINT handler shared by the stages (None: one per stage).
+    evaluate_again: evaluate stages that had finished before again (`train_and_evaluate`'s
+      `evaluate_again`); their proposals are kept.
 
   Returns:
-    {"stages": {name: {"map", "step", "complete" (was already finished), "preempted"}},
-     "recall": {rpn stage: eval-split recall table}, "preempted": bool, "final": folder of the
-     final detector}; also written to WORKDIR/alt_opt.json when every stage finished.
+    {"stages": {name: {"map", "step", "complete" (the stage is finished: trained to its last
+     step and evaluated), "already_complete" (it was finished before this call, which left it
+     as it was), "preempted"}}, "recall": {rpn stage: eval-split recall table},
+     "preempted": bool, "final": folder of the final detector}; also written to
+     WORKDIR/alt_opt.json when every stage finished.
 
   Raises:
     ValueError / FileNotFoundError: bad config values, missing data or weights; a stage's
@@ -191,10 +197,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
             int(config.alt_opt.num_steps[source_index]), mesh)
     absl_logging.info("alternating training: %s (%d of %d) in %s", stage.name, index + 1,
                       len(STAGES), stage_dir)
-    result = train.train_and_evaluate(c, stage_dir, stop=stop)
+    result = train.train_and_evaluate(c, stage_dir, stop=stop, evaluate_again=evaluate_again)
+    finished = not result["preempted"] and result["step"] == c.train.num_steps
     summary["stages"][stage.name] = {
-        "map": result["eval"].get("map"), "step": result["step"],
-        "complete": result["complete"], "preempted": result["preempted"]}
+        "map": result["eval"].get("map"), "step": result["step"], "complete": finished,
+        "already_complete": result["complete"], "preempted": result["preempted"]}
     if result["preempted"]:
       summary["preempted"] = True
       return summary
@@ -212,6 +219,8 @@ def define_flags() -> None:
   config_flags.define_config_flag()
   flags.DEFINE_string("workdir", None, "Run directory: one folder per stage, proposals, "
                       "alt_opt.json.")
+  flags.DEFINE_bool("evaluate_again", False, "Evaluate the finished stages again (otherwise "
+                    "they are reported complete and left as they are).")
   config_flags.define_distributed_flags()
 
 
@@ -227,7 +236,7 @@ def main(argv: Sequence[str]) -> None:
   parallel.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
   builders.compilation_cache_from_config(f.config)
   try:
-    summary = run(f.config, f.workdir, stop=stop)
+    summary = run(f.config, f.workdir, stop=stop, evaluate_again=f.evaluate_again)
   except (train_step.NonFiniteLossError, ValueError, FileNotFoundError,
           workdir_lock.WorkdirLockedError) as e:
     sys.exit(f"error: {e}")

@@ -8,11 +8,17 @@ Usage:
 The run's config (WORKDIR/config.json) is used; test-time keys may be overridden (see
 frcnn_jax/config/run.py). The output folder must lie outside the input folders; files left
 there by an earlier run are kept unless --overwrite. An unreadable image is skipped with a
-message, the others are processed, and the exit code is 1 at the end.
+message, the others are processed, and the exit code is 1 at the end. A folder is searched for
+image files (by suffix) without its subfolders; what it skips is listed on stderr.
 
 For each image `<name>.<ext>`: `OUT/<name>.json` with every detection (score above the
 config's `test.score_threshold`; boxes xyxy in original-image pixels, continuous coordinates)
-and `OUT/<name>.png` with the detections scoring at least `--threshold` drawn and labelled.
+and `OUT/<name>.png` with the detections scoring at least `--threshold` drawn and labelled
+(an image whose shorter side is under 256 px enlarged by an integer factor, so that the labels
+are readable). When two inputs share a file stem (`a/x.jpg`, `b/x.png`), OUT mirrors the inputs'
+paths below their common folder instead (`OUT/a/x.json`, `OUT/b/x.json`; the suffix is kept,
+`OUT/a/x.jpg.json`, when the stems collide within one folder). Each image's line on stdout
+names its input and its outputs.
 Images of any size and mode (grayscale, palette, RGBA: alpha dropped) are resized and padded
 exactly as in evaluation, each onto the smallest canvas that holds it: the config's
 `data.pad_hw` / `data.canvases`, else `data.num_canvases` canvases chosen for the sizes of the
@@ -38,10 +44,10 @@ from frcnn_jax.config import flags as config_flags
 from frcnn_jax.config import run as run_config
 from frcnn_jax.data import canvases as canvas_lib
 from frcnn_jax.data import images as image_io
-from frcnn_jax.data import shapes
 from frcnn_jax.data import transforms
 from frcnn_jax.detection import detector
 from frcnn_jax.evaluation import runner as eval_runner
+from frcnn_jax.runtime import console
 from frcnn_jax.runtime import parallel
 from frcnn_jax.training import restore
 from frcnn_jax.visualization import drawing
@@ -52,6 +58,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 def list_images(inputs: Sequence[str]) -> list[pathlib.Path]:
   """Image files named in `inputs`: files as given, folders expanded (sorted, non-recursive).
 
+  What a folder holds besides image files (subfolders, files without an image suffix) is
+  skipped, and said on stderr, one line per folder and kind.
+
   Raises:
     FileNotFoundError: an input does not exist, or no image was found.
   """
@@ -59,7 +68,18 @@ def list_images(inputs: Sequence[str]) -> list[pathlib.Path]:
   for item in inputs:
     path = pathlib.Path(item)
     if path.is_dir():
-      paths.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+      entries = sorted(path.iterdir())
+      paths.extend(p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+      folders = [p.name for p in entries if p.is_dir()]
+      others = [p.name for p in entries
+                if not p.is_dir() and p.suffix.lower() not in IMAGE_SUFFIXES]
+      if folders:
+        print(f"{item}: skipped {console.count(len(folders), 'subfolder')} (folders are not "
+              f"searched; give them as inputs to include them): {_names(folders)}",
+              file=sys.stderr, flush=True)
+      if others:
+        print(f"{item}: skipped {console.count(len(others), 'file')} without an image suffix "
+              f"({', '.join(IMAGE_SUFFIXES)}): {_names(others)}", file=sys.stderr, flush=True)
     elif path.is_file():
       paths.append(path)
     else:
@@ -69,13 +89,9 @@ def list_images(inputs: Sequence[str]) -> list[pathlib.Path]:
   return paths
 
 
-def class_names_from_config(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The class names the run was trained with (without reading a dataset where possible)."""
-  if config.data.name == "shapes":
-    return tuple(shapes.ShapesSource.classes)
-  if config.data.name in ("voc_tfds", "voc_folder"):
-    return tuple(config.data.classes)
-  return tuple(builders.source_from_config(config, "eval").classes)
+def _names(names: Sequence[str], most: int = 5) -> str:
+  shown = ", ".join(names[:most])
+  return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def prepare(image: np.ndarray, config: ml_collections.ConfigDict,
@@ -131,15 +147,25 @@ def detections_record(path: pathlib.Path, image: np.ndarray, out: dict[str, np.n
 
 
 def output_names(paths: Sequence[pathlib.Path]) -> list[str]:
-  """The output stem of each input: its file stem, `_` appended until unique."""
-  names, used = [], set()
-  for path in paths:
-    name = path.stem
-    while name in used:
-      name += "_"
-    used.add(name)
-    names.append(name)
-  return names
+  """The output name of each input, relative to the output folder, without suffix.
+
+  The file stem ("x") when every input has its own stem; otherwise each input's path below
+  the inputs' common folder ("a/x"), keeping the suffix ("a/x.jpg") for the inputs whose stems
+  collide within one folder. The same file given twice gets the same name.
+  """
+  files = [os.path.abspath(p) for p in paths]
+  distinct = set(files)
+  stems = {os.path.splitext(os.path.basename(f))[0] for f in distinct}
+  if len(stems) == len(distinct):
+    return [pathlib.Path(f).stem for f in files]
+  root = os.path.commonpath([os.path.dirname(f) for f in distinct])
+  relative = {f: pathlib.Path(os.path.relpath(f, root)) for f in distinct}
+  taken: dict[pathlib.PurePath, int] = {}
+  for rel in relative.values():
+    taken[rel.with_suffix("")] = taken.get(rel.with_suffix(""), 0) + 1
+  names = {f: (rel.with_suffix("") if taken[rel.with_suffix("")] == 1 else rel).as_posix()
+           for f, rel in relative.items()}
+  return [names[f] for f in files]
 
 
 def check_output(output: str | os.PathLike, inputs: Sequence[str],
@@ -184,8 +210,11 @@ def run(config: ml_collections.ConfigDict, params: Any, paths: Sequence[pathlib.
         extra: dict[str, Any] | None = None) -> list[pathlib.Path]:
   """Detects objects in each image and writes `<name>.json` and `<name>.png` into `output`.
 
-  An image that cannot be read or decoded is skipped with a message on stderr (and appended
-  to `skipped`); the others are still processed.
+  `<name>` is the image's `output_names` entry (a path below `output` when file stems collide).
+  The PNG of an image whose shorter side is under 256 px is enlarged (`drawing.display_factor`)
+  so that its labels are readable. An image that cannot be read or decoded is skipped with a
+  message on stderr (and appended to `skipped`); the others are still processed. One line per
+  image on stdout names the input and its outputs.
 
   Args:
     config: the experiment config (model, test settings, resizing).
@@ -210,7 +239,7 @@ def run(config: ml_collections.ConfigDict, params: Any, paths: Sequence[pathlib.
     try:
       image = image_io.read_image(path)
     except image_io.ImageDecodeError as e:
-      print(f"skipped {path}: {e}", file=sys.stderr, flush=True)
+      print(f"skipped {e}", file=sys.stderr, flush=True)   # the message names the file
       if skipped is not None:
         skipped.append((path, str(e)))
       continue
@@ -221,11 +250,15 @@ def run(config: ml_collections.ConfigDict, params: Any, paths: Sequence[pathlib.
     record = detections_record(path, image, out, class_names)
     record.update(extra or {})
     json_path = out_dir / f"{name}.json"
+    png_path = out_dir / f"{name}.png"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(record, indent=1) + "\n")
     shown = out["valid"] & (out["scores"] >= threshold)
-    drawing.draw_boxes(image, out["boxes"][shown], out["labels"][shown], out["scores"][shown],
-                       class_names).save(out_dir / f"{name}.png")
-    print(f"{path}: {len(record['detections'])} detections, {int(shown.sum())} drawn",
+    factor = drawing.display_factor(image.shape[:2])
+    drawing.draw_boxes(drawing.enlarge(image, factor), out["boxes"][shown] * factor,
+                       out["labels"][shown], out["scores"][shown], class_names).save(png_path)
+    print(f"{path} -> {json_path}, {png_path.name}: "
+          f"{console.count(len(record['detections']), 'detection')}, {int(shown.sum())} drawn",
           flush=True)
     written.append(json_path)
   return written
@@ -259,17 +292,17 @@ def main(argv: Sequence[str]) -> None:
       logging.warning("%s", note)
     paths = list_images(argv[1:])
     check_output(f.output, argv[1:], paths, overwrite=f.overwrite)
-    class_names = class_names_from_config(resolved.config)
+    class_names = builders.class_names(resolved.config)
     mesh = parallel.make_mesh(jax.local_devices()[:1])
     params, step = restore.restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
-    print(f"checkpoint step {step}, {len(paths)} images", flush=True)
+    print(f"checkpoint step {step}, {console.count(len(paths), 'image')}", flush=True)
     run(resolved.config, params, paths, f.output, class_names=class_names,
         threshold=f.threshold, skipped=skipped,
         extra={"step": step, "overrides": resolved.overrides})
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   if skipped:
-    sys.exit(f"error: {len(skipped)} of {len(paths)} images could not be read: "
+    sys.exit(f"error: {len(skipped)} of {console.count(len(paths), 'image')} could not be read: "
              + ", ".join(str(p) for p, _ in skipped))
 
 

@@ -13,12 +13,14 @@ Usage:
   python -m frcnn_jax.sweep ... --gather_only    # only (re)build the table from finished runs
 
 Each point trains in its own workdir `WORKDIR/<point name>` (its overrides are recorded in
-`sweep_point.json` there) with `python -m frcnn_jax.train`, one after another; a point that was
-interrupted resumes from its checkpoints when the sweep is run again. Extra `--config.k=v`
-arguments apply to every point. The table `WORKDIR/results.{md,csv}` has one row per point: its
-overrides, the last step, the final training losses and the final evaluation's mAP.
+`sweep_point.json` there) with `python -m frcnn_jax.train`, one after another; its output goes
+to `train.log` there, and its progress and evaluation lines to the console too, after
+`[<point name>]`. A point that was interrupted resumes from its checkpoints when the sweep is
+run again. Extra `--config.k=v` arguments apply to every point. The table
+`WORKDIR/results.{md,csv}` has one row per point: its overrides, the last step, the final
+training losses and the final evaluation's mAP.
 
-A sweep whose points change only test-time keys (`run_config.TEST_TIME_KEYS`, e.g. the number
+A sweep whose points change only test-time keys (declared with role "test", e.g. the number
 of test proposals) trains one model in `WORKDIR/train` and evaluates it at each point
 (`eval/test-<step>-<overrides>.json` there): the points would train identical models.
 `--print_only` creates no folder; `--gather_only` says so when nothing has run yet.
@@ -30,12 +32,14 @@ import io
 import json
 import os
 import re
+import selectors
 import shlex
 import subprocess
 import sys
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import TextIO
 
 from absl import app
 from absl import flags
@@ -145,7 +149,7 @@ def _jsonable(overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def is_test_time(points: Sequence[Mapping[str, Any]]) -> bool:
-  """Whether every point changes only test-time keys (`run_config.TEST_TIME_KEYS`): then one
+  """Whether every point changes only test-time keys (declared with role "test"): then one
   trained model is evaluated at each point instead of training one model per point."""
   return all(run_config.kind_of(key) == "test" for point in points for key in point)
 
@@ -156,9 +160,66 @@ def evaluate_command(run_dir: str, point: Mapping[str, Any]) -> list[str]:
           *[f"--config.{key}={_flag_value(value)}" for key, value in point.items()]]
 
 
-def _run_logged(command: Sequence[str], log_path: str, what: str) -> None:
-  with open(log_path, "a") as log:
-    code = subprocess.call(list(command), stdout=log, stderr=subprocess.STDOUT)
+# Child output lines shown on the sweep's console (all of it goes to the log): training
+# progress, evaluation progress and results, the run's completion or preemption, errors.
+FORWARDED = re.compile(r"^(step \d+/\d+ |eval |mAP\s|error: |the run in .* is complete|"
+                       r".*: preempted at step )")
+
+
+def run_child(command: Sequence[str], log: TextIO, prefix: str,
+              stream: TextIO | None = None) -> int:
+  """Runs `command` to its end; returns its exit code.
+
+  Every line of its stdout and stderr is appended to `log` as it arrives; the lines matching
+  `FORWARDED` are also printed to `stream` (stdout by default) after `prefix`, so the sweep's
+  console shows which point runs and how far it got.
+  """
+  stream = stream or sys.stdout
+  proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  pending = {proc.stdout: b"", proc.stderr: b""}
+
+  def emit(raw: bytes) -> None:
+    line = raw.decode("utf-8", errors="replace").rstrip("\r")
+    line = line.rsplit("\r", 1)[-1]   # a terminal-style rewritten line: its last state
+    log.write(line + "\n")
+    log.flush()
+    if FORWARDED.match(line):
+      print(prefix + line, file=stream, flush=True)
+
+  try:
+    with selectors.DefaultSelector() as selector:
+      for pipe in pending:
+        selector.register(pipe, selectors.EVENT_READ)
+      while selector.get_map():
+        for key, _ in selector.select():
+          pipe = key.fileobj
+          chunk = os.read(pipe.fileno(), 1 << 16)
+          if not chunk:
+            selector.unregister(pipe)
+            if pending[pipe]:
+              emit(pending[pipe])
+            continue
+          *lines, pending[pipe] = (pending[pipe] + chunk).split(b"\n")
+          for raw in lines:
+            emit(raw)
+  except BaseException:   # e.g. Ctrl-C: as subprocess.call, the child does not outlive us
+    proc.kill()
+    proc.wait()
+    raise
+  finally:
+    proc.stdout.close()
+    proc.stderr.close()
+  return proc.wait()
+
+
+def _run_logged(command: Sequence[str], log_path: str, what: str, name: str) -> None:
+  """Runs `command` with `run_child` (console prefix "[name] "), appending to `log_path`.
+
+  Raises:
+    RuntimeError: the command failed (naming `what` and the log).
+  """
+  with open(log_path, "a", encoding="utf-8") as log:
+    code = run_child(command, log, f"[{name}] ")
   if code != 0:
     raise RuntimeError(f"{what} failed with exit code {code}; see {log_path}")
 
@@ -243,7 +304,8 @@ def run_sweep(config_path: str, workdir: str, *, extra_args: Sequence[str] = (),
       atomic_io.write_json(os.path.join(run_dir, "sweep_point.json"),
                            {"index": i, "overrides": point, "command": command})
       print(f"[sweep] point {i + 1}/{len(points)}: {shlex.join(command)}", flush=True)
-      _run_logged(command, os.path.join(run_dir, "train.log"), f"sweep point {i} ({point})")
+      _run_logged(command, os.path.join(run_dir, "train.log"), f"sweep point {i} ({point})",
+                  point_name(i, point))
   return _gather_and_print(workdir, points, test_time=False)
 
 
@@ -267,7 +329,7 @@ def _run_test_time_sweep(config_path: str, workdir: str, points: Sequence[Mappin
                          {"points": [dict(p) for p in points], "command": train})
     print(f"[sweep] train once: {shlex.join(train)}", flush=True)
     log_path = os.path.join(run_dir, "train.log")
-    _run_logged(train, log_path, "the sweep's training run")
+    _run_logged(train, log_path, "the sweep's training run", TRAIN_DIR)
     for i, point in enumerate(points):
       overrides = _jsonable(_point_overrides(run_dir, point))
       if any(r["overrides"] == overrides for r in _evaluations(run_dir)):
@@ -275,7 +337,8 @@ def _run_test_time_sweep(config_path: str, workdir: str, points: Sequence[Mappin
         continue
       command = evaluate_command(run_dir, point)
       print(f"[sweep] point {i + 1}/{len(points)}: {shlex.join(command)}", flush=True)
-      _run_logged(command, log_path, f"the evaluation of sweep point {i} ({point})")
+      _run_logged(command, log_path, f"the evaluation of sweep point {i} ({point})",
+                  point_name(i, point))
   return _gather_and_print(workdir, points, test_time=True)
 
 

@@ -48,6 +48,7 @@ from frcnn_jax.detection import detector
 from frcnn_jax.evaluation import runner as eval_runner
 from frcnn_jax.ops import images as image_ops
 from frcnn_jax.runtime import atomic_io
+from frcnn_jax.runtime import console as console_lines
 from frcnn_jax.runtime import host_memory
 from frcnn_jax.runtime import parallel
 from frcnn_jax.runtime import workdir_lock
@@ -235,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       ValueError; nothing was moved).
     workdir_lock.WorkdirLockedError: another run holds the workdir.
   """
-  config_flags.validate_config(config)
+  builders.check(config, workdir)
   own_stop = stop is None
   stop = stop or _Preemption()
   stop.multi = jax.process_count() > 1
@@ -319,7 +320,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
     metrics_writer.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start,
                                   drop_eval=evaluate_again)
   writer = opened.writer = metrics_writer.MetricsWriter(workdir, enabled=primary)
-  progress = metrics_writer.ProgressLine(t.num_steps, start, enabled=primary, stream=console)
+  progress = console_lines.ProgressLine(t.num_steps, start, enabled=primary, stream=console)
   train_step = train_step.jit_train_step(model, settings, tx, lr_fn, mesh,
                               grad_accum_steps=t.grad_accum_steps)
   evaluate_now = lambda step: _evaluate(config, model, settings, mesh, state.params, workdir,
@@ -402,7 +403,8 @@ def _evaluate(config: ml_collections.ConfigDict, model: Any,
   writer.write(step, {"map": result["map"], "seconds": seconds}, "eval")
   if jax.process_index() == 0:
     print(f"eval step {step}: {result['metric']} mAP {result['map']:.4f} "
-          f"({result['num_images']} images, {seconds:.0f}s)", file=console, flush=True)
+          f"({console_lines.count(result['num_images'], 'image')}, {seconds:.0f}s)", file=console,
+          flush=True)
   return {"map": result["map"], "ap": result["ap"], "step": step, "path": result["path"]}
 
 

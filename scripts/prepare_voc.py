@@ -12,7 +12,7 @@ Usage:
   #   (VOC2012test.tar is optional: VOC2012 test has no public annotations)
   python scripts/prepare_voc.py --data_dir ~/tensorflow_datasets --tar_dir ~/Downloads
 
-Then train with `--config.data.name=voc_tfds --config.data.data_dir=<data_dir>`.
+Then train with `--config.data.name=voc_tfds --config.data.voc_tfds.data_dir=<data_dir>`.
 """
 
 import argparse

@@ -31,21 +31,18 @@ import jax
 import numpy as np
 from absl import app
 from absl import flags
-from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from frcnn_jax import detect  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax.config import flags as config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax.config import run as run_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax.detection import detector  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax.evaluation import runner as eval_runner  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax.models import faster_rcnn  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax.ops import anchors as anchor_ops  # pylint: disable=g-import-not-at-top,wrong-import-position
-from frcnn_jax.runtime import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax import detect
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import flags as config_flags
+from frcnn_jax.config import run as run_config
+from frcnn_jax.detection import detector
+from frcnn_jax.evaluation import runner as eval_runner
+from frcnn_jax.models import faster_rcnn
+from frcnn_jax.ops import anchors as anchor_ops
+from frcnn_jax.runtime import parallel
 from frcnn_jax.training import restore
-from frcnn_jax.visualization import drawing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from frcnn_jax.visualization import drawing
 
 
 def anchors_at(config, model, batch: dict, x: float, y: float
@@ -73,18 +70,6 @@ def anchors_at(config, model, batch: dict, x: float, y: float
   start = (i * feat_w + j) * per_cell
   cell = np.array([j * stride, i * stride, (j + 1) * stride, (i + 1) * stride], np.float64)
   return grid[start:start + per_cell] / scale, cell / scale
-
-
-def display_factor(hw: Sequence[int], min_side: int = 256) -> int:
-  """Integer upscaling that makes small images readable: shorter side >= `min_side`."""
-  return max(1, -(-min_side // max(1, min(int(v) for v in hw))))
-
-
-def _enlarge(image: np.ndarray, factor: int) -> Image.Image:
-  picture = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
-  if factor == 1:
-    return picture
-  return picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
 
 
 def size_colours(sizes: Sequence[float]) -> list[tuple[tuple[int, int, int], str]]:
@@ -131,8 +116,8 @@ def draw_examples(config, output: str | os.PathLike, *, params=None, split: str 
     if example is None:
       continue
     image = example["image"]
-    f = display_factor(image.shape[:2])
-    shown = _enlarge(image, f)
+    f = drawing.display_factor(image.shape[:2])
+    shown = drawing.enlarge(image, f)
     stem = f"{k:03d}_{example['name']}"
     pictures = {}
     batch = detect.prepare(image, config)

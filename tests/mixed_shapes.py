@@ -6,7 +6,7 @@ eval split of `data.name=shapes` (sizes `LANDSCAPE` and `PORTRAIT`, alternating)
 
 import numpy as np
 
-from frcnn_jax.data import shapes
+from frcnn_jax.data.sources import shapes
 
 LANDSCAPE = (48, 64)   # (height, width)
 PORTRAIT = (64, 48)

@@ -1,6 +1,9 @@
 """Tests of the 4-step alternating training driver (frcnn_jax/alt_opt.py)."""
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -17,7 +20,7 @@ from tests import test_train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
     **test_train.TINY,
-    "data.shapes_num_train": 8, "data.shapes_num_test": 2, "eval.batch_size": 2,
+    "data.shapes.num_train": 8, "data.shapes.num_test": 2, "eval.batch_size": 2,
     "train.compilation_cache_dir": "",
     "alt_opt.num_steps": (2, 2, 2, 2), "alt_opt.lr_boundaries": ((), (), (), ()),
     "alt_opt.batch_size": (2, 2, 2, 2), "alt_opt.num_proposals": 16,
@@ -38,7 +41,7 @@ def test_stage_configs_follow_the_paper():
   assert [s.train.num_steps for s in stages] == [80000, 40000, 80000, 40000]
   assert [s.train.lr_boundaries for s in stages] == [(60000,), (30000,), (60000,), (30000,)]
   assert [s.train.batch_size for s in stages] == [1, 2, 1, 2]
-  assert [s.model.frozen_blocks for s in stages] == [2, 2, 5, 5]
+  assert [s.model.vgg16.frozen_blocks for s in stages] == [2, 2, 5, 5]
   assert [s.train.init_from for s in stages] == ["", "", "/run/stage2_fast_rcnn",
                                                  "/run/stage3_rpn"]
   assert stages[0].model.pretrained and stages[1].model.pretrained
@@ -66,9 +69,12 @@ def test_four_stages_freeze_what_they_must_and_resume_by_skipping(tmp_path):
   summary = alt_opt.run(config, workdir)
   names = [s.name for s in alt_opt.STAGES]
   assert list(summary["stages"]) == names and not summary["preempted"]
-  assert all(s["step"] == 2 and not s["complete"] for s in summary["stages"].values())
+  assert all(s["step"] == 2 and s["complete"] and not s["already_complete"]
+             for s in summary["stages"].values())
   assert set(summary["recall"]) == {"stage1_rpn", "stage3_rpn"}
-  assert os.path.exists(os.path.join(workdir, "alt_opt.json"))
+  with open(os.path.join(workdir, "alt_opt.json")) as f:
+    written = json.load(f)
+  assert all(s["complete"] for s in written["stages"].values())
   for stage in ("stage1_rpn", "stage3_rpn"):
     for split in ("train", "eval"):
       store = proposal_store.load(alt_opt.proposals_path(workdir, stage, split))
@@ -99,10 +105,22 @@ def test_four_stages_freeze_what_they_must_and_resume_by_skipping(tmp_path):
   files = {p: os.stat(os.path.join(workdir, "proposals", p)).st_mtime_ns
            for p in os.listdir(os.path.join(workdir, "proposals")) if p.endswith(".npz")}
   again = alt_opt.run(config, workdir)
-  assert all(s["complete"] for s in again["stages"].values())
+  assert all(s["complete"] and s["already_complete"] for s in again["stages"].values())
   assert again["recall"] == summary["recall"]
   assert files == {p: os.stat(os.path.join(workdir, "proposals", p)).st_mtime_ns
                    for p in files}
   for name in names:
     assert sorted(os.listdir(os.path.join(workdir, name, "checkpoints"))) == ["2"]
 
+  # --evaluate_again (which a finished stage's message suggests) evaluates each stage again.
+  evaluated = alt_opt.run(config, workdir, evaluate_again=True)
+  assert all(s["complete"] and not s["already_complete"] and s["step"] == 2
+             for s in evaluated["stages"].values())
+  assert files == {p: os.stat(os.path.join(workdir, "proposals", p)).st_mtime_ns
+                   for p in files}
+
+
+def test_the_command_takes_evaluate_again():
+  proc = subprocess.run([sys.executable, "-m", "frcnn_jax.alt_opt", "--help"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0 and "--evaluate_again" in proc.stdout, proc.stderr[-2000:]

@@ -30,8 +30,8 @@ def _config(dtype: str):
   spec.loader.exec_module(module)
   c = module.get_config()
   c.model.dtype = dtype
-  c.model.width = 0.125
-  c.model.fc_dim = 32
+  c.model.vgg16.width = 0.125
+  c.model.fc.dim = 32
   c.rpn.pre_nms_top_n_train = 128
   c.rpn.post_nms_top_n_train = 32
   c.rpn.pre_nms_top_n_test = 128

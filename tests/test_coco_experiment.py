@@ -16,8 +16,8 @@ COCO = os.path.join(ROOT, "experiments", "coco.py")
 TINY = {
     "data.min_size": 64, "data.max_size": 64, "data.pad_hw": (64, 64), "data.max_gt": 8,
     "data.num_workers": 0, "data.prefetch": 1,
-    "model.pretrained": "", "model.width": 0.125, "model.convs_per_block": (1, 1, 1, 1, 1),
-    "model.fc_dim": 32, "model.anchor_sizes": (8, 16, 32, 64),
+    "model.pretrained": "", "model.vgg16.width": 0.125, "model.vgg16.convs_per_block": (1, 1, 1, 1, 1),
+    "model.fc.dim": 32, "anchors.sizes": (8, 16, 32, 64),
     "rpn.pre_nms_top_n_train": 64, "rpn.post_nms_top_n_train": 16,
     "rpn.pre_nms_top_n_test": 64, "rpn.post_nms_top_n_test": 8, "rpn.batch_size_per_image": 32,
     "roi.batch_size_per_image": 16, "test.detections_per_image": 10,
@@ -48,13 +48,13 @@ def test_coco_config_trains_and_evaluates_with_coco_ap(tmp_path):
   root = tmp_path / "coco"
   trees.write_coco(root / "train", train_spec)
   trees.write_coco(root / "val", eval_spec)
-  overrides = {**TINY, "data.data_dir": str(root),
-               "data.coco_train_json": "train/annotations/instances_train.json",
-               "data.coco_train_images": "train/images",
-               "data.coco_eval_json": "val/annotations/instances_train.json",
-               "data.coco_eval_images": "val/images"}
+  overrides = {**TINY, "data.coco_json.data_dir": str(root),
+               "data.coco_json.train_json": "train/annotations/instances_train.json",
+               "data.coco_json.train_images": "train/images",
+               "data.coco_json.eval_json": "val/annotations/instances_train.json",
+               "data.coco_json.eval_images": "val/images"}
   config = config_flags.load_config(COCO, overrides)
-  assert config.eval.metric == "coco" and len(config.model.anchor_sizes) == 4
+  assert config.eval.metric == "coco" and len(config.anchors.sizes) == 4
   workdir = str(tmp_path / "run")
   result = train.train_and_evaluate(config, workdir)
   assert result["step"] == 3

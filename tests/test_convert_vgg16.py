@@ -98,14 +98,13 @@ def _np_trunk(x, layers):
 
 
 def _model(input_norm):
-  return faster_rcnn.FasterRCNN(num_classes=2, width=1 / 16, input_norm=input_norm,
-                                fc_dim=FC_DIM, frozen_blocks=0)
+  return tiny.model(num_classes=2, width=1 / 16, convs_per_block=(2, 2, 3, 3, 3),
+                    input_norm=input_norm, fc_dim=FC_DIM, frozen_blocks=0, num_anchors=9)
 
 
 def _check_model_matches(npz_path, input_norm, layers, fc, reference_input):
   model = _model(input_norm)
-  params = faster_rcnn.load_pretrained(tiny.numpy_params(model), npz_path,
-                                       input_norm=input_norm)
+  params = model.trunk.load_pretrained(tiny.numpy_params(model), npz_path, input_norm)
   image = np.random.default_rng(1).integers(0, 256, (1, 48, 40, 3), dtype=np.uint8)
   features, _, _ = jax.jit(lambda p, x, hw: model.apply(
       {"params": p}, x, hw, method=faster_rcnn.FasterRCNN.features_and_rpn))(
@@ -174,7 +173,8 @@ def test_keras_h5_converts_and_matches_reference(tmp_path):
     np.testing.assert_array_equal(data["pixel_mean"], [103.939, 116.779, 123.68])
   _check_model_matches(path, "keras", layers, fc, _keras_reference_input)
   with pytest.raises(ValueError, match="input_norm='keras'"):
-    faster_rcnn.load_pretrained(tiny.numpy_params(_model("caffe")), path, input_norm="caffe")
+    caffe = _model("caffe")
+    caffe.trunk.load_pretrained(tiny.numpy_params(caffe), path, "caffe")
 
 
 def test_load_pretrained_rejects_mismatches(tmp_path):
@@ -182,12 +182,12 @@ def test_load_pretrained_rejects_mismatches(tmp_path):
   arrays = convert_vgg16.convert_torchvision(_torch_state_dict(_layers(rng), _fc(rng)))
   path = str(tmp_path / "tv.npz")
   convert_vgg16.save(arrays, "torchvision", "torchvision", path)
-  params = tiny.numpy_params(_model("caffe"))
+  caffe = _model("caffe")
   with pytest.raises(ValueError, match="input_norm"):
-    faster_rcnn.load_pretrained(params, path, input_norm="caffe")
-  wide = tiny.numpy_params(faster_rcnn.FasterRCNN(num_classes=2, width=1 / 8, fc_dim=FC_DIM))
+    caffe.trunk.load_pretrained(tiny.numpy_params(caffe), path, "caffe")
+  wide = tiny.model(num_classes=2, width=1 / 8, convs_per_block=(2, 2, 3, 3, 3), fc_dim=FC_DIM)
   with pytest.raises(ValueError, match="conv1_1/kernel has shape"):
-    faster_rcnn.load_pretrained(wide, path)
+    wide.trunk.load_pretrained(tiny.numpy_params(wide), path, "torchvision")
 
 
 def test_unknown_file_type_is_rejected(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from frcnn_jax import detect
+from frcnn_jax.config import build as builders
 from frcnn_jax.detection import detector
 from frcnn_jax.visualization import drawing
 from tests.evaluation.tiny_run import STEP
@@ -43,13 +44,42 @@ def test_list_images(tmp_path):
     detect.list_images([str(tmp_path / "missing.png")])
 
 
+def test_list_images_says_what_it_skips(tmp_path, capsys):
+  (tmp_path / "a.png").write_bytes(b"x")
+  (tmp_path / "notes.txt").write_bytes(b"x")
+  for name in ("day1", "day2", "looks_like.png"):
+    (tmp_path / name).mkdir()
+  paths = detect.list_images([str(tmp_path)])
+  assert [p.name for p in paths] == ["a.png"]
+  err = capsys.readouterr().err.splitlines()
+  assert err == [f"{tmp_path}: skipped 3 subfolders (folders are not searched; give them as "
+                 "inputs to include them): day1, day2, looks_like.png",
+                 f"{tmp_path}: skipped 1 file without an image suffix "
+                 f"({', '.join(detect.IMAGE_SUFFIXES)}): notes.txt"]
+  detect.list_images([str(tmp_path / "a.png")])
+  assert not capsys.readouterr().err
+
+
+def test_output_names_tell_the_inputs_apart(tmp_path):
+  flat = [tmp_path / "a" / "x.jpg", tmp_path / "a" / "y.png", tmp_path / "b" / "z.png"]
+  assert detect.output_names(flat) == ["x", "y", "z"]             # unique stems: as before
+  same_stem = [tmp_path / "a" / "x.jpg", tmp_path / "b" / "c" / "x.jpg", tmp_path / "a" / "y.png"]
+  assert detect.output_names(same_stem) == ["a/x", "b/c/x", "a/y"]
+  one_folder = [tmp_path / "a" / "x.jpg", tmp_path / "a" / "x.png", tmp_path / "b" / "x.jpg"]
+  assert detect.output_names(one_folder) == ["a/x.jpg", "a/x.png", "b/x"]
+  twice = [tmp_path / "a" / "x.jpg", tmp_path / "a" / "x.jpg"]
+  assert detect.output_names(twice) == ["x", "x"]
+  names = detect.output_names(same_stem + one_folder)
+  assert len(set(names)) == len({str(p) for p in same_stem + one_folder})
+
+
 def test_detect_any_size_and_mode(tiny_run, tmp_path):
   rng = np.random.default_rng(0)
   gray = tmp_path / "gray.png"
   Image.fromarray(rng.integers(0, 255, (50, 70), dtype=np.uint8), "L").save(gray)
   rgba = tmp_path / "rgba.png"
   Image.fromarray(rng.integers(0, 255, (90, 40, 4), dtype=np.uint8), "RGBA").save(rgba)
-  names = detect.class_names_from_config(tiny_run.config)
+  names = builders.class_names(tiny_run.config)
   assert names == tuple(tiny_run.source.classes)
   written = detect.run(tiny_run.config, tiny_run.params, [gray, rgba], tmp_path / "out",
                        class_names=names, threshold=0.0)
@@ -63,7 +93,8 @@ def test_detect_any_size_and_mode(tiny_run, tmp_path):
     assert (boxes[:, 3] <= h + 1e-2).all()
     assert all(d["class"] == names[d["label"] - 1] for d in record["detections"])
     with Image.open(path.with_suffix(".png")) as im:
-      assert im.size == (w, h) and im.mode == "RGB"
+      factor = drawing.display_factor((h, w))     # small images: enlarged for the labels
+      assert factor > 1 and im.size == (w * factor, h * factor) and im.mode == "RGB"
 
 
 def test_detect_json_matches_predict(tiny_run, tmp_path):

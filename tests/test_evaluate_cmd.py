@@ -15,7 +15,7 @@ import pytest
 from frcnn_jax import evaluate
 from frcnn_jax.config import build as builders
 from frcnn_jax.data import pipeline
-from frcnn_jax.data import sources
+from frcnn_jax.data.sources import base
 from frcnn_jax.detection import detector
 from frcnn_jax.evaluation import runner as eval_runner
 from frcnn_jax.runtime import parallel
@@ -126,7 +126,7 @@ class _One:
     return {**self.example, "image_id": np.int64(0)}
 
   def annotation(self, i):
-    return {k: self.example[k] for k in sources.ANNOTATION_KEYS}
+    return {k: self.example[k] for k in base.ANNOTATION_KEYS}
 
 
 def test_format_table_marks_classes_without_gt():
@@ -242,14 +242,14 @@ class _Annotated:
     return len(_ORACLE_SIZES)
 
   def annotation(self, i):
-    return sources.annotation(_ORACLE_BOXES[i], _ORACLE_LABELS[i],
+    return base.annotation(_ORACLE_BOXES[i], _ORACLE_LABELS[i],
                               np.zeros(len(_ORACLE_LABELS[i]), bool), f"img{i}",
                               _ORACLE_SIZES[i])
 
   def __getitem__(self, i):
     if i == 2:
       return None
-    return sources.example(np.zeros(_ORACLE_SIZES[i] + (3,), np.uint8), self.annotation(i), i)
+    return base.example(np.zeros(_ORACLE_SIZES[i] + (3,), np.uint8), self.annotation(i), i)
 
 
 def _oracle_predict(params, batch, *, model, settings):

@@ -30,7 +30,7 @@ from frcnn_jax.training import step as train_step
 from tests.models import tiny
 
 SIZE = 64
-SETTINGS = detector.DetectorSettings(
+SETTINGS = tiny.settings(
     anchor_sizes=(16.0, 32.0), rpn_pre_nms_top_n_train=120, rpn_post_nms_top_n_train=40,
     rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=20, rpn_min_size=0.0,
     rpn_batch_size_per_image=32, roi_batch_size_per_image=16, test_detections_per_image=10)

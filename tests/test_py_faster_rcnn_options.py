@@ -16,8 +16,8 @@ from tests.models import tiny
 
 def _py_faster_rcnn_config():
   config = defaults.get_config()
-  config.model.anchor_style = "py-faster-rcnn"
-  config.model.pool_ceil_mode = True
+  config.anchors.style = "py-faster-rcnn"
+  config.model.vgg16.pool_ceil_mode = True
   config.model.roi_pool_coordinates = "caffe"
   config.model.legacy_plus_one = True
   config.test.min_size = 0.0
@@ -26,11 +26,11 @@ def _py_faster_rcnn_config():
 
 def test_builders_map_the_options():
   config = _py_faster_rcnn_config()
-  config_flags.validate_config(config)
+  defaults.validate(config)
   model = builders.model_from_config(config, num_classes=20)
-  assert model.pool_ceil_mode and model.roi_pool_coordinates == "caffe"
+  assert model.vgg16.pool_ceil_mode and model.roi_pool_coordinates == "caffe"
   settings = builders.detector_settings_from_config(config)
-  assert settings.anchor_style == "py-faster-rcnn" and settings.test_min_size == 0.0
+  assert settings.anchors.style == "py-faster-rcnn" and settings.test.min_size == 0.0
   assert settings.legacy_plus_one
   default = defaults.get_config()
   assert not builders.model_from_config(default, 20).pool_ceil_mode
@@ -41,7 +41,7 @@ def test_builders_map_the_options():
 
 
 @pytest.mark.parametrize("key,value,build", [
-    ("model.anchor_style", "torchvision", builders.detector_settings_from_config),
+    ("anchors.style", "torchvision", builders.detector_settings_from_config),
     ("model.roi_pool_coordinates", "inclusive",
      lambda c: builders.model_from_config(c, num_classes=20))])
 def test_bad_choices_are_errors_naming_the_key(key, value, build):
@@ -49,7 +49,7 @@ def test_bad_choices_are_errors_naming_the_key(key, value, build):
   section, name = key.split(".")
   config[section][name] = value
   with pytest.raises(config_flags.ConfigError, match=key.replace(".", r"\.")):
-    config_flags.validate_config(config)
+    defaults.validate(config)
   with pytest.raises(ValueError, match=key.replace(".", r"\.")):
     build(config)
 
@@ -65,7 +65,7 @@ def test_detector_runs_on_the_ceil_mode_grid():
   # A 72 x 88 canvas: conv5 is 4 x 5 cells in floor mode, 5 x 6 in ceil mode; the anchors,
   # RPN outputs and proposals all use the real feature size.
   model = tiny.model(pool_ceil_mode=True, roi_pool_coordinates="caffe")
-  settings = detector.DetectorSettings(
+  settings = tiny.settings(
       anchor_sizes=(16.0, 32.0), anchor_style="py-faster-rcnn", rpn_pre_nms_top_n_train=60,
       rpn_post_nms_top_n_train=20, rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=20,
       rpn_min_size=0.0, rpn_batch_size_per_image=16, roi_batch_size_per_image=8,

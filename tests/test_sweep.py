@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shlex
+import sys
 
 import pytest
 
@@ -40,11 +41,11 @@ def test_bad_points_are_rejected(tmp_path):
 
 
 def test_point_command_round_trips_tuples():
-  command = sweep.point_command("cfg.py", "runs/x", {"model.anchor_sizes": (16, 32),
-                                                     "model.fc_dim": 64}, ["--config.seed=3"])
+  command = sweep.point_command("cfg.py", "runs/x", {"anchors.sizes": (16, 32),
+                                                     "model.fc.dim": 64}, ["--config.seed=3"])
   assert command[1:] == ["-m", "frcnn_jax.train", "--config", "cfg.py", "--workdir", "runs/x",
-                         "--config.seed=3", "--config.model.anchor_sizes=(16,32)",
-                         "--config.model.fc_dim=64"]
+                         "--config.seed=3", "--config.anchors.sizes=(16,32)",
+                         "--config.model.fc.dim=64"]
 
 
 def test_print_only_prints_one_command_per_point(tmp_path, capsys):
@@ -101,9 +102,9 @@ def test_test_time_sweep_trains_once_and_evaluates_each_point(tmp_path, monkeypa
   workdir = tmp_path / "sw"
   calls = []
 
-  def fake_call(command, stdout=None, stderr=None):
+  def fake_call(command, log, prefix):
     """Stands in for the subprocesses: what train and evaluate would write."""
-    del stdout, stderr
+    del log, prefix
     calls.append(command)
     run = pathlib.Path(command[command.index("--workdir") + 1])
     if command[2] == "frcnn_jax.train":
@@ -118,7 +119,7 @@ def test_test_time_sweep_trains_once_and_evaluates_each_point(tmp_path, monkeypa
       (run / "eval" / f"test-20-{key}={value}.json").write_text(json.dumps(report))
     return 0
 
-  monkeypatch.setattr(sweep.subprocess, "call", fake_call)
+  monkeypatch.setattr(sweep, "run_child", fake_call)
   rows = sweep.run_sweep(PROPOSALS, str(workdir))
   kinds = [c[2] for c in calls]
   # shapes trains with 64 test proposals: that point is the training run's own evaluation.
@@ -129,8 +130,54 @@ def test_test_time_sweep_trains_once_and_evaluates_each_point(tmp_path, monkeypa
   assert all(r["step"] == 20 and r["total"] == 0.5 for r in rows)
   # Run again: nothing is trained or evaluated twice (train resumes by itself: one call).
   calls.clear()
-  monkeypatch.setattr(sweep.subprocess, "call", lambda c, **_: calls.append(c) or 0)
+  monkeypatch.setattr(sweep, "run_child", lambda c, *_: calls.append(c) or 0)
   assert [r["map"] for r in sweep.run_sweep(PROPOSALS, str(workdir))] == [0.08, 0.16, 0.32,
                                                                           0.64]
   assert [c[2] for c in calls] == ["frcnn_jax.train"]
   capsys.readouterr()
+
+
+_CHILD = """
+import sys
+print("W1207 12:00:00.000 1 pipeline.py:1] noise", file=sys.stderr, flush=True)
+print("step 1/2 (50%) | total 1.5 | ETA ?", flush=True)
+print("eval 1/2 images (50%) | img/s 3", file=sys.stderr, flush=True)
+print("eval step 2: voc07 mAP 0.5000 (2 images, 0s)", flush=True)
+print("error: something broke", file=sys.stderr, end="", flush=True)
+sys.exit(3)
+"""
+
+
+def test_child_progress_lines_reach_the_console_with_the_point_name(tmp_path, capsys):
+  log_path = tmp_path / "train.log"
+  with open(log_path, "w") as log:
+    code = sweep.run_child([sys.executable, "-c", _CHILD], log, "[00-roi_op=roi_pool] ")
+  assert code == 3
+  shown = capsys.readouterr().out.splitlines()   # stdout and stderr: either may come first
+  assert sorted(shown) == sorted(["[00-roi_op=roi_pool] step 1/2 (50%) | total 1.5 | ETA ?",
+                   "[00-roi_op=roi_pool] eval 1/2 images (50%) | img/s 3",
+                   "[00-roi_op=roi_pool] eval step 2: voc07 mAP 0.5000 (2 images, 0s)",
+                   "[00-roi_op=roi_pool] error: something broke"])
+  logged = log_path.read_text().splitlines()
+  assert len(logged) == 5 and any("noise" in line for line in logged)
+  assert "error: something broke" in logged
+
+
+def test_a_sweep_names_the_running_point_and_its_failure(tmp_path, monkeypatch, capsys):
+  def child_command(config_path, workdir, point, extra_args=()):
+    del config_path, point, extra_args
+    return [sys.executable, "-c", f"print('step 3/3 (100%) | total 0.1 | ETA 00:00'); "
+            f"open({os.path.join(workdir, 'ran')!r}, 'w').close()"]
+
+  monkeypatch.setattr(sweep, "point_command", child_command)
+  sweep.run_sweep(ROI_OP, str(tmp_path / "sw"))
+  out = capsys.readouterr().out
+  for name in ("00-roi_op=roi_pool", "01-roi_op=roi_align"):
+    assert f"[{name}] step 3/3 (100%)" in out
+    assert (tmp_path / "sw" / name / "ran").exists()
+    assert "step 3/3" in (tmp_path / "sw" / name / "train.log").read_text()
+  monkeypatch.setattr(sweep, "point_command",
+                      lambda *a, **k: [sys.executable, "-c", "raise SystemExit('error: bad')"])
+  with pytest.raises(RuntimeError, match="sweep point 0 .*exit code 1; see .*train.log"):
+    sweep.run_sweep(ROI_OP, str(tmp_path / "sw"))
+  assert "[00-roi_op=roi_pool] error: bad" in capsys.readouterr().out

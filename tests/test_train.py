@@ -27,11 +27,11 @@ SHAPES = os.path.join(ROOT, "experiments", "shapes.py")
 
 # A tiny detector on 64 x 64 shapes: compiles and steps in seconds on one CPU core.
 TINY = {
-    "data.shapes_num_train": 16, "data.shapes_num_test": 4, "data.shapes_image_size": 64,
+    "data.shapes.num_train": 16, "data.shapes.num_test": 4, "data.shapes.image_size": 64,
     "data.min_size": 64, "data.max_size": 64, "data.pad_hw": (64, 64), "data.max_gt": 8,
     "data.num_workers": 0, "data.prefetch": 1,
-    "model.width": 0.125, "model.convs_per_block": (1, 1, 1, 1, 1), "model.fc_dim": 32,
-    "model.anchor_sizes": (16, 32), "model.anchor_ratios": (1.0,),
+    "model.vgg16.width": 0.125, "model.vgg16.convs_per_block": (1, 1, 1, 1, 1), "model.fc.dim": 32,
+    "anchors.sizes": (16, 32), "anchors.ratios": (1.0,),
     "rpn.pre_nms_top_n_train": 64, "rpn.post_nms_top_n_train": 16,
     "rpn.pre_nms_top_n_test": 64, "rpn.post_nms_top_n_test": 8, "rpn.batch_size_per_image": 32,
     "roi.batch_size_per_image": 16, "test.detections_per_image": 10,
@@ -164,7 +164,7 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, monkey
   checkpoints = _listing(os.path.join(workdir, "checkpoints"))
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r"(?s)does not fit this run.*model\.fc_dim: 32 -> 48"):
-    train.train_and_evaluate(tiny_config(model__fc_dim=48, train__num_steps=6), workdir)
+    train.train_and_evaluate(tiny_config(model__fc__dim=48, train__num_steps=6), workdir)
   assert _listing(os.path.join(workdir, "checkpoints")) == checkpoints
   assert not os.path.exists(os.path.join(workdir, "checkpoints.corrupt"))
 
@@ -210,7 +210,7 @@ def test_unreadable_config_json_is_a_warning_and_is_replaced_whole(tmp_path, cap
 
 
 def test_missing_dataset_and_weights_are_clear_errors(tmp_path):
-  config = tiny_config(data__name="voc_folder", data__data_dir=str(tmp_path / "no_voc"))
+  config = tiny_config(data__name="voc_folder", data__voc_folder__data_dir=str(tmp_path / "no_voc"))
   with pytest.raises((FileNotFoundError, ValueError), match="no_voc"):
     train.train_and_evaluate(config, str(tmp_path / "a"))
   config = tiny_config(model__pretrained=str(tmp_path / "vgg.npz"))

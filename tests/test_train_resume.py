@@ -21,7 +21,7 @@ RESUME = {**test_train.TINY, "train.num_steps": 8, "train.checkpoint_every": 4,
 # Two canvases: tests.mixed_shapes' 48x64 landscape and 64x48 portrait images, canvases
 # chosen automatically (multiples of 16).
 CANVASES = {**RESUME, "data.pad_hw": (), "data.canvas_multiple": 16, "data.min_size": 48,
-            "data.max_size": 64, "data.shapes_num_train": 12, "data.shapes_num_test": 5}
+            "data.max_size": 64, "data.shapes.num_train": 12, "data.shapes.num_test": 5}
 
 
 def _command(workdir, overrides, module="frcnn_jax.train"):

@@ -26,4 +26,4 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def get_sweep() -> list[dict]:
-  return [{"model.anchor_stride": 16}, {"model.anchor_stride": 8}]
+  return [{"model.vgg16.stride": 16}, {"model.vgg16.stride": 8}]

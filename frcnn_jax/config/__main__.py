@@ -4,6 +4,9 @@ Usage:
 
   python -m frcnn_jax.config experiments/shapes.py [--config.key=value ...]
   python -m frcnn_jax.config runs/shapes          # a run's config.json
+  python -m frcnn_jax.config --upgrade runs/old   # convert a run folder's config.json whose
+                                                  # keys predate the plug-in layout (the
+                                                  # original is kept as config.legacy.json)
 """
 
 import ast
@@ -11,6 +14,7 @@ import os
 import sys
 
 from frcnn_jax.config import flags as config_flags
+from frcnn_jax.config import legacy
 from frcnn_jax.config import printer
 from frcnn_jax.config import run as run_config
 
@@ -19,6 +23,17 @@ def main(argv: list[str]) -> None:
   if len(argv) < 1 or argv[0] in ("-h", "--help"):
     print(__doc__)
     sys.exit(0 if argv else 2)
+  if argv[0] == "--upgrade":
+    if len(argv) != 2:
+      sys.exit("error: usage: python -m frcnn_jax.config --upgrade WORKDIR")
+    try:
+      renamed = run_config.upgrade_folder(argv[1])
+    except (OSError, ValueError) as e:
+      sys.exit(f"error: {e}")
+    path = run_config.config_path(argv[1])
+    print(f"{path}: {legacy.describe(renamed)}; the original is config.legacy.json" if renamed
+          else f"{path} uses the current keys; nothing changed")
+    return
   target, overrides = argv[0], {}
   try:
     if os.path.isdir(target):

@@ -1,148 +1,125 @@
-"""The one place that maps a config (`frcnn_jax/config/defaults.py`) to objects and plain arguments."""
+"""The one place a config becomes objects: the network, the detector settings, the optimiser,
+the dataset sources and the input loaders.
+
+Every key is declared with the class that uses it (frcnn_jax/config/defaults.py assembles
+them) and checked when that class is built here, so a bad value stops with the key's name.
+"""
 
 import os
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from frcnn_jax.config import defaults
+from frcnn_jax.config import fields
+from frcnn_jax.config import legacy
+from frcnn_jax.config import run as run_config
 from frcnn_jax.data import canvases as canvas_lib
 from frcnn_jax.data import pipeline
 from frcnn_jax.data import proposal_store
-from frcnn_jax.data import shapes
-from frcnn_jax.data import sources
-from frcnn_jax.detection import detector
-from frcnn_jax.models import conv
+from frcnn_jax.data import sources  # noqa: F401  pylint: disable=unused-import  # registers
+from frcnn_jax.data.sources import base
+from frcnn_jax.detection import settings as detection_settings
 from frcnn_jax.models import faster_rcnn
-from frcnn_jax.models import heads
-from frcnn_jax.models import rpn
-from frcnn_jax.models import vgg
-from frcnn_jax.ops import anchors as anchor_ops
-from frcnn_jax.ops import roi as roi_ops
+from frcnn_jax.models.registry import BACKBONES
+from frcnn_jax.models.registry import ROI_HEADS
+from frcnn_jax.models.roi_heads.pooling import RoIPooler
 from frcnn_jax.runtime import parallel
 from frcnn_jax.training import optim
 from frcnn_jax.training import restore
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _choice(name: str, value: str, allowed) -> str:
-  if value not in allowed:
-    raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-  return value
+from frcnn_jax.training import settings as training_settings
 
 
-def _positive(name: str, value, minimum: float = 0.0, inclusive: bool = False):
-  if value < minimum or (value == minimum and not inclusive):
-    raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {minimum}, got {value!r}")
-  return value
+def check(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+  """Everything about `config` that can be checked without the data, before a command
+  creates anything: every key against its declaration, the network and the detector
+  settings, the optimiser, static canvases, and (with `workdir`) that the run folder's
+  config.json is not of an earlier key layout.
+
+  Raises:
+    ValueError: naming the key (a `fields.ConfigError`, or the message of the part's check).
+  """
+  defaults.validate(config)
+  model_from_config(config, 1)
+  detector_settings_from_config(config)
+  fields.build(training_settings.TrainSettings, config.train, "train")
+  if len(config.data.pad_hw) or len(config.data.canvases):
+    canvases_from_config(config)
+  if workdir is not None:
+    renamed = run_config.legacy_renames(workdir)
+    if renamed:
+      raise ValueError(
+          f"{run_config.config_path(workdir)} was written with config keys that have been "
+          f"renamed since ({legacy.describe(renamed)}). Convert it once with `python -m "
+          f"frcnn_jax.config --upgrade {workdir}` (the original is kept as config.legacy.json), "
+          "then run this command again.")
 
 
-def _fraction(name: str, value: float) -> float:
-  if not 0.0 <= value <= 1.0:
-    raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-  return float(value)
+def backbone_from_config(config: ml_collections.ConfigDict, *, dtype: Any = jnp.float32,
+                         conv_grad: str = "xla") -> nn.Module:
+  """The backbone `model.backbone` with its section `model.<backbone>`.
+
+  Raises:
+    ValueError / ConfigError: an unregistered name or a bad key, naming it.
+  """
+  name = config.model.backbone
+  cls = BACKBONES.get(name)
+  return fields.build(cls, config.model[name], f"model.{name}", dtype=dtype,
+                      conv_grad=conv_grad)
 
 
 def model_from_config(config: ml_collections.ConfigDict,
                       num_classes: int) -> faster_rcnn.FasterRCNN:
-  """Builds the network from `config.model` (and the anchor count from its anchors).
+  """The network of `config.model` (parts by name), `anchors` and `num_classes`.
 
   Args:
     config: the experiment config.
-    num_classes: C foreground classes (usually len(config.data.classes)).
+    num_classes: C foreground classes (the dataset's).
 
   Raises:
     ValueError: naming the config key of an invalid value.
   """
-  m = config.model
-  _positive("num_classes", num_classes, 1, inclusive=True)
-  convs = tuple(int(n) for n in m.convs_per_block)
-  if len(convs) != len(vgg.BASE_CHANNELS) or min(convs) < 1:
-    raise ValueError(f"model.convs_per_block must be {len(vgg.BASE_CHANNELS)} positive "
-                     f"integers, got {m.convs_per_block!r}")
-  if not 0 <= m.frozen_blocks <= len(convs):
-    raise ValueError(f"model.frozen_blocks must be in [0, {len(convs)}], got "
-                     f"{m.frozen_blocks!r}")
-  if m.anchor_stride not in vgg.STRIDES:
-    raise ValueError(f"model.anchor_stride is the trunk stride and must be one of {vgg.STRIDES}, "
-                     f"got {m.anchor_stride!r}")
-  conv_grad = _choice("model.conv_grad", m.conv_grad, ("auto",) + conv.CONV_GRADS)
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+  m = fields.build(faster_rcnn.ModelSettings, _own(config.model), "model")
+  conv_grad = m.conv_grad
   if conv_grad == "auto":
     conv_grad = "per_tap" if jax.default_backend() == "cpu" else "xla"
-  return faster_rcnn.FasterRCNN(
-      num_classes=int(num_classes),
-      width=float(_positive("model.width", m.width)),
-      convs_per_block=convs,
-      frozen_blocks=int(m.frozen_blocks),
-      stride=int(m.anchor_stride),
-      pool_ceil_mode=bool(m.pool_ceil_mode),
-      input_norm=_choice("model.input_norm", m.input_norm, faster_rcnn.INPUT_NORMS),
-      num_anchors=len(m.anchor_sizes) * len(m.anchor_ratios),
-      rpn_objectness=_choice("model.rpn_objectness", m.rpn_objectness, rpn.OBJECTNESS_MODES),
-      roi_op=_choice("model.roi_op", m.roi_op, heads.ROI_OPS),
-      roi_pool_coordinates=_choice("model.roi_pool_coordinates", m.roi_pool_coordinates,
-                                   roi_ops.ROI_POOL_COORDINATES),
-      roi_size=int(_positive("model.roi_size", m.roi_size, 1, inclusive=True)),
-      roi_sampling_ratio=int(m.roi_sampling_ratio),
-      roi_aligned=bool(m.roi_aligned),
-      fc_dim=int(_positive("model.fc_dim", m.fc_dim, 1, inclusive=True)),
-      dropout=_fraction("model.dropout", m.dropout),
-      conv_grad=conv_grad,
-      dtype=_DTYPES[_choice("model.dtype", m.dtype, _DTYPES)],
-  )
+  dtype = faster_rcnn.DTYPES[m.dtype]
+  trunk = backbone_from_config(config, dtype=dtype, conv_grad=conv_grad)
+  if m.input_norm not in trunk.input_norms:
+    raise ValueError(f"model.input_norm={m.input_norm!r} does not fit model.backbone="
+                     f"{m.backbone!r}, whose weights come with {trunk.input_norms}")
+  pooler = RoIPooler(op=m.roi_op, size=m.roi_size, spatial_scale=1.0 / trunk.stride,
+                     sampling_ratio=m.roi_sampling_ratio, aligned=m.roi_aligned,
+                     pool_coordinates=m.roi_pool_coordinates)
+  head = fields.build(ROI_HEADS.get(m.roi_head), config.model[m.roi_head],
+                      f"model.{m.roi_head}", num_classes=int(num_classes), pooler=pooler,
+                      dtype=dtype)
+  anchors = fields.build(detection_settings.AnchorSettings, config.anchors, "anchors")
+  return faster_rcnn.FasterRCNN(trunk=trunk, head=head, input_norm=m.input_norm,
+                                num_anchors=anchors.per_cell,
+                                rpn_objectness=m.rpn_objectness, conv_grad=conv_grad,
+                                dtype=dtype)
 
 
-def detector_settings_from_config(config: ml_collections.ConfigDict) -> detector.DetectorSettings:
-  """Maps model anchors, rpn.*, roi.* and test.* to the static `DetectorSettings`.
+def _own(node: ml_collections.ConfigDict) -> dict[str, Any]:
+  """A section's own keys, without its plug-ins' subsections."""
+  return {k: v for k, v in node.items() if not isinstance(v, ml_collections.ConfigDict)}
+
+
+def detector_settings_from_config(config: ml_collections.ConfigDict
+                                  ) -> detection_settings.DetectorSettings:
+  """The `anchors`, `rpn`, `roi`, `test` and `loss` sections, for the configured backbone.
 
   Raises:
     ValueError: naming the config key of an invalid value.
   """
-  m, r, o, t = config.model, config.rpn, config.roi, config.test
-  for name in ("pre_nms_top_n_train", "post_nms_top_n_train", "pre_nms_top_n_test",
-               "post_nms_top_n_test", "batch_size_per_image"):
-    _positive(f"rpn.{name}", r[name], 1, inclusive=True)
-  _positive("roi.batch_size_per_image", o.batch_size_per_image, 1, inclusive=True)
-  _positive("test.detections_per_image", t.detections_per_image, 1, inclusive=True)
-  for name, values in (("model.anchor_sizes", m.anchor_sizes),
-                       ("model.anchor_ratios", m.anchor_ratios)):
-    if not values or min(values) <= 0:
-      raise ValueError(f"{name} must be a non-empty tuple of positive numbers, got {values!r}")
-  if len(o.box_weights) != 4:
-    raise ValueError(f"roi.box_weights must have 4 entries, got {o.box_weights!r}")
-  return detector.DetectorSettings(
-      anchor_sizes=tuple(float(s) for s in m.anchor_sizes),
-      anchor_ratios=tuple(float(s) for s in m.anchor_ratios),
-      anchor_stride=int(m.anchor_stride),
-      anchor_style=_choice("model.anchor_style", m.anchor_style, anchor_ops.ANCHOR_STYLES),
-      legacy_plus_one=bool(m.legacy_plus_one),
-      rpn_pre_nms_top_n_train=int(r.pre_nms_top_n_train),
-      rpn_post_nms_top_n_train=int(r.post_nms_top_n_train),
-      rpn_pre_nms_top_n_test=int(r.pre_nms_top_n_test),
-      rpn_post_nms_top_n_test=int(r.post_nms_top_n_test),
-      rpn_nms_threshold=_fraction("rpn.nms_threshold", r.nms_threshold),
-      rpn_min_size=float(_positive("rpn.min_size", r.min_size, 0.0, inclusive=True)),
-      rpn_batch_size_per_image=int(r.batch_size_per_image),
-      rpn_positive_fraction=_fraction("rpn.positive_fraction", r.positive_fraction),
-      rpn_positive_iou=_fraction("rpn.positive_iou", r.positive_iou),
-      rpn_negative_iou=_fraction("rpn.negative_iou", r.negative_iou),
-      rpn_allowed_border=float(r.allowed_border),
-      rpn_box_loss_weight=float(r.box_loss_weight),
-      rpn_sigma=float(_positive("rpn.sigma", r.sigma)),
-      roi_batch_size_per_image=int(o.batch_size_per_image),
-      roi_fg_fraction=_fraction("roi.fg_fraction", o.fg_fraction),
-      roi_fg_iou=_fraction("roi.fg_iou", o.fg_iou),
-      roi_bg_iou_lo=_fraction("roi.bg_iou_lo", o.bg_iou_lo),
-      roi_box_weights=tuple(float(w) for w in o.box_weights),
-      roi_box_loss_weight=float(o.box_loss_weight),
-      roi_sigma=float(_positive("roi.sigma", o.sigma)),
-      test_nms_threshold=_fraction("test.nms_threshold", t.nms_threshold),
-      test_score_threshold=float(t.score_threshold),
-      test_detections_per_image=int(t.detections_per_image),
-      test_min_size=float(_positive("test.min_size", t.min_size, 0.0, inclusive=True)),
-      loss_mode=_choice("train.loss_mode", config.train.loss_mode, detector.LOSS_MODES),
-  )
+  return detection_settings.DetectorSettings.from_config(config,
+                                                         backbone_from_config(config).stride)
 
 
 # --- Training: parameters, optimizer and data sources from the config (training engineer). ---
@@ -160,11 +137,11 @@ def init_params_from_config(config: ml_collections.ConfigDict, model: faster_rcn
   if path:
     if not os.path.isfile(path):
       raise FileNotFoundError(
-          f"model.pretrained={path!r} does not exist; create it from ImageNet VGG16 weights "
-          f"with `python scripts/convert_vgg16.py --input VGG16.v2.caffemodel --output {path}` "
-          "(or a Keras .h5 / torchvision .pth, see the README) or set "
-          "--config.model.pretrained=''")
-    params = faster_rcnn.load_pretrained(params, path, input_norm=config.model.input_norm)
+          f"model.pretrained={path!r} does not exist; convert ImageNet weights of "
+          f"model.backbone={config.model.backbone!r} into it (docs/models.md; VGG16: "
+          f"`python scripts/convert_vgg16.py --input VGG16.v2.caffemodel --output {path}`) "
+          "or set --config.model.pretrained=''")
+    params = model.trunk.load_pretrained(params, path, config.model.input_norm)
   if config.train.init_from:
     params = _params_of_run(config.train.init_from, params)
   return params
@@ -203,15 +180,13 @@ def optimizer_from_config(config: ml_collections.ConfigDict, params,
   Returns:
     (optax transformation, learning-rate schedule of the update count).
   """
-  t = config.train
-  _choice("train.optimizer", t.optimizer, ("sgd", "adamw"))
-  k = int(_positive("train.grad_accum_steps", t.grad_accum_steps, 1, inclusive=True))
+  t = fields.build(training_settings.TrainSettings, config.train, "train")
+  k = t.grad_accum_steps
   lr_fn = optim.make_schedule(
-      float(t.learning_rate), schedule=_choice("train.schedule", t.schedule,
-                                               ("piecewise", "cosine")),
+      float(t.learning_rate), schedule=t.schedule,
       num_steps=max(t.num_steps // k, 1), warmup_steps=t.warmup_steps // k,
       boundaries=tuple(b // k for b in t.lr_boundaries), decay=float(t.lr_decay))
-  parts = TRAINED_PARTS[_choice("train.loss_mode", t.loss_mode, TRAINED_PARTS)]
+  parts = TRAINED_PARTS[t.loss_mode]
   tx = optim.make_optimizer(
       params, lr_fn, optimizer=t.optimizer, momentum=float(t.momentum),
       weight_decay=float(t.weight_decay),
@@ -225,7 +200,7 @@ def source_from_config(config: ml_collections.ConfigDict, split: str):
   """The dataset source of the train split ("train") or the eval split ("eval").
 
   The train split of a file-backed dataset leaves out images without an object that training
-  uses when `data.drop_images_without_objects` (`sources.WithObjects`); the eval split is whole.
+  uses when `data.drop_images_without_objects` (`base.WithObjects`); the eval split is whole.
 
   The train split carries the stored proposals of `data.proposals` when given
   (`proposal_store.WithProposals`, for `train.loss_mode` "head").
@@ -246,25 +221,32 @@ def source_from_config(config: ml_collections.ConfigDict, split: str):
   return source
 
 
+def source_settings(config: ml_collections.ConfigDict) -> Any:
+  """The settings object of the dataset `data.name` (its section `data.<name>`).
+
+  Raises:
+    ValueError: an unregistered name, or a bad key of its section, naming it.
+  """
+  name = config.data.name
+  return fields.build(base.SOURCES.get(name), config.data[name], f"data.{name}")
+
+
+def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The dataset's class names (label c is names[c - 1]), read from the data only where the
+  dataset keeps them there (COCO-format json)."""
+  dataset = source_settings(config)
+  return tuple(dataset.class_names() or dataset.make("eval", bad_input=config.data.bad_input,
+                                                     seed=config.seed).classes)
+
+
 def _dataset_source(config: ml_collections.ConfigDict, split: str):
   """The dataset's own source of "train" or "eval" (see `source_from_config`)."""
-  d = config.data
-  if d.name == "shapes":
-    return shapes.ShapesSource(
-        d.shapes_num_train if split == "train" else d.shapes_num_test,
-        split="train" if split == "train" else "test", image_size=d.shapes_image_size,
-        seed=config.seed,
-        cache_bytes=int(_positive("data.shapes_cache_mb", d.shapes_cache_mb, 0, True) * 2**20))
-  if split == "train":
-    source = sources.make_source(d.name, d.train_split, data_dir=d.data_dir, years=d.years,
-                                 classes=d.classes, bad_input=d.bad_input,
-                                 annotation_file=d.coco_train_json,
-                                 image_dir=d.coco_train_images, training=True)
-    return sources.WithObjects(source) if d.drop_images_without_objects else source
-  return sources.make_source(d.name, d.eval_split, data_dir=d.data_dir, years=(d.eval_year,),
-                             classes=d.classes, bad_input=d.bad_input,
-                             annotation_file=d.coco_eval_json, image_dir=d.coco_eval_images,
-                             training=False)
+  dataset = source_settings(config)
+  source = dataset.make(split, bad_input=config.data.bad_input, seed=config.seed)
+  if (split == "train" and config.data.drop_images_without_objects
+      and not getattr(dataset, "always_has_objects", False)):
+    return base.WithObjects(source)
+  return source
 
 
 def canvases_from_config(config: ml_collections.ConfigDict, source=None,
@@ -277,27 +259,26 @@ def canvases_from_config(config: ml_collections.ConfigDict, source=None,
   `data.canvas_multiple`; with neither, for `GENERIC_ASPECTS` (common photo shapes).
 
   Raises:
-    ValueError: naming the key: both pad_hw and canvases given, a side of data.canvases
-      that is not a positive multiple of the trunk's stride (`model.anchor_stride`; pad_hw,
-      the fixed canvas of older configs, may be any size), or num_canvases < 1.
+    ValueError: naming the key: both pad_hw and canvases given, or a side of data.canvases
+      that is not a positive multiple of the backbone's stride (pad_hw, the fixed canvas of
+      older configs, may be any size).
   """
   d = config.data
-  stride = int(config.model.anchor_stride)
+  stride = backbone_from_config(config).stride
   if len(d.pad_hw) and len(d.canvases):
     raise ValueError("give data.canvases or data.pad_hw (one canvas), not both")
   multiple = int(d.canvas_multiple)
   if multiple <= 0 or multiple % stride:
     raise ValueError(f"data.canvas_multiple={multiple} must be a positive multiple of the "
-                     f"trunk's stride model.anchor_stride={stride}")
-  _positive("data.num_canvases", d.num_canvases, 1, inclusive=True)
+                     f"backbone's stride {stride} (model.{config.model.backbone})")
   if len(d.pad_hw):   # the one fixed canvas of older configs: any size
     return pipeline.check_canvases([d.pad_hw], "data.pad_hw")
   if len(d.canvases):
     found = pipeline.check_canvases(d.canvases)
     bad = [c for c in found if c[0] % stride or c[1] % stride]
     if bad:
-      raise ValueError(f"data.canvases: canvas sides must be multiples of the trunk's stride "
-                       f"model.anchor_stride={stride}, got {bad}")
+      raise ValueError(f"data.canvases: canvas sides must be multiples of the backbone's "
+                       f"stride {stride} (model.{config.model.backbone}), got {bad}")
     return found
   kw = dict(min_size=int(d.min_size), max_size=int(d.max_size))
   if source is not None:
@@ -332,7 +313,6 @@ def compilation_cache_from_config(config: ml_collections.ConfigDict) -> str | No
   return path
 
 
-RESIZE_ON = ("auto", "host", "device")   # data.resize_on
 _WORKERS_PER_DEVICE = 4   # the most data.num_workers chooses per local accelerator
 
 
@@ -342,10 +322,8 @@ def resize_on_device(config: ml_collections.ConfigDict) -> bool:
   "auto" is the device on GPUs and TPUs (the host then only decodes) and the host on the CPU
   backend (where the device op, dense products, costs more than Pillow).
 
-  Raises:
-    ValueError: an unknown value, naming the key.
   """
-  value = _choice("data.resize_on", str(config.data.resize_on), RESIZE_ON)
+  value = config.data.resize_on
   if value == "auto":
     return jax.default_backend() != "cpu"
   return value == "device"

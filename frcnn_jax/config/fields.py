@@ -78,7 +78,7 @@ def _numbers(value: Any) -> list[float]:
 
 def checked(f: dataclasses.Field, key: str, value: Any) -> Any:
   """`value` of the declared field `f`, with lists as tuples and ints as floats where the
-  default is a float.
+  default is a float (or a tuple of floats).
 
   Raises:
     ConfigError: naming `key`, when the value is outside the declaration.
@@ -88,6 +88,10 @@ def checked(f: dataclasses.Field, key: str, value: Any) -> Any:
     value = tuple(value)
   if isinstance(f.default, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
+  if (isinstance(f.default, tuple) and f.default and isinstance(value, tuple)
+      and all(isinstance(x, float) for x in f.default)
+      and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)):
+    value = tuple(float(x) for x in value)
   if value is None:
     if f.default is not None:
       raise ConfigError(f"config key {key!r} may not be None")

@@ -23,37 +23,12 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from frcnn_jax.config import defaults
+from frcnn_jax.config import fields
+from frcnn_jax.runtime import console
 from frcnn_jax.runtime import parallel
 
-# Allowed values of the string keys this project interprets (checked by `validate_config`).
-CHOICES = {
-    "data.name": ("shapes", "voc_tfds", "voc_folder", "coco_json"),
-    "data.bad_input": ("skip", "error"),
-    "model.input_norm": ("caffe", "keras", "torchvision"),
-    "model.rpn_objectness": ("softmax", "sigmoid"),
-    "model.roi_op": ("roi_pool", "roi_align"),
-    "model.roi_pool_coordinates": ("torchvision", "caffe"),
-    "model.anchor_style": ("exact", "py-faster-rcnn"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.conv_grad": ("auto", "xla", "per_tap"),
-    "data.resize_on": ("auto", "host", "device"),
-    "train.optimizer": ("sgd", "adamw"),
-    "train.schedule": ("piecewise", "cosine"),
-    "train.nonfinite": ("error", "skip"),
-    "eval.metric": ("voc07", "voc12", "coco"),
-}
-# Keys that must be >= the given bound.
-LOWER_BOUNDS = {
-    "train.num_steps": 1, "train.batch_size": 1, "train.learning_rate": 0.0,
-    "train.weight_decay": 0.0, "train.momentum": 0.0, "train.warmup_steps": 0,
-    "train.grad_clip_norm": 0.0, "train.grad_accum_steps": 1, "train.checkpoint_every": 1,
-    "train.keep_checkpoints": 1, "train.log_every": 1, "train.eval_every": 0,
-    "eval.batch_size": 1, "model.width": 0.0, "model.fc_dim": 1,
-}
-
-
-class ConfigError(ValueError):
-  """A config key or value is invalid; the message names the key."""
+ConfigError = fields.ConfigError
 
 
 def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
@@ -127,16 +102,19 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
   * `--help` (`-h`) prints the command's usage with `--config` and exits 0;
   * without `--config`, a `--workdir` holding a run's `config.json` supplies the config
     (`frcnn_jax/config/run.py`), overrides included; with neither, a one-line error;
-  * a tuple key given twice as a whole tuple (`--config.model.anchor_sizes=(16,32)` then
+  * a tuple key given twice as a whole tuple (`--config.anchors.sizes=(16,32)` then
     `=(64,128)`) takes the last one (ml_collections would concatenate them); one element per
-    flag (`--config.data.years=2007 --config.data.years=2012`) still builds a tuple;
-  * orbax INFO records and other known-harmless console noise are filtered (`quiet_logs`).
+    flag (`--config.data.voc_tfds.years=2007 --config.data.voc_tfds.years=2012`) still builds a tuple;
+  * orbax INFO records and other known-harmless console noise are filtered (`quiet_logs`);
+  * log records reach the console as plain lines, without absl's prefix
+    (`console.use_plain_log_lines`).
   """
   argv = list(argv)
   if any(arg in ("--help", "-h", "-?", "--helpshort") for arg in argv[1:]):
     print(usage(flag_values))
     sys.exit(0)
   quiet_logs()
+  console.use_plain_log_lines()
   if "config" in flag_values:
     argv = _last_tuple_wins(argv)
     argv = _config_from_workdir(argv)
@@ -156,7 +134,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
     sys.exit(f"error: {message}\nRun with --help for usage.")
   if "config" in flag_values and flag_values["config"].value is not None:
     try:
-      validate_config(flag_values["config"].value)
+      defaults.validate(flag_values["config"].value)
     except (ConfigError, OSError) as e:  # OSError: the config file failed to load
       sys.exit(f"error: {e}")
   return remaining
@@ -176,7 +154,8 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
 def _config_from_workdir(argv: list[str]) -> list[str]:
   """Adds `--config=<run_config.py>:WORKDIR` when no --config is given and WORKDIR has a run.
 
-  Exits with a message when there is neither; a --config file that does not exist exits too.
+  Exits with a message when there is neither (naming the --workdir that holds no run: missing
+  folder, or no config.json in it); a --config file that does not exist exits too.
   """
   from frcnn_jax.config import run as run_config  # pylint: disable=g-import-not-at-top
 
@@ -194,9 +173,14 @@ def _config_from_workdir(argv: list[str]) -> list[str]:
     except run_config.RunConfigError as e:
       sys.exit(f"error: {e}")
     return argv[:1] + [f"--config={os.path.abspath(run_config.__file__)}:{workdir}"] + argv[1:]
-  where = (f"{run_config.config_path(workdir)} does not exist" if workdir
-           else "no --workdir with a run's config.json was given")
-  sys.exit(f"error: --config is required ({where}): give an experiment file, e.g. "
+  if not workdir:
+    sys.exit("error: --config is required (no --workdir with a run's config.json was given): "
+             "give an experiment file, e.g. --config experiments/shapes.py\n"
+             "Run with --help for usage.")
+  why = ("the folder does not exist" if not os.path.isdir(os.path.expanduser(workdir))
+         else f"{run_config.config_path(workdir)} does not exist")
+  sys.exit(f"error: --workdir {workdir} holds no run: {why}. Give the folder of a training run "
+           "(it holds config.json and checkpoints/), or an experiment file with --config, e.g. "
            "--config experiments/shapes.py\nRun with --help for usage.")
 
 
@@ -317,7 +301,7 @@ def load_config(path: str, overrides: Mapping[str, Any] | None = None
     raise ConfigError(f"{path}: get_config() must return a ConfigDict, got {type(config)}")
   config.lock()
   apply_overrides(config, overrides or {})
-  validate_config(config)
+  defaults.validate(config)
   return config
 
 
@@ -354,32 +338,3 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     except (TypeError, ValueError) as e:
       raise ConfigError(f"config key {key!r}: {e}") from e
 
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks value ranges and choices of the keys in `CHOICES` / `LOWER_BOUNDS`.
-
-  Raises:
-    ConfigError: naming the first bad key.
-  """
-  def get(key):
-    node = config
-    for part in key.split("."):
-      if part not in node:
-        return None
-      node = node[part]
-    return node
-
-  for key, allowed in CHOICES.items():
-    value = get(key)
-    if value is not None and value not in allowed:
-      raise ConfigError(f"config key {key!r} must be one of {allowed}, got {value!r}")
-  for key, bound in LOWER_BOUNDS.items():
-    value = get(key)
-    if value is not None and value < bound:
-      raise ConfigError(f"config key {key!r} must be >= {bound}, got {value!r}")
-  momentum = get("train.momentum")
-  if momentum is not None and momentum >= 1:
-    raise ConfigError(f"config key 'train.momentum' must be < 1, got {momentum!r}")
-  boundaries = get("train.lr_boundaries")
-  if boundaries is not None and list(boundaries) != sorted(boundaries):
-    raise ConfigError(f"config key 'train.lr_boundaries' must be ascending, got {boundaries}")

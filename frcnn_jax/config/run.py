@@ -4,15 +4,15 @@
 and `scripts/visualize.py` take that config by default (`--config` is optional), so they build
 the network the parameters were trained for. What a command may still change is split by key:
 
-* test-time keys (`TEST_TIME_KEYS`: test.*, eval.metric, the RPN's test-time top-n, the eval
-  split, the test scale ...): allowed; each change is an *override*, recorded in the output's
-  name and contents (`eval/test-<step>-<tag>.json` with an "overrides" field);
-* local keys (`LOCAL_KEYS`: where the data lives, worker counts, batch size): they do not change
-  a result; taken from the command line, never from another config file;
-* training-only keys (`TRAINING_KEYS`: train.*, seed, the sampling of RPN / RoI targets ...):
+* test-time keys (role "test" in their declaration: test.*, eval.metric, the RPN's test-time
+  top-n, the eval split, the test scale ...): allowed; each change is an *override*, recorded
+  in the output's name and contents (`eval/test-<step>-<tag>.json` with an "overrides" field);
+* local keys (role "local": where the data lives, worker counts, batch size): they do not
+  change a result; taken from the command line, never from another config file;
+* training-only keys (role "training": train.*, seed, the sampling of RPN / RoI targets ...):
   they cannot change a result either; the run's values are kept and a change is reported;
-* every other key shapes the model or its decoding (model.*, data.classes, roi.box_weights ...):
-  a change is an error naming the key.
+* every other key shapes the model or its decoding (role "fixed": the backbone's keys, the
+  class names, roi.box_weights ...): a change is an error naming the key.
 
 `--config FILE` is still accepted; its keys go through the same rules, compared with the
 run's `config.json`. A workdir without `config.json` (made by hand or by an older version)
@@ -36,56 +36,25 @@ from typing import Any
 import ml_collections
 
 from frcnn_jax.config import defaults
+from frcnn_jax.config import fields
+from frcnn_jax.config import legacy
+from frcnn_jax.runtime import atomic_io
 
 CONFIG_FILE = "config.json"
-
-# Keys (or "section." prefixes) that change only the test-time computation or the eval data.
-TEST_TIME_KEYS = (
-    "test.", "eval.metric", "eval.iou_threshold",
-    "rpn.pre_nms_top_n_test", "rpn.post_nms_top_n_test", "rpn.nms_threshold", "rpn.min_size",
-    "data.eval_year", "data.eval_split", "data.coco_eval_json", "data.shapes_num_test",
-    "data.min_size", "data.max_size", "data.pad_hw", "data.canvases", "data.num_canvases",
-    "data.canvas_multiple", "model.dtype",
-)
-# Keys that cannot change a result: paths, parallelism, input policy, gradient method.
-LOCAL_KEYS = (
-    "data.data_dir", "data.coco_eval_images", "data.num_workers", "data.prefetch",
-    "data.shapes_cache_mb", "data.bad_input", "data.resize_on", "eval.batch_size",
-    "model.conv_grad",
-)
-# Keys used only while training.
-TRAINING_KEYS = (
-    "seed", "train.", "roi.batch_size_per_image", "roi.fg_fraction", "roi.fg_iou",
-    "roi.bg_iou_lo", "roi.box_loss_weight", "roi.sigma", "rpn.pre_nms_top_n_train",
-    "rpn.post_nms_top_n_train", "rpn.batch_size_per_image", "rpn.positive_fraction",
-    "rpn.positive_iou", "rpn.negative_iou", "rpn.allowed_border", "rpn.box_loss_weight",
-    "rpn.sigma", "data.years", "data.train_split", "data.flip", "data.max_gt",
-    "data.drop_images_without_objects", "data.shapes_num_train", "data.coco_train_json",
-    "data.coco_train_images", "model.pretrained", "model.frozen_blocks", "model.dropout",
-)
-
 
 class RunConfigError(ValueError):
   """The run's config cannot be read, or a command changes a key fixed by the run."""
 
 
-def _matches(key: str, patterns: Iterable[str]) -> bool:
-  return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
-
-
 def _allowed() -> str:
-  return ", ".join(k + "*" if k.endswith(".") else k for k in TEST_TIME_KEYS)
+  return ", ".join(key for key in flatten(defaults.get_config()) if kind_of(key) == "test")
 
 
 def kind_of(key: str) -> str:
-  """"test", "local", "training" or "fixed" (shapes the model: may not change)."""
-  if _matches(key, LOCAL_KEYS):
-    return "local"
-  if _matches(key, TEST_TIME_KEYS):
-    return "test"
-  if _matches(key, TRAINING_KEYS):
-    return "training"
-  return "fixed"
+  """The role of a dotted key (`fields.ROLES`): "fixed" (shapes the model: may not change),
+  "test", "local" or "training"; from the key's declaration, "fixed" when undeclared."""
+  field = fields.find(defaults.sections(), key)
+  return field.metadata["role"] if field is not None else "fixed"
 
 
 def flatten(config: ml_collections.ConfigDict | Mapping[str, Any], prefix: str = ""
@@ -198,15 +167,63 @@ def _read(workdir) -> tuple[ml_collections.ConfigDict | None, list[str]]:
   path = config_path(workdir)
   if not path.is_file():
     return None, []
+  record = _record(path)
+  record, renamed = legacy.upgrade(record)
   try:
-    record = json.loads(path.read_text())
+    config, notes = from_json(record)
+  except RunConfigError as e:
+    raise RunConfigError(f"{path}: {e}") from e
+  if renamed:
+    notes.insert(0, f"{path} uses config keys renamed since; read as {legacy.describe(renamed)} "
+                 f"(convert the file once: python -m frcnn_jax.config --upgrade {workdir})")
+  return config, notes
+
+
+def _record(path: pathlib.Path) -> dict[str, Any]:
+  try:
+    return json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise RunConfigError(f"cannot read the run's config {path} ({e}); give --config "
                          "experiments/X.py (the file the run was trained with)") from e
+
+
+def legacy_renames(workdir: str | os.PathLike) -> dict[str, str]:
+  """{old key: new key} of a run folder whose config.json predates the current key layout
+  ({} when it does not, or when there is no readable config.json)."""
+  path = config_path(workdir)
+  if not path.is_file():
+    return {}
   try:
-    return from_json(record)
-  except RunConfigError as e:
-    raise RunConfigError(f"{path}: {e}") from e
+    return legacy.upgrade(_record(path))[1]
+  except RunConfigError:
+    return {}
+
+
+def upgrade_folder(workdir: str | os.PathLike) -> dict[str, str]:
+  """Rewrites WORKDIR/config.json with renamed keys, keeping the original as
+  config.legacy.json (the user asked for it: `python -m frcnn_jax.config --upgrade`).
+
+  Returns:
+    {old key: new key}; {} when the file needed no change (nothing is written).
+
+  Raises:
+    RunConfigError: no readable config.json, or config.legacy.json exists already.
+  """
+  path = config_path(workdir)
+  if not path.is_file():
+    raise RunConfigError(f"{path} does not exist: {workdir} holds no run")
+  original = path.read_bytes()
+  record, renamed = legacy.upgrade(_record(path))
+  if not renamed:
+    return {}
+  kept = path.with_name("config.legacy.json")
+  if kept.exists():
+    raise RunConfigError(f"{kept} exists already; move it away to upgrade {path} again")
+  from_json(record)   # the converted record must read back
+  with atomic_io.replacing(kept, "wb") as f:
+    f.write(original)
+  atomic_io.write_text(path, json.dumps(record, indent=2) + "\n")
+  return renamed
 
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from frcnn_jax.detection import detector
+from frcnn_jax.evaluation import voc as voc_eval
 from frcnn_jax.ops import images as image_ops
 from frcnn_jax.runtime import atomic_io
 from frcnn_jax.runtime import parallel
@@ -194,9 +195,10 @@ def dump_settings(settings: detector.DetectorSettings, num_proposals: int,
   """
   if num_proposals < 1:
     raise ValueError(f"num_proposals must be >= 1, got {num_proposals}")
-  return dataclasses.replace(settings, rpn_post_nms_top_n_test=int(num_proposals),
-                             rpn_pre_nms_top_n_test=int(pre_nms_top_n) if pre_nms_top_n > 0
-                             else 2**31 - 1, loss_mode="joint")   # one program for any stage
+  rpn = dataclasses.replace(settings.rpn, post_nms_top_n_test=int(num_proposals),
+                            pre_nms_top_n_test=int(pre_nms_top_n) if pre_nms_top_n > 0
+                            else 2**31 - 1)
+  return dataclasses.replace(settings, rpn=rpn, loss_mode="joint")   # one program per stage
 
 
 @functools.lru_cache(maxsize=8)
@@ -282,18 +284,6 @@ def dump(params: Any, batches: Iterable[Mapping[str, Any]], *, source, model,
                      meta=info)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """[N, 4] x [M, 4] xyxy -> [N, M] IoU (continuous coordinates, 0 where the union is empty)."""
-  a = a.astype(np.float64)[:, None]
-  b = b.astype(np.float64)[None]
-  iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-  ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-  inter = iw * ih
-  area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])
-  union = area(a) + area(b) - inter
-  return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
 def recall(proposals: ProposalSet, source, *, top_ns: Sequence[int] = RECALL_TOP_NS,
            iou_thresholds: Sequence[float] = RECALL_IOUS) -> dict[str, Any]:
   """Proposal recall: the fraction of ground-truth objects covered by a top-N proposal.
@@ -322,7 +312,8 @@ def recall(proposals: ProposalSet, source, *, top_ns: Sequence[int] = RECALL_TOP
     gt = np.asarray(ann["boxes"], np.float32).reshape(-1, 4)[~np.asarray(ann["difficult"], bool)]
     boxes = proposals.boxes[i][proposals.valid[i]]   # stored by descending score
     num_valid.append(len(boxes))
-    iou = _iou(gt, boxes) if len(boxes) else np.zeros((len(gt), 0))
+    iou = (voc_eval.pairwise_iou(gt.astype(np.float64), boxes.astype(np.float64))
+           if len(boxes) else np.zeros((len(gt), 0)))
     for n in top_ns:
       best[n].append(iou[:, :n].max(axis=1) if iou.shape[1] else np.zeros(len(gt)))
   table = {}

@@ -12,13 +12,14 @@ loss mode, stored "proposals" [B, R, 4] with "proposals_valid" [B, R]); "valid" 
 masks the detections of padding examples.
 """
 
-import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from frcnn_jax.detection.settings import LOSS_MODES
+from frcnn_jax.detection.settings import DetectorSettings
 from frcnn_jax.models import faster_rcnn
 from frcnn_jax.models import rpn as rpn_module
 from frcnn_jax.ops import anchors as anchor_ops
@@ -30,48 +31,6 @@ from frcnn_jax.ops import targets
 
 Batch = dict[str, jax.Array]
 LOSS_TERMS = ("rpn_cls", "rpn_box", "det_cls", "det_box")
-LOSS_MODES = ("joint", "rpn", "head")   # DetectorSettings.loss_mode (README "Alternating
-                                        # training"): what loss_fn trains
-
-
-@dataclasses.dataclass(frozen=True)
-class DetectorSettings:
-  """Static numbers of the detector (the config's model anchors, rpn.*, roi.* and test.*)."""
-  anchor_sizes: tuple[float, ...] = (128.0, 256.0, 512.0)
-  anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-  anchor_stride: int = 16
-  anchor_style: str = "exact"   # or "py-faster-rcnn" (ops/anchors.py)
-  rpn_pre_nms_top_n_train: int = 12000
-  rpn_post_nms_top_n_train: int = 2000
-  rpn_pre_nms_top_n_test: int = 6000
-  rpn_post_nms_top_n_test: int = 300
-  rpn_nms_threshold: float = 0.7
-  rpn_min_size: float = 16.0
-  rpn_batch_size_per_image: int = 256
-  rpn_positive_fraction: float = 0.5
-  rpn_positive_iou: float = 0.7
-  rpn_negative_iou: float = 0.3
-  rpn_allowed_border: float = 0.0
-  rpn_box_loss_weight: float = 1.0
-  rpn_sigma: float = 3.0
-  roi_batch_size_per_image: int = 128
-  roi_fg_fraction: float = 0.25
-  roi_fg_iou: float = 0.5
-  roi_bg_iou_lo: float = 0.0
-  roi_box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
-  roi_box_loss_weight: float = 1.0
-  roi_sigma: float = 1.0
-  test_nms_threshold: float = 0.3
-  test_score_threshold: float = 0.05
-  test_detections_per_image: int = 100
-  test_min_size: float = 0.01
-  legacy_plus_one: bool = False   # py-faster-rcnn's decoded boxes, 1 px larger (ops/proposals.py)
-  loss_mode: str = "joint"   # joint (end to end) | rpn (RPN losses only) | head (detection
-                             # losses on the batch's stored "proposals"): LOSS_MODES
-
-  @property
-  def num_anchors(self) -> int:
-    return len(self.anchor_sizes) * len(self.anchor_ratios)
 
 
 def _rpn_and_proposals(params: Any, batch: Batch, model: faster_rcnn.FasterRCNN,
@@ -83,31 +42,30 @@ def _rpn_and_proposals(params: Any, batch: Batch, model: faster_rcnn.FasterRCNN,
     proposals ([B, R, 4] boxes, [B, R] scores, [B, R] valid); (None, None, None) when
     `proposals` is False (the RPN-only and head-only losses generate none).
   """
-  if settings.anchor_stride != model.stride:
-    raise ValueError(f"anchor_stride {settings.anchor_stride} must equal the trunk stride "
+  if settings.stride != model.stride:
+    raise ValueError(f"the settings' stride {settings.stride} must equal the backbone's "
                      f"{model.stride}")
-  if settings.num_anchors != model.num_anchors:
-    raise ValueError(f"the settings' {settings.num_anchors} anchors per location (sizes x "
+  if settings.anchors.per_cell != model.num_anchors:
+    raise ValueError(f"the settings' {settings.anchors.per_cell} anchors per location (sizes x "
                      f"ratios) must equal the model's num_anchors {model.num_anchors}")
   features, logits, deltas = model.apply(
       {"params": params}, image_ops.batch_images(batch), batch["image_hw"],
       method=faster_rcnn.FasterRCNN.features_and_rpn)
   feat_h, feat_w = features.shape[1:3]
-  anchors = anchor_ops.anchor_grid(feat_h, feat_w, settings.anchor_stride,
-                                   settings.anchor_sizes, settings.anchor_ratios,
-                                   style=settings.anchor_style)
+  anchors = anchor_ops.anchor_grid(feat_h, feat_w, settings.stride, settings.anchors.sizes,
+                                   settings.anchors.ratios, style=settings.anchors.style)
   if not proposals:
     return features, logits, deltas, anchors, (None, None, None)
   if train:
-    pre_nms, post_nms = settings.rpn_pre_nms_top_n_train, settings.rpn_post_nms_top_n_train
+    pre_nms, post_nms = settings.rpn.pre_nms_top_n_train, settings.rpn.post_nms_top_n_train
   else:
-    pre_nms, post_nms = settings.rpn_pre_nms_top_n_test, settings.rpn_post_nms_top_n_test
+    pre_nms, post_nms = settings.rpn.pre_nms_top_n_test, settings.rpn.post_nms_top_n_test
   generate = functools.partial(
       proposal_ops.generate_proposals, pre_nms_top_n=pre_nms, post_nms_top_n=post_nms,
-      nms_threshold=settings.rpn_nms_threshold, legacy_plus_one=settings.legacy_plus_one)
+      nms_threshold=settings.rpn.nms_threshold, legacy_plus_one=settings.legacy_plus_one)
   with jax.named_scope("proposals"):   # stage names: scripts/accelerator_check.py
     log_odds = rpn_module.objectness_logits(logits)   # ranks without float32 saturation
-    min_size = settings.rpn_min_size * batch["scale"].astype(jnp.float32)
+    min_size = settings.rpn.min_size * batch["scale"].astype(jnp.float32)
     proposals = jax.vmap(lambda s, d, hw, m: generate(s, d, anchors, hw, min_size=m))(
         log_odds, deltas, batch["image_hw"], min_size)
   return features, logits, deltas, anchors, proposals
@@ -133,7 +91,7 @@ def loss_fn(params: Any, batch: Batch, key: jax.Array, *, model: faster_rcnn.Fas
     train: dropout on (True) or off.
 
   Returns:
-    total: scalar, rpn_cls + rpn_box + det_cls + det_box (box weights already applied).
+    total: scalar, rpn_cls + rpn_box + det_cls + det_box, each weighted by `settings.loss`.
     terms: {"rpn_cls", "rpn_box", "det_cls", "det_box"} scalars, plus "rpn_positives" and
       "det_foreground": mean sampled positive anchors / foreground RoIs per image.
   """
@@ -170,19 +128,19 @@ def _rpn_loss_terms(logits: jax.Array, deltas: jax.Array, anchors: jax.Array, ba
   """Per-image RPN losses: ([B] rpn_cls, [B] rpn_box, [B] sampled positive anchors)."""
   batch_size = logits.shape[0]
   rpn_targets = functools.partial(
-      targets.rpn_targets, batch_size_per_image=settings.rpn_batch_size_per_image,
-      positive_fraction=settings.rpn_positive_fraction, positive_iou=settings.rpn_positive_iou,
-      negative_iou=settings.rpn_negative_iou, allowed_border=settings.rpn_allowed_border)
+      targets.rpn_targets, batch_size_per_image=settings.rpn.batch_size_per_image,
+      positive_fraction=settings.rpn.positive_fraction, positive_iou=settings.rpn.positive_iou,
+      negative_iou=settings.rpn.negative_iou, allowed_border=settings.rpn.allowed_border)
   with jax.named_scope("rpn_targets"):
     anchor_labels, anchor_targets = jax.vmap(rpn_targets, in_axes=(None, 0, 0, 0, 0))(
         anchors, batch["gt_boxes"], batch["gt_valid"], batch["image_hw"],
         jax.random.split(key, batch_size))
   rpn_logits = logits if logits.shape[-1] == 2 else logits[..., 0]
-  rpn_loss = functools.partial(losses.rpn_loss, sigma=settings.rpn_sigma,
-                               box_loss_weight=settings.rpn_box_loss_weight)
+  rpn_loss = functools.partial(losses.rpn_loss, sigma=settings.rpn.sigma,
+                               box_loss_weight=settings.loss.rpn_box)
   with jax.named_scope("losses"):
     rpn_cls, rpn_box = jax.vmap(rpn_loss)(rpn_logits, deltas, anchor_labels, anchor_targets)
-  return rpn_cls, rpn_box, (anchor_labels == 1).sum(axis=1)
+  return rpn_cls * settings.loss.rpn_cls, rpn_box, (anchor_labels == 1).sum(axis=1)
 
 
 def _head_loss_terms(params: Any, features: jax.Array, props: jax.Array, props_valid: jax.Array,
@@ -195,9 +153,9 @@ def _head_loss_terms(params: Any, features: jax.Array, props: jax.Array, props_v
   """
   batch_size = features.shape[0]
   sample = functools.partial(
-      targets.sample_proposals, batch_size_per_image=settings.roi_batch_size_per_image,
-      fg_fraction=settings.roi_fg_fraction, fg_iou=settings.roi_fg_iou,
-      bg_iou_lo=settings.roi_bg_iou_lo, weights=settings.roi_box_weights)
+      targets.sample_proposals, batch_size_per_image=settings.roi.batch_size_per_image,
+      fg_fraction=settings.roi.fg_fraction, fg_iou=settings.roi.fg_iou,
+      bg_iou_lo=settings.roi.bg_iou_lo, weights=settings.roi.box_weights)
   with jax.named_scope("roi_sampling"):
     rois, roi_labels, box_targets, box_weights, roi_valid = jax.vmap(sample)(
         jax.lax.stop_gradient(props), props_valid, batch["gt_boxes"], batch["gt_labels"],
@@ -205,12 +163,12 @@ def _head_loss_terms(params: Any, features: jax.Array, props: jax.Array, props_v
   class_logits, box_deltas = model.apply(
       {"params": params}, features, rois, train=train, rngs={"dropout": dropout_key},
       method=faster_rcnn.FasterRCNN.roi_head)
-  det_loss = functools.partial(losses.detection_loss, sigma=settings.roi_sigma,
-                               box_loss_weight=settings.roi_box_loss_weight)
+  det_loss = functools.partial(losses.detection_loss, sigma=settings.roi.sigma,
+                               box_loss_weight=settings.loss.det_box)
   with jax.named_scope("losses"):
     det_cls, det_box = jax.vmap(det_loss)(class_logits, box_deltas, roi_labels, box_targets,
                                           box_weights, roi_valid)
-  return det_cls, det_box, (roi_labels >= 1).sum(axis=1)
+  return det_cls * settings.loss.det_cls, det_box, (roi_labels >= 1).sum(axis=1)
 
 
 def _batch_valid(batch: Batch) -> jax.Array:
@@ -224,7 +182,7 @@ def proposals(params: Any, batch: Batch, *, model: faster_rcnn.FasterRCNN,
 
   Returns:
     {"boxes": [B, R, 4] xyxy in original-image pixels, "scores": [B, R] object probability,
-     "valid": [B, R] bool}, R = rpn_post_nms_top_n_test, by descending score.
+     "valid": [B, R] bool}, R = rpn.post_nms_top_n_test, by descending score.
   """
   *_, (boxes, scores, valid) = _rpn_and_proposals(params, batch, model, settings, train=False)
   scale = batch["scale"].astype(jnp.float32)[:, None, None]
@@ -240,7 +198,7 @@ def predict(params: Any, batch: Batch, *, model: faster_rcnn.FasterRCNN,
   Returns:
     {"boxes": [B, D, 4] xyxy in original-image pixels, "scores": [B, D] descending,
      "labels": [B, D] int32 in 1..C (0 where invalid), "valid": [B, D] bool},
-    D = test_detections_per_image; padding examples (batch "valid" False) have no detections.
+    D = test.detections_per_image; padding examples (batch "valid" False) have no detections.
   """
   features, _, _, _, (rois, _, rois_valid) = _rpn_and_proposals(
       params, batch, model, settings, train=False)
@@ -248,9 +206,9 @@ def predict(params: Any, batch: Batch, *, model: faster_rcnn.FasterRCNN,
       {"params": params}, features, rois, train=False, method=faster_rcnn.FasterRCNN.roi_head)
   class_scores = jax.nn.softmax(class_logits, axis=-1)
   detect = functools.partial(
-      postprocess.detections, weights=settings.roi_box_weights,
-      score_threshold=settings.test_score_threshold, nms_threshold=settings.test_nms_threshold,
-      max_detections=settings.test_detections_per_image, min_size=settings.test_min_size,
+      postprocess.detections, weights=settings.roi.box_weights,
+      score_threshold=settings.test.score_threshold, nms_threshold=settings.test.nms_threshold,
+      max_detections=settings.test.detections_per_image, min_size=settings.test.min_size,
       legacy_plus_one=settings.legacy_plus_one)
   with jax.named_scope("postprocess"):
     boxes, scores, labels, valid = jax.vmap(

@@ -15,7 +15,6 @@ import math
 import os
 import pathlib
 import sys
-import time
 from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from frcnn_jax.evaluation import plots
 from frcnn_jax.evaluation import voc as voc_eval
 from frcnn_jax.ops import images as image_ops
 from frcnn_jax.runtime import atomic_io
+from frcnn_jax.runtime import console
 from frcnn_jax.runtime import parallel
 
 METRICS = ("voc07", "voc12", "coco")
@@ -70,30 +70,6 @@ def _to_global(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str, j
   return parallel.host_batch_to_global(dict(batch), mesh)
 
 
-class _Progress:
-  """A one-line progress report: images done / total, speed."""
-
-  def __init__(self, total: int | None, enabled: bool):
-    self.total, self.enabled = total, enabled
-    self.start = time.monotonic()
-    self.last = -math.inf
-    self.last_done = -1
-    self.tty = sys.stderr.isatty()
-
-  def update(self, done: int, final: bool = False) -> None:
-    now = time.monotonic()
-    if not self.enabled or (not final and now - self.last < (0.5 if self.tty else 10.0)):
-      return
-    if final and not self.tty and done == self.last_done:
-      return                      # the same line is already on the console
-    self.last, self.last_done = now, done
-    rate = done / max(now - self.start, 1e-9)
-    total = f"/{self.total}" if self.total else ""
-    line = f"eval {done}{total} images, {rate:.1f} img/s"
-    end = "\n" if final or not self.tty else ""
-    print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
-
-
 def collect_detections(params: Any, batches: Iterable[Mapping[str, Any]], *, source,
                        model, settings: detector.DetectorSettings, mesh: jax.sharding.Mesh,
                        total: int | None = None, progress: bool = False
@@ -126,7 +102,9 @@ def collect_detections(params: Any, batches: Iterable[Mapping[str, Any]], *, sou
       the batch differs from its annotation's (the batches come from another source).
   """
   step = _gathered_predict(model, settings, mesh)
-  bar = _Progress(total, progress and jax.process_index() == 0)
+  bar = console.ProgressLine(total, label="eval", unit="images", stream=sys.stderr,
+                             enabled=progress and jax.process_index() == 0, overwrite=True,
+                             interval=0.5 if console.is_terminal(sys.stderr) else 10.0)
   per_image: dict[int, tuple[dict, dict]] = {}
 
   def record(outputs) -> None:
@@ -148,7 +126,7 @@ def collect_detections(params: Any, batches: Iterable[Mapping[str, Any]], *, sou
           {"boxes": ann["boxes"].astype(np.float64),
            "labels": ann["labels"].astype(np.int64),
            "difficult": ann["difficult"].astype(bool)})
-    bar.update(len(per_image))
+    bar.update(len(per_image), {"img/s": bar.rate(len(per_image))})
 
   pending = None
   for batch in batches:
@@ -164,7 +142,7 @@ def collect_detections(params: Any, batches: Iterable[Mapping[str, Any]], *, sou
     pending = outputs
   if pending is not None:
     record(pending)
-  bar.update(len(per_image), final=True)
+  bar.update(len(per_image), {"img/s": bar.rate(len(per_image))}, final=True)
   ids = np.array(sorted(per_image), np.int64)
   return [per_image[i][0] for i in ids], [per_image[i][1] for i in ids], ids
 
@@ -214,7 +192,8 @@ def format_table(result: Mapping[str, Any]) -> str:
   lines = [f"{'class':<{width}}  AP ({result['metric']})"]
   for name, ap in result["ap"].items():
     lines.append(f"{name:<{width}}  {'  n/a (no ground truth)' if ap is None else f'{ap:.4f}'}")
-  lines.append(f"{'mAP':<{width}}  {result['map']:.4f}   ({result['num_images']} images)")
+  lines.append(f"{'mAP':<{width}}  {result['map']:.4f}   "
+               f"({console.count(result['num_images'], 'image')})")
   if "coco" in result:
     lines.append(result["coco"]["summary"].rstrip())
   return "\n".join(lines)
@@ -311,8 +290,8 @@ def evaluate_params(params: Any, batches: Iterable[Mapping[str, Any]], *, source
 
 
 def split_name(config: ml_collections.ConfigDict) -> str:
-  """The eval split's name in report file names: "test" for shapes, else data.eval_split."""
-  return "test" if config.data.name == "shapes" else config.data.eval_split
+  """The eval split's name in report file names: the dataset's `eval_split`, else "test"."""
+  return config.data[config.data.name].get("eval_split", "test")
 
 
 def run_evaluation(config: ml_collections.ConfigDict, params: Any, *, step: int,

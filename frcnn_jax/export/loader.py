@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import zipfile
 from typing import Any
 
 import jax
@@ -212,10 +213,27 @@ def load(path: str | os.PathLike) -> ExportedDetector:
   """Loads a file written by the export command into a callable detector.
 
   Raises:
-    ValueError: the file is not a frcnn_jax export.
+    FileNotFoundError: there is no file at `path`.
+    ValueError: the file is not a frcnn_jax export (another kind of file, or another export
+      format); pickled data is refused, never loaded.
   """
-  with np.load(path) as data:
-    meta = json.loads(data["meta"].tobytes().decode())
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (FileNotFoundError, IsADirectoryError, PermissionError):
+    raise
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+    raise ValueError(f"{path} is not a frcnn_jax export (not a NumPy .npz archive)") from None
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise ValueError(f"{path} is not a frcnn_jax export (a single NumPy array, not an .npz "
+                     "archive)")
+  with data:
+    try:
+      meta = json.loads(data["meta"].tobytes().decode())
+    except (KeyError, ValueError, zipfile.BadZipFile):   # no meta, or not JSON text
+      raise ValueError(f"{path} is not a frcnn_jax export (no export metadata in the "
+                       "archive)") from None
+    if not isinstance(meta, dict):
+      raise ValueError(f"{path} is not a frcnn_jax export (its metadata is not an object)")
     if meta.get("format") not in (FORMAT, _FORMAT_ONE_CANVAS):
       raise ValueError(f"{path}: not a {FORMAT} file (format {meta.get('format')!r})")
     if meta["format"] == _FORMAT_ONE_CANVAS:   # one program for the canvas pad_hw

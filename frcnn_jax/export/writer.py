@@ -40,7 +40,6 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from frcnn_jax import detect
 from frcnn_jax.config import build as builders
 from frcnn_jax.config import flags as config_flags
 from frcnn_jax.config import run as run_config
@@ -159,7 +158,7 @@ def main(argv: Sequence[str]) -> None:
     for note in resolved.notes:
       logging.warning("%s", note)
     config = resolved.config
-    class_names = detect.class_names_from_config(config)
+    class_names = builders.class_names(config)
     mesh = parallel.make_mesh(jax.local_devices()[:1])
     params, step = restore.restore_params(f.workdir, mesh, None if f.step < 0 else f.step)
   except (ValueError, FileNotFoundError) as e:

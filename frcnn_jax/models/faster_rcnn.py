@@ -1,24 +1,28 @@
-"""Faster R-CNN network: input normalisation, VGG16 trunk, RPN head and RoI head.
+"""Faster R-CNN network: input normalisation, a backbone, the RPN head and a RoI head.
 
 The module holds parameters and forward passes only; anchors, targets, proposals, losses and
-post-processing live in `frcnn_jax.ops` and are joined in `frcnn_jax.detection.detector`. Call the parts
-with `model.apply(variables, ..., method=FasterRCNN.<method>)`; `model.init` (through
-`__call__`) creates every parameter.
+post-processing live in `frcnn_jax.ops` and are joined in `frcnn_jax.detection.detector`.
+Call the parts with `model.apply(variables, ..., method=FasterRCNN.<method>)`; `model.init`
+(through `__call__`) creates every parameter.
 """
 
+import dataclasses
 import functools
 from typing import Any
-from typing import Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from frcnn_jax.models import heads
+from frcnn_jax.config.fields import setting
+from frcnn_jax.models import backbones  # noqa: F401  pylint: disable=unused-import  # registers
+from frcnn_jax.models import conv
+from frcnn_jax.models import roi_heads  # noqa: F401  pylint: disable=unused-import  # registers
 from frcnn_jax.models import rpn
-from frcnn_jax.models import vgg
+from frcnn_jax.models.registry import BACKBONES
+from frcnn_jax.models.registry import ROI_HEADS
+from frcnn_jax.models.roi_heads.pooling import ROI_OPS
+from frcnn_jax.ops import roi as roi_ops
 
 INPUT_NORMS = ("caffe", "keras", "torchvision")
 CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)   # py-faster-rcnn's PIXEL_MEANS
@@ -54,68 +58,86 @@ def normalize_images(images: jax.Array, image_hw: jax.Array, input_norm: str) ->
   return jnp.where(inside[..., None], x, 0.0)
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _backbone_name(name: str) -> str:
+  return "" if name in BACKBONES.names() else f"must be a registered backbone {BACKBONES.names()}"
+
+
+def _roi_head_name(name: str) -> str:
+  return "" if name in ROI_HEADS.names() else f"must be a registered RoI head {ROI_HEADS.names()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  """`model`: the parts of the network by name (their own keys are `model.<name>`) and the
+  settings they share."""
+  backbone: str = setting("vgg16", "the backbone; its keys are model.<backbone>",
+                          check=_backbone_name)
+  roi_head: str = setting("fc", "the RoI head; its keys are model.<roi_head>",
+                          check=_roi_head_name)
+  pretrained: str = setting("", "converted ImageNet weights of the backbone (e.g. .npz from "
+                            "scripts/convert_vgg16.py)", role="training")
+  input_norm: str = setting("caffe", "the pretrained weights' own: caffe (BGR - "
+                            "py-faster-rcnn's mean pixel) | keras (BGR - the Keras VGG16 mean "
+                            "pixel) | torchvision (RGB mean/std)", choices=INPUT_NORMS)
+  rpn_objectness: str = setting("softmax", "softmax (2k, the paper) | sigmoid (k)",
+                                choices=rpn.OBJECTNESS_MODES)
+  roi_op: str = setting("roi_pool", "roi_pool | roi_align", choices=ROI_OPS)
+  roi_pool_coordinates: str = setting("torchvision", "roi_pool rounds x2 * scale "
+                                      "(torchvision) | caffe: (x2 - 1) * scale, the inclusive "
+                                      "end pixel", choices=roi_ops.ROI_POOL_COORDINATES)
+  roi_size: int = setting(7, "RoI op output side", minimum=1)
+  roi_sampling_ratio: int = setting(2, "roi_align samples per bin side")
+  roi_aligned: bool = setting(False, "roi_align's half-pixel offset")
+  legacy_plus_one: bool = setting(False, "decoded proposals / detections 1 px wider and "
+                                  "taller, as py-faster-rcnn's bbox_transform_inv")
+  dtype: str = setting("float32", "compute dtype: float32 | bfloat16", role="test",
+                       choices=tuple(DTYPES))
+  conv_grad: str = setting("auto", "3x3 conv gradients: xla (lax's) | per_tap (weight "
+                           "gradients as per-tap matmuls, models/conv.py; faster on CPU) | "
+                           "auto (per_tap on CPU, else xla); same parameters", role="local",
+                           choices=("auto",) + conv.CONV_GRADS)
+
+
 class FasterRCNN(nn.Module):
-  """VGG16 Faster R-CNN network.
+  """Faster R-CNN network: `trunk` (a backbone) shared by the RPN head and `head` (a RoI head).
 
   Attributes:
-    num_classes: C foreground classes.
-    width: channel multiplier of the trunk and RPN conv (1.0: VGG16).
-    convs_per_block: convolutions per trunk block ((2, 2, 3, 3, 3): VGG16).
-    frozen_blocks: leading trunk blocks without gradient (2: conv1, conv2).
-    stride: trunk output stride, 16 (VGG16) or 8 (no pool after block 4).
-    pool_ceil_mode: the trunk's max pools round up (Caffe, py-faster-rcnn) instead of down.
+    trunk: the backbone module (models/registry.py's contract): features, stride, channels.
+    head: the RoI head module: RoI features -> class logits and box deltas.
     input_norm: "caffe", "keras" or "torchvision" (must match the pretrained weights).
     num_anchors: k anchors per location.
     rpn_objectness: "softmax" (2k) or "sigmoid" (k).
-    roi_op: "roi_pool" or "roi_align".
-    roi_pool_coordinates: roi_pool's RoI rounding, "torchvision" or "caffe" (ops/roi.py).
-    roi_size: RoI op output size.
-    roi_sampling_ratio: roi_align samples per bin side.
-    roi_aligned: roi_align half-pixel offset.
-    fc_dim: fc6 / fc7 width.
-    dropout: head dropout rate.
-    conv_grad: how the trunk's and the RPN's 3x3 convolutions compute their gradients, "xla"
-      (lax's) or "per_tap" (models/conv.py: weight gradients as per-tap matmuls, faster on
-      CPU); it changes neither the parameters nor, beyond float rounding, the results.
+    conv_grad: how the RPN's 3x3 convolution computes its gradients, "xla" or "per_tap"
+      (models/conv.py); it changes neither the parameters nor, beyond float rounding, the
+      results.
     dtype: computation dtype (float32 or bfloat16); parameters stay param_dtype and the
       outputs are float32.
     param_dtype: parameter dtype.
   """
-  num_classes: int
-  width: float = 1.0
-  convs_per_block: Sequence[int] = vgg.VGG16_CONVS_PER_BLOCK
-  frozen_blocks: int = 2
-  stride: int = vgg.STRIDE
-  pool_ceil_mode: bool = False
+  trunk: nn.Module
+  head: nn.Module
   input_norm: str = "caffe"
   num_anchors: int = 9
   rpn_objectness: str = "softmax"
-  roi_op: str = "roi_pool"
-  roi_pool_coordinates: str = "torchvision"
-  roi_size: int = 7
-  roi_sampling_ratio: int = 2
-  roi_aligned: bool = False
-  fc_dim: int = 4096
-  dropout: float = 0.5
   conv_grad: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @property
+  def stride(self) -> int:
+    return self.trunk.stride
+
+  @property
+  def num_classes(self) -> int:
+    return self.head.num_classes
+
   def setup(self):
-    precision = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.trunk = vgg.VGG16(width=self.width, convs_per_block=tuple(self.convs_per_block),
-                           frozen_blocks=self.frozen_blocks, stride=self.stride,
-                           pool_ceil_mode=self.pool_ceil_mode, conv_grad=self.conv_grad,
-                           **precision)
-    self.rpn = rpn.RPNHead(num_anchors=self.num_anchors,
-                           channels=vgg.scaled_channels(512, self.width),
+    self.rpn = rpn.RPNHead(num_anchors=self.num_anchors, channels=self.trunk.out_channels,
                            objectness=self.rpn_objectness, conv_grad=self.conv_grad,
-                           **precision)
-    self.head = heads.RoIHead(num_classes=self.num_classes, roi_op=self.roi_op,
-                              roi_pool_coordinates=self.roi_pool_coordinates,
-                              roi_size=self.roi_size, sampling_ratio=self.roi_sampling_ratio,
-                              aligned=self.roi_aligned, spatial_scale=1.0 / self.stride,
-                              fc_dim=self.fc_dim, dropout=self.dropout, **precision)
+                           dtype=self.dtype, param_dtype=self.param_dtype)
 
   def features_and_rpn(self, images: jax.Array,
                        image_hw: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -126,8 +148,8 @@ class FasterRCNN(nn.Module):
       image_hw: [B, 2] true image sizes inside the canvases.
 
     Returns:
-      features: [B, h, w, 512 * width] in the compute dtype, h = H // s and w = W // s
-        (s = stride; ceil(H / s), ceil(W / s) with pool_ceil_mode).
+      features: [B, h, w, trunk.out_channels] in the compute dtype, (h, w) =
+        trunk.output_hw(H, W).
       rpn_logits: [B, A, 2 or 1] float32, A = h * w * k in anchor_grid order.
       rpn_deltas: [B, A, 4] float32.
     """
@@ -166,12 +188,12 @@ def init_params(model: FasterRCNN, key: jax.Array) -> Any:
 PARTS = ("trunk", "rpn", "head")
 
 
-def trainable_mask(model: FasterRCNN, params: Any, parts: Sequence[str] = PARTS) -> Any:
+def trainable_mask(model: FasterRCNN, params: Any, parts: tuple[str, ...] = PARTS) -> Any:
   """Bool pytree like `params` for `optax.masked`: True where a parameter is trained.
 
-  False for the frozen trunk blocks (`model.frozen_blocks`; all blocks freeze the whole trunk)
-  and for every parameter of a part ("trunk", "rpn", "head") not in `parts`: the stages of
-  alternating training train the RPN or the head alone.
+  False for the backbone's frozen parameters (`model.trunk.trainable`) and for every parameter
+  of a part ("trunk", "rpn", "head") not in `parts`: the stages of alternating training train
+  the RPN or the head alone.
 
   Raises:
     ValueError: an unknown part.
@@ -179,43 +201,10 @@ def trainable_mask(model: FasterRCNN, params: Any, parts: Sequence[str] = PARTS)
   unknown = set(parts) - set(PARTS)
   if unknown:
     raise ValueError(f"parts must be among {PARTS}, got {sorted(unknown)}")
-  mask = dict(vgg.trainable_mask(params, model.frozen_blocks))
+  mask = {part: jax.tree.map(lambda _: True, params[part]) for part in params}
+  if "trunk" in params:
+    mask["trunk"] = model.trunk.trainable(params["trunk"])
   for part in PARTS:
     if part not in parts:
       mask[part] = jax.tree.map(lambda _: False, params[part])
   return mask
-
-
-def load_pretrained(params: Any, path: str, input_norm: str | None = None) -> Any:
-  """Merges a converted VGG16 .npz (scripts/convert_vgg16.py) into initialised parameters.
-
-  Args:
-    params: the `params` collection from `init_params`.
-    path: .npz with "conv1_1/kernel", ..., optional "fc6/kernel", "fc7/..." and the metadata
-      "input_norm" (entries without "/" are metadata).
-    input_norm: the model's input normalisation; a ValueError if the weights expect another.
-
-  Returns:
-    A new params tree: trunk convs (and fc6/fc7 when present) replaced by the file's arrays.
-
-  Raises:
-    ValueError: on an input-normalisation mismatch, an unknown layer or a shape mismatch.
-  """
-  with np.load(path) as data:
-    arrays = {name: data[name] for name in data.files if "/" in name}
-    expected_norm = str(data["input_norm"]) if "input_norm" in data.files else ""
-  if input_norm is not None and expected_norm and expected_norm != input_norm:
-    raise ValueError(f"{path} expects model.input_norm={expected_norm!r}, but the model uses "
-                     f"{input_norm!r}")
-  params = flax.core.unfreeze(params)
-  for name, value in arrays.items():
-    layer, leaf = name.split("/")
-    module = "head" if layer in ("fc6", "fc7") else "trunk"
-    if layer not in params[module]:
-      raise ValueError(f"{path}: layer {layer!r} does not exist in the model ({module})")
-    current = params[module][layer][leaf]
-    if current.shape != value.shape:
-      raise ValueError(f"{path}: {name} has shape {value.shape}, the model expects "
-                       f"{current.shape}")
-    params[module][layer][leaf] = jnp.asarray(value, current.dtype)
-  return params

@@ -1,4 +1,4 @@
-"""Training metrics: TensorBoard event files, a JSON-lines file and a console progress line.
+"""Training metrics: TensorBoard event files, a JSON-lines file and the console log.
 
 Only the primary process (index 0) writes; the others get a writer whose methods do nothing,
 so callers need no `if jax.process_index() == 0` of their own.
@@ -10,6 +10,8 @@ Files in the workdir:
                                       each line written whole with one write and a flush
   console.log                         the console: progress and evaluation lines, warnings
                                       and errors, this package's info records, timestamped
+                                      (records with their level and file:line)
+The progress line itself is `frcnn_jax.runtime.console.ProgressLine`.
 """
 
 import datetime
@@ -18,20 +20,12 @@ import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Mapping
 from typing import TextIO
 
 from frcnn_jax.runtime import atomic_io
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _fmt_duration(seconds: float) -> str:
-  seconds = max(int(seconds), 0)
-  hours, rest = divmod(seconds, 3600)
-  minutes, secs = divmod(rest, 60)
-  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
 def _json_number(value: float) -> float | None:
@@ -136,8 +130,8 @@ class ConsoleLog:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
       self._file = open(path, "a", encoding="utf-8")
       self._handler = logging.StreamHandler(self._file)
-      self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                                   "%Y-%m-%d %H:%M:%S"))
+      self._handler.setFormatter(logging.Formatter(
+          "%(asctime)s %(levelname)s %(filename)s:%(lineno)d] %(message)s", "%Y-%m-%d %H:%M:%S"))
       self._handler.addFilter(_LogRecords())
       logging.getLogger().addHandler(self._handler)
 
@@ -172,46 +166,3 @@ class ConsoleLog:
     logging.getLogger().removeHandler(self._handler)
     self._file.close()
     self._file = None
-
-
-class ProgressLine:
-  """Prints `step / total | loss ... | lr | img/s | ETA` lines to the console.
-
-  Args:
-    total_steps: the run's last step (for the percentage and ETA).
-    start_step: the step the run starts (or resumes) at.
-    enabled: False prints nothing (non-primary processes).
-    stream: where to print (stdout by default).
-  """
-
-  def __init__(self, total_steps: int, start_step: int = 0, *, enabled: bool = True,
-               stream: TextIO | None = None):
-    self.total_steps = total_steps
-    self.enabled = enabled
-    self.stream = stream or sys.stdout
-    self._t0 = time.monotonic()
-    self._step0 = start_step
-
-  def eta_seconds(self, step: int) -> float:
-    """Seconds left at the average speed since the start (excluding compilation's first step)."""
-    done = step - self._step0
-    if done <= 0:
-      return float("nan")
-    return (time.monotonic() - self._t0) / done * (self.total_steps - step)
-
-  def restart_clock(self, step: int) -> None:
-    """Measures speed from `step` on (call after the first, compiling, step)."""
-    self._t0 = time.monotonic()
-    self._step0 = step
-
-  def update(self, step: int, scalars: Mapping[str, float]) -> str:
-    """Prints and returns one progress line for `step`."""
-    parts = [f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.0f}%)"]
-    for name, value in scalars.items():
-      parts.append(f"{name} {value:.4g}")
-    eta = self.eta_seconds(step)
-    parts.append("ETA " + ("?" if eta != eta else _fmt_duration(eta)))
-    line = " | ".join(parts)
-    if self.enabled:
-      print(line, file=self.stream, flush=True)
-    return line

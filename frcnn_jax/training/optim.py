@@ -20,13 +20,13 @@ before the momentum, so a learning-rate drop takes effect at once instead of bei
 the momentum's memory. `make_optimizer` reproduces exactly this order.
 """
 
-import math
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -46,6 +46,13 @@ def make_schedule(
 ) -> Callable[[jax.Array], jax.Array]:
   """Returns the learning rate as a function of the update count.
 
+  The decay is optax's: `optax.piecewise_constant_schedule` (the rate is multiplied by `decay`
+  once the count reaches a boundary, `count >= boundary`, Caffe's "step" rule) or
+  `optax.cosine_decay_schedule` started at `warmup_steps` (`optax.join_schedules`). The
+  warmup multiplies it by `warmup_factor + (1 - warmup_factor) * count / warmup_steps` while
+  `count < warmup_steps`: py-faster-rcnn-style linear warmup, kept as this one expression
+  because `optax.linear_schedule` rounds differently (its rates differ in the last bit).
+
   Args:
     base_lr: learning rate after warmup and before any decay.
     schedule: "piecewise" (multiply by `decay` at each of `boundaries`) or "cosine" (from
@@ -53,11 +60,16 @@ def make_schedule(
     num_steps: total number of updates (the cosine's end).
     warmup_steps: updates of linear warmup from `warmup_factor * base_lr` to `base_lr`.
     warmup_factor: fraction of `base_lr` at update 0 when warming up.
-    boundaries: update counts at which the piecewise schedule decays (ascending).
+    boundaries: update counts at which the piecewise schedule decays (ascending; a count
+      given twice decays twice).
     decay: factor applied at each piecewise boundary.
 
   Returns:
     A function from an int update count (scalar) to the float32 learning rate.
+
+  Raises:
+    ValueError: an unknown schedule, boundaries not ascending, num_steps < 1 or
+      warmup_steps < 0.
   """
   if schedule not in ("piecewise", "cosine"):
     raise ValueError(f"schedule must be 'piecewise' or 'cosine', got {schedule!r}.")
@@ -65,18 +77,21 @@ def make_schedule(
     raise ValueError(f"lr boundaries must be ascending, got {tuple(boundaries)}.")
   if num_steps <= 0 or warmup_steps < 0:
     raise ValueError(f"need num_steps > 0 and warmup_steps >= 0, got {num_steps}, {warmup_steps}.")
-  bounds = jnp.asarray(list(boundaries) or [num_steps + 1], jnp.int32)
-  use_bounds = bool(boundaries)
+  if schedule == "piecewise":
+    scales: dict[int, float] = {}
+    for boundary in boundaries:   # a repeated boundary: the decays multiplied (in float32)
+      scales[int(boundary)] = float(np.float32(scales.get(int(boundary), 1.0))
+                                    * np.float32(decay))
+    decayed = optax.piecewise_constant_schedule(base_lr, scales or None)
+  else:
+    decayed = optax.join_schedules(
+        [optax.constant_schedule(base_lr),
+         optax.cosine_decay_schedule(base_lr, max(num_steps - warmup_steps, 1))],
+        [warmup_steps])
 
   def lr_fn(count: jax.Array) -> jax.Array:
     count = jnp.asarray(count, jnp.int32)
-    if schedule == "piecewise":
-      passed = jnp.sum(count >= bounds) if use_bounds else 0
-      lr = base_lr * jnp.power(jnp.float32(decay), passed)
-    else:
-      span = max(num_steps - warmup_steps, 1)
-      frac = jnp.clip((count - warmup_steps) / span, 0.0, 1.0)
-      lr = base_lr * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+    lr = jnp.asarray(decayed(count), jnp.float32)
     if warmup_steps > 0:
       ramp = warmup_factor + (1.0 - warmup_factor) * count / warmup_steps
       lr = lr * jnp.where(count < warmup_steps, ramp, 1.0)

@@ -1,6 +1,7 @@
 """Drawing boxes on images (Pillow), for `detect` and scripts/visualize.py: captioned boxes
-(captions kept inside the image), score-coloured boxes with a colour bar, legends, and pictures
-side by side."""
+(captions kept inside the image and apart from each other), score-coloured boxes with a colour
+bar, legends, pictures side by side, and the enlargement of small images for readable
+captions."""
 
 import colorsys
 from collections.abc import Sequence
@@ -25,6 +26,10 @@ def draw_boxes(image: np.ndarray | Image.Image, boxes: np.ndarray,
                dashed: bool = False) -> Image.Image:
   """Draws boxes, each captioned "name score", on a copy of an image.
 
+  Outlines are drawn first, then the captions on top, placed by `place_captions` so that they
+  do not overlap one another where the image has room (the best-scoring box gets the first
+  choice of spot).
+
   Args:
     image: uint8 [H, W, 3] RGB array or a Pillow image (converted to RGB).
     boxes: [N, 4] xyxy boxes in the image's pixels (continuous coordinates).
@@ -32,7 +37,8 @@ def draw_boxes(image: np.ndarray | Image.Image, boxes: np.ndarray,
     scores: [N] scores shown after the name, or None.
     class_names: C names; label c is class_names[c - 1]. Without it the number is shown.
     colour: one RGB colour for every box; default: a colour per label.
-    width: line width in pixels. Captions scale with the image (8 to 18 px).
+    width: line width in pixels. Captions scale with the image (8 to 18 px; enlarge small
+      images first, see `enlarge`, for readable captions).
     dashed: draw dashed outlines (e.g. ground truth next to detections).
 
   Returns:
@@ -42,26 +48,97 @@ def draw_boxes(image: np.ndarray | Image.Image, boxes: np.ndarray,
   boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
   draw = ImageDraw.Draw(canvas)
   caption_font = font(int(np.clip(round(min(canvas.size) / 32), 8, 18)))
+  fills = []
   for k, (x1, y1, x2, y2) in enumerate(boxes):
     label = None if labels is None else int(labels[k])
     fill = colour or (class_colour(label) if label is not None else (255, 64, 64))
+    fills.append(fill)
     # A continuous box [x1, x2) covers pixels x1 .. x2 - 1: draw the outline on those.
     rect = (x1, y1, max(x1, x2 - 1), max(y1, y2 - 1))
     if dashed:
       _dashed_rectangle(draw, rect, fill, width)
     else:
       draw.rectangle(rect, outline=fill, width=width)
-    if label is None:
-      continue
+  if labels is None or not len(boxes):
+    return canvas
+  texts, sizes, offsets = [], [], []
+  for k in range(len(boxes)):
+    label = int(labels[k])
     text = class_names[label - 1] if class_names is not None else str(label)
     if scores is not None:
       text = f"{text} {float(scores[k]):.2f}"
     left, top, right, bottom = draw.textbbox((0, 0), text, font=caption_font)
-    tw, th = right - left + 4, bottom - top + 4
-    tx, ty = caption_origin((x1, y1, x2, y2), (tw, th), canvas.size)
-    draw.rectangle((tx, ty, tx + tw - 1, ty + th - 1), fill=fill)
-    draw.text((tx + 2 - left, ty + 2 - top), text, fill=(0, 0, 0), font=caption_font)
+    texts.append(text)
+    sizes.append((right - left + 4, bottom - top + 4))
+    offsets.append((left, top))
+  order = (np.argsort(-np.asarray(scores, np.float64), kind="stable") if scores is not None
+           else None)
+  for k, (tx, ty) in enumerate(place_captions(boxes, sizes, canvas.size, order=order)):
+    (tw, th), (left, top) = sizes[k], offsets[k]
+    draw.rectangle((tx, ty, tx + tw - 1, ty + th - 1), fill=fills[k])
+    draw.text((tx + 2 - left, ty + 2 - top), texts[k], fill=(0, 0, 0), font=caption_font)
   return canvas
+
+
+def place_captions(boxes: np.ndarray, sizes: Sequence[tuple[int, int]],
+                   image_size: tuple[int, int], *,
+                   order: Sequence[int] | None = None) -> list[tuple[int, int]]:
+  """Top-left corners of one caption per box, kept inside the image and apart from each other.
+
+  Captions are placed one after another in `order` (default: as given). Each takes the first
+  free one of: its `caption_origin` spot (above the box), just inside the box's top edge, just
+  below its bottom edge, just inside its bottom edge; when all are taken, the free spot in the
+  same columns nearest to the first choice (below before above on a tie). Only when the whole
+  column is taken does it overlap, at its first choice.
+
+  Args:
+    boxes: [N, 4] xyxy boxes in pixels.
+    sizes: N (width, height) of the captions' backgrounds.
+    image_size: (width, height) of the image.
+    order: the placing order (earlier captions get their preferred spot).
+
+  Returns:
+    N (x, y) integer corners, in the order of `boxes`; caption k covers pixels
+    [x, x + width) x [y, y + height).
+  """
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  height = int(image_size[1])
+  placed: list[tuple[int, int, int, int]] = []
+  corners: list[tuple[int, int]] = [(0, 0)] * len(boxes)
+  for k in (range(len(boxes)) if order is None else order):
+    k = int(k)
+    tw, th = int(sizes[k][0]), int(sizes[k][1])
+    tx, first = caption_origin(boxes[k], (tw, th), image_size)
+    lowest = max(height - th, 0)
+    # Values of y at which the caption would overlap one placed before: (y1 - th, y2) each.
+    blocked = sorted((py1 - th + 1, py2 - 1) for px1, py1, px2, py2 in placed
+                     if px1 < tx + tw and tx < px2)
+    free = lambda y, blocked=blocked: not any(lo <= y <= hi for lo, hi in blocked)
+    top, bottom = boxes[k, 1], boxes[k, 3]
+    options = [first] + [int(round(min(max(y, 0.0), lowest))) for y in (top, bottom, bottom - th)]
+    ty = next((y for y in options if free(y)), None)
+    if ty is None:
+      ty = _nearest_free(first, blocked, lowest)
+    corners[k] = (tx, ty)
+    placed.append((tx, ty, tx + tw, ty + th))
+  return corners
+
+
+def _nearest_free(y: int, blocked: Sequence[tuple[int, int]], lowest: int) -> int:
+  """The value in [0, lowest] nearest to `y` outside every inclusive interval of `blocked`
+  (sorted by start); `y` itself when there is none."""
+  merged: list[list[int]] = []
+  for lo, hi in blocked:
+    if merged and lo <= merged[-1][1] + 1:
+      merged[-1][1] = max(merged[-1][1], hi)
+    else:
+      merged.append([lo, hi])
+  for lo, hi in merged:
+    if lo <= y <= hi:
+      below, above = hi + 1, lo - 1
+      choices = [c for c in (below, above) if 0 <= c <= lowest]
+      return min(choices, key=lambda c: abs(c - y)) if choices else y
+  return y
 
 
 def caption_origin(box: Sequence[float], text_size: tuple[int, int],
@@ -83,6 +160,21 @@ def caption_origin(box: Sequence[float], text_size: tuple[int, int],
   tx = min(max(x1, 0.0), width - tw)
   ty = min(max(ty, 0.0), height - th)
   return int(round(max(tx, 0.0))), int(round(max(ty, 0.0)))
+
+
+def display_factor(hw: Sequence[int], min_side: int = 256) -> int:
+  """The integer upscaling that makes a small image's captions readable: shorter side >=
+  `min_side` (1 for images that large already)."""
+  return max(1, -(-int(min_side) // max(1, min(int(v) for v in hw))))
+
+
+def enlarge(image: np.ndarray | Image.Image, factor: int) -> Image.Image:
+  """An RGB copy of `image` enlarged `factor` times (nearest neighbour: pixels stay sharp);
+  boxes drawn on it are multiplied by `factor`."""
+  picture = _rgb(image)
+  if factor == 1:
+    return picture
+  return picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
 
 
 def font(size: int) -> ImageFont.ImageFont:

@@ -4,6 +4,7 @@ import glob
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -11,6 +12,7 @@ from absl import flags
 from frcnn_jax.config import build as builders
 from frcnn_jax.config import defaults
 from frcnn_jax.config import flags as config_flags
+from frcnn_jax.data.sources import base
 from frcnn_jax.ops import anchors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,7 +35,7 @@ def _parse(argv, monkeypatch):
 def test_every_experiment_loads_and_validates(path):
   config = config_flags.load_config(path)
   assert config.train.num_steps >= 1
-  assert config.data.name in config_flags.CHOICES["data.name"]
+  assert config.data.name in base.SOURCES.names()
 
 
 def test_voc_is_the_paper_setting():
@@ -46,13 +48,13 @@ def test_voc_is_the_paper_setting():
                                                                                    5e-4)
   # Biases: lr_mult 2 and Caffe's default decay_mult 1 (decayed).
   assert (voc.train.bias_lr_mult, voc.train.bias_weight_decay) == (2.0, True)
-  assert (voc.data.min_size, voc.data.max_size, voc.model.frozen_blocks) == (600, 1000, 2)
+  assert (voc.data.min_size, voc.data.max_size, voc.model.vgg16.frozen_blocks) == (600, 1000, 2)
   assert voc.data.drop_images_without_objects
   # Caffe geometry (README "Deviations from py-faster-rcnn").
-  assert (voc.model.anchor_style, voc.model.pool_ceil_mode, voc.model.roi_pool_coordinates,
+  assert (voc.anchors.style, voc.model.vgg16.pool_ceil_mode, voc.model.roi_pool_coordinates,
           voc.model.legacy_plus_one) == ("py-faster-rcnn", True, "caffe", True)
   voc0712 = config_flags.load_config(os.path.join(ROOT, "experiments", "voc0712.py"))
-  assert voc0712.data.years == ("2007", "2012") and voc0712.data.eval_year == "2007"
+  assert voc0712.data.voc_tfds.years == ("2007", "2012") and voc0712.data.voc_tfds.eval_year == "2007"
   assert (voc0712.train.batch_size, voc0712.train.num_steps, voc0712.train.lr_boundaries) == (
       2, 110000, (80000,))
 
@@ -62,10 +64,10 @@ def test_coco_is_the_paper_setting():
   assert (coco.train.batch_size, coco.train.num_steps, coco.train.lr_boundaries) == (
       8, 320000, (240000,))
   assert (coco.train.learning_rate, coco.train.warmup_steps) == (0.003, 0)
-  assert coco.model.anchor_sizes == (64, 128, 256, 512) and len(coco.model.anchor_ratios) == 3
+  assert coco.anchors.sizes == (64, 128, 256, 512) and len(coco.anchors.ratios) == 3
   assert (coco.data.name, coco.eval.metric, coco.roi.bg_iou_lo) == ("coco_json", "coco", 0.0)
   assert coco.data.drop_images_without_objects and coco.train.bias_weight_decay
-  assert coco.model.dropout == 0.0      # py-faster-rcnn's coco prototxts have no drop6 / drop7
+  assert coco.model.fc.dropout == 0.0      # py-faster-rcnn's coco prototxts have no drop6 / drop7
 
 
 def _generate_anchors(base_size=16, ratios=(0.5, 1, 2), scales=(8, 16, 32)):
@@ -99,8 +101,8 @@ def test_paper_config_anchors_are_py_faster_rcnn_anchors(name, scales):
   pass scales 4, 8, 16, 32), inclusive boxes centred at 7.5 = continuous boxes centred at 8."""
   config = config_flags.load_config(os.path.join(ROOT, "experiments", name))
   settings = builders.detector_settings_from_config(config)
-  ours = anchors.anchor_grid(1, 1, settings.anchor_stride, settings.anchor_sizes,
-                             settings.anchor_ratios, settings.anchor_style)
+  ours = anchors.anchor_grid(1, 1, settings.stride, settings.anchors.sizes,
+                             settings.anchors.ratios, settings.anchors.style)
   reference = _generate_anchors(scales=scales) + np.array([0.0, 0.0, 1.0, 1.0])
   np.testing.assert_allclose(ours, reference, atol=1e-4)
 
@@ -168,8 +170,13 @@ def test_accumulated_steps_make_one_update_at_the_update_count_learning_rate():
 
 
 class _NoFrozen:
-  """Stands in for the model in `optimizer_from_config`: frozen_blocks = 0."""
-  frozen_blocks = 0
+  """Stands in for the model in `optimizer_from_config`: its trunk freezes nothing."""
+
+  class trunk:  # pylint: disable=invalid-name
+
+    @staticmethod
+    def trainable(params):
+      return jax.tree.map(lambda _: True, params)
 
 
 @pytest.mark.parametrize("arg", ["0", "2x0", "x2", "1x2x3", "two"])
@@ -180,9 +187,9 @@ def test_voc_bad_batch_argument(arg):
 
 def test_overrides_are_applied_and_type_checked():
   config = defaults.get_config()
-  config_flags.apply_overrides(config, {"train.num_steps": 5, "model.anchor_sizes": [8, 16],
+  config_flags.apply_overrides(config, {"train.num_steps": 5, "anchors.sizes": [8, 16],
                                         "train.learning_rate": 1})
-  assert config.train.num_steps == 5 and config.model.anchor_sizes == (8, 16)
+  assert config.train.num_steps == 5 and config.anchors.sizes == (8, 16)
   with pytest.raises(config_flags.ConfigError, match=r"'train.num_stepz'.*'train.num_steps'"):
     config_flags.apply_overrides(config, {"train.num_stepz": 5})
   with pytest.raises(config_flags.ConfigError, match="'train.num_steps' expects int"):

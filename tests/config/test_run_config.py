@@ -52,18 +52,18 @@ def test_from_json_fills_missing_keys_and_rejects_wrong_types():
   config, notes = run_config.from_json(record)
   assert config.train.log_every == defaults.get_config().train.log_every
   assert any("train.log_every='often'" in n for n in notes)
-  record["model"]["anchor_sizes"] = 128
-  with pytest.raises(run_config.RunConfigError, match="model.anchor_sizes"):
+  record["anchors"]["sizes"] = 128
+  with pytest.raises(run_config.RunConfigError, match="anchors.sizes"):
     run_config.from_json(record)
 
 
 def test_every_default_key_has_a_kind():
   kinds = {k: run_config.kind_of(k) for k in run_config.flatten(defaults.get_config())}
   assert kinds["test.nms_threshold"] == kinds["rpn.post_nms_top_n_test"] == "test"
-  assert kinds["data.data_dir"] == kinds["eval.batch_size"] == "local"
+  assert kinds["data.voc_tfds.data_dir"] == kinds["eval.batch_size"] == "local"
   assert kinds["train.num_steps"] == kinds["roi.fg_fraction"] == "training"
-  for key in ("model.roi_op", "model.fc_dim", "data.classes", "roi.box_weights", "data.name",
-              "model.anchor_sizes", "model.anchor_stride"):
+  for key in ("model.roi_op", "model.fc.dim", "data.voc_tfds.classes", "roi.box_weights", "data.name",
+              "anchors.sizes", "model.vgg16.stride"):
     assert kinds[key] == "fixed", key
 
 
@@ -77,23 +77,23 @@ def _workdir(tmp_path, **changes):
 
 def test_resolve_classifies_every_difference(tmp_path):
   workdir, _ = _workdir(tmp_path, **{"train.num_steps": 300,
-                                     "data.data_dir": "/data/mine"})
-  # The experiment file differs from the run in train.num_steps and data.data_dir (set on the
+                                     "data.voc_tfds.data_dir": "/data/mine"})
+  # The experiment file differs from the run in train.num_steps and data.voc_tfds.data_dir (set on the
   # training command line): neither may change what evaluation computes.
   given = config_flags.load_config(SHAPES, {"test.nms_threshold": 0.4})
   resolved = run_config.resolve(workdir, given, from_file=True)
   assert resolved.overrides == {"test.nms_threshold": 0.4}
   assert resolved.config.test.nms_threshold == 0.4
   assert resolved.config.train.num_steps == 300
-  assert resolved.config.data.data_dir == "/data/mine"
+  assert resolved.config.data.voc_tfds.data_dir == "/data/mine"
   assert any("train.num_steps" in n for n in resolved.notes)
   # A local key given explicitly on the command line is used, and is no override.
-  given = config_flags.load_config(SHAPES, {"data.data_dir": "/elsewhere"})
-  resolved = run_config.resolve(workdir, given, from_file=True, explicit=["data.data_dir"])
-  assert resolved.config.data.data_dir == "/elsewhere" and resolved.overrides == {}
+  given = config_flags.load_config(SHAPES, {"data.voc_tfds.data_dir": "/elsewhere"})
+  resolved = run_config.resolve(workdir, given, from_file=True, explicit=["data.voc_tfds.data_dir"])
+  assert resolved.config.data.voc_tfds.data_dir == "/elsewhere" and resolved.overrides == {}
   # Keys that shape the model are errors naming the key and both values.
-  for key, value in (("model.roi_op", "roi_pool"), ("model.fc_dim", 128),
-                     ("model.anchor_sizes", (16, 32))):
+  for key, value in (("model.roi_op", "roi_pool"), ("model.fc.dim", 128),
+                     ("anchors.sizes", (16, 32))):
     given = config_flags.load_config(SHAPES, {key: value})
     with pytest.raises(run_config.RunConfigError, match=key.replace(".", r"\.")):
       run_config.resolve(workdir, given, from_file=True)
@@ -144,32 +144,35 @@ def test_workdir_config_is_the_default(tmp_path, monkeypatch):
   assert run_config.is_run_config_flag(flag.config_filename)
   assert flag.value.test.nms_threshold == 0.4
   assert flag.value.train.num_steps == 300
-  assert flag.value.model.anchor_sizes == config.model.anchor_sizes  # a tuple again
+  assert flag.value.anchors.sizes == config.anchors.sizes  # a tuple again
   resolved = run_config.resolve(workdir, flag.value, from_file=False,
                                 explicit=flag.override_values)
   assert resolved.overrides == {"test.nms_threshold": 0.4}
-  flag = _parse(["--workdir", str(workdir), "--config.model.fc_dim=8"], monkeypatch)
-  with pytest.raises(run_config.RunConfigError, match="model.fc_dim"):
+  flag = _parse(["--workdir", str(workdir), "--config.model.fc.dim=8"], monkeypatch)
+  with pytest.raises(run_config.RunConfigError, match="model.fc.dim"):
     run_config.resolve(workdir, flag.value, from_file=False, explicit=flag.override_values)
 
 
 @pytest.mark.parametrize("argv,expected", [
     ([], "--config is required"),
-    (["--workdir", "{tmp}"], "config.json does not exist"),
+    (["--workdir", "{tmp}"], "holds no run: {tmp}/config.json does not exist"),
+    (["--workdir", "{tmp}/nope"], "--workdir {tmp}/nope holds no run: the folder does not exist"),
     (["--config", "nope.py", "--config.train.num_steps=5"], "'nope.py' does not exist"),
 ])
 def test_missing_config_is_a_message(argv, expected, tmp_path, monkeypatch):
   message = _parse([a.format(tmp=tmp_path) for a in argv], monkeypatch)
+  expected = expected.format(tmp=tmp_path)
   assert isinstance(message, str) and expected in message, message
+  assert "--config is required" not in message or not argv
 
 
 def test_tuple_given_twice_last_wins(monkeypatch):
-  flag = _parse(["--config", SHAPES, "--config.model.anchor_sizes=(16,32)",
-                 "--config.model.anchor_sizes=(64,128)"], monkeypatch)
-  assert flag.value.model.anchor_sizes == (64, 128)
-  flag = _parse(["--config", SHAPES, "--config.data.years='2007'", "--config.data.years='2012'"],
+  flag = _parse(["--config", SHAPES, "--config.anchors.sizes=(16,32)",
+                 "--config.anchors.sizes=(64,128)"], monkeypatch)
+  assert flag.value.anchors.sizes == (64, 128)
+  flag = _parse(["--config", SHAPES, "--config.data.voc_tfds.years='2007'", "--config.data.voc_tfds.years='2012'"],
                 monkeypatch)
-  assert flag.value.data.years == ("2007", "2012")
+  assert flag.value.data.voc_tfds.years == ("2007", "2012")
 
 
 COMMANDS = [["-m", "frcnn_jax.train"], ["-m", "frcnn_jax.evaluate"], ["-m", "frcnn_jax.detect"],
@@ -198,10 +201,10 @@ def test_config_printer_shows_every_key_with_its_comment():
     assert any(line.split()[0] == key for line in lines if line.strip()), key
   nms = next(line for line in lines if line.split()[0] == "test.nms_threshold")
   assert "0.5" in nms
-  stride = next(line for line in lines if line.split()[0] == "model.anchor_stride")
+  stride = next(line for line in lines if line.split()[0] == "model.vgg16.stride")
   assert "8" in stride
-  data_dir = next(line for line in lines if line.split()[0] == "data.data_dir")
-  assert "tfds data_dir" in data_dir  # the comment from defaults.py
+  data_dir = next(line for line in lines if line.split()[0] == "data.voc_tfds.data_dir")
+  assert "VOCdevkit folder" in data_dir and "[local]" in data_dir  # its declaration
 
 
 def test_config_printer_command(tmp_path):

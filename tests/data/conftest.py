@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from frcnn_jax.data import sources
+from frcnn_jax.data.sources import base
 
 WIDTH, HEIGHT = 64, 48
 
@@ -55,7 +55,7 @@ def assert_annotations_match(source) -> None:
     ann, ex = source.annotation(i), source[i]
     if ex is None:  # an unreadable image, skipped by the pipeline and so never evaluated
       continue
-    assert sorted(ann) == sorted(sources.ANNOTATION_KEYS), sorted(ann)
+    assert sorted(ann) == sorted(base.ANNOTATION_KEYS), sorted(ann)
     assert ann["name"] == ex["name"] and isinstance(ann["name"], str)
     for key in ("boxes", "labels", "difficult", "orig_hw"):
       assert ann[key].dtype == ex[key].dtype, (i, key)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from frcnn_jax.data import pipeline
-from frcnn_jax.data import shapes
+from frcnn_jax.data.sources import shapes
 from frcnn_jax.data import transforms
-from frcnn_jax.data import voc
+from frcnn_jax.data.sources import voc_folder
 
 SIZES = dict(min_size=32, max_size=48, pad_hw=(40, 48), max_gt=6)
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -214,7 +214,7 @@ def test_bad_arguments_raise():
 
 def test_tiny_voc_tree_through_the_pipeline(voc_root, voc_spec):
   records, _ = voc_spec["2007"]
-  source = voc.VOCFolderSource(voc_root, ("2007",), "trainval")
+  source = voc_folder.VOCFolderSource(voc_root, ("2007",), "trainval")
   sizes = dict(min_size=96, max_size=200, pad_hw=(100, 140), max_gt=4)
   batch = next(pipeline.train_loader(source, batch_size=4, seed=0, flip=False, num_workers=0,
                                      prefetch=0, **sizes))

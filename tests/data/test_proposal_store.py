@@ -28,11 +28,11 @@ from tests.evaluation.tiny_run import tiny_run  # noqa: F401  pylint: disable=un
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPES = os.path.join(ROOT, "experiments", "shapes.py")
 TINY = {
-    "data.shapes_num_train": 6, "data.shapes_num_test": 5, "data.shapes_image_size": 64,
+    "data.shapes.num_train": 6, "data.shapes.num_test": 5, "data.shapes.image_size": 64,
     "data.min_size": 64, "data.max_size": 64, "data.pad_hw": (64, 64), "data.max_gt": 8,
     "data.num_workers": 0, "data.prefetch": 1, "data.flip": False,
-    "model.width": 0.125, "model.convs_per_block": (1, 1, 1, 1, 1), "model.fc_dim": 32,
-    "model.anchor_sizes": (16, 32), "model.anchor_ratios": (1.0,),
+    "model.vgg16.width": 0.125, "model.vgg16.convs_per_block": (1, 1, 1, 1, 1), "model.fc.dim": 32,
+    "anchors.sizes": (16, 32), "anchors.ratios": (1.0,),
     "rpn.pre_nms_top_n_train": 64, "rpn.post_nms_top_n_train": 16,
     "rpn.pre_nms_top_n_test": 64, "rpn.post_nms_top_n_test": 8, "rpn.batch_size_per_image": 32,
     "roi.batch_size_per_image": 16, "train.batch_size": 2, "eval.batch_size": 2,
@@ -256,7 +256,7 @@ def test_dump_equals_the_rpn_proposals_in_original_pixels(tiny):
   assert store.boxes.shape == (5, 12, 4) and store.meta["pre_nms_top_n"] == -1
   assert [str(n) for n in store.names] == [source.annotation(i)["name"] for i in range(5)]
   expected_settings = proposal_store.dump_settings(settings, 12, -1)
-  assert expected_settings.rpn_pre_nms_top_n_test >= 8 * 8 * 2   # every anchor enters NMS
+  assert expected_settings.rpn.pre_nms_top_n_test >= 8 * 8 * 2   # every anchor enters NMS
   batches = builders.eval_data_from_config(config, source)
   for batch in batches:
     out = jax.device_get(detector.proposals(

@@ -18,7 +18,7 @@ from frcnn_jax.ops import boxes as box_ops
 from tests.models import tiny
 
 SIZE = 64
-SETTINGS = detector.DetectorSettings(
+SETTINGS = tiny.settings(
     anchor_sizes=(16.0, 32.0), rpn_pre_nms_top_n_train=120, rpn_post_nms_top_n_train=40,
     rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=20, rpn_min_size=0.0,
     rpn_batch_size_per_image=32, roi_batch_size_per_image=16, test_detections_per_image=10,
@@ -148,7 +148,7 @@ def test_roi_align_sigmoid_bfloat16_variant():
 
 def test_stride_8_trunk_trains_on_anchors_of_stride_8(params):
   model = tiny.model(stride=8)
-  settings = dataclasses.replace(SETTINGS, anchor_stride=8)
+  settings = dataclasses.replace(SETTINGS, stride=8)
   grads, terms = jax.jit(jax.grad(functools.partial(detector.loss_fn, model=model,
                                                     settings=settings), has_aux=True))(
                                                         params, _batch(), jax.random.key(0))
@@ -156,12 +156,12 @@ def test_stride_8_trunk_trains_on_anchors_of_stride_8(params):
   assert float(jnp.abs(grads["trunk"]["conv5_1"]["kernel"]).sum()) > 0
   out = detector.proposals(params, _batch(), model=model, settings=settings)
   assert np.asarray(out["valid"]).any()
-  with pytest.raises(ValueError, match="trunk stride"):
+  with pytest.raises(ValueError, match="backbone's"):
     detector.proposals(params, _batch(), model=model, settings=SETTINGS)
 
 
 def test_settings_must_match_the_model(params):
-  settings = detector.DetectorSettings(anchor_sizes=(16.0,))
+  settings = tiny.settings(anchor_sizes=(16.0,))
   with pytest.raises(ValueError, match="num_anchors"):
     detector.predict(params, _batch(), model=MODEL, settings=settings)
 
@@ -170,7 +170,9 @@ def test_builders_map_the_default_config():
   config = defaults.get_config()
   model = builders.model_from_config(config, num_classes=20)
   # model.conv_grad "auto" is the per-tap weight gradient on the CPU backend the tests run on.
-  assert model == faster_rcnn.FasterRCNN(num_classes=20, conv_grad="per_tap")
+  assert model == tiny.model(num_classes=20, width=1.0, convs_per_block=(2, 2, 3, 3, 3),
+                             frozen_blocks=2, fc_dim=4096, num_anchors=9, input_norm="caffe",
+                             conv_grad="per_tap")
   settings = builders.detector_settings_from_config(config)
   assert settings == detector.DetectorSettings()
   hash(settings)
@@ -179,13 +181,16 @@ def test_builders_map_the_default_config():
 @pytest.mark.parametrize("key, value, builder", [
     ("model.roi_op", "psroi_pool", "model"), ("model.input_norm", "rgb", "model"),
     ("model.rpn_objectness", "tanh", "model"), ("model.dtype", "float16", "model"),
-    ("model.convs_per_block", (2, 2), "model"), ("model.anchor_stride", 32, "model"),
+    ("model.vgg16.convs_per_block", (2, 2), "model"), ("model.vgg16.stride", 32, "model"),
     ("rpn.nms_threshold", 1.5, "settings"), ("roi.fg_fraction", -0.1, "settings"),
     ("test.detections_per_image", 0, "settings")])
 def test_builders_reject_bad_values_naming_the_key(key, value, builder):
   config = defaults.get_config()
-  section, name = key.split(".")
-  config[section][name] = value
+  *parents, name = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[name] = value
   with pytest.raises(ValueError, match=key.replace(".", r"\.")):
     if builder == "model":
       builders.model_from_config(config, num_classes=20)
@@ -213,7 +218,7 @@ def test_tiny_model_overfits_one_image():
            "valid": np.ones(1, bool)}
   model = tiny.model(width=1 / 8, convs_per_block=(1, 1, 2, 2, 2), fc_dim=64, dropout=0.0,
                      frozen_blocks=0)
-  settings = detector.DetectorSettings(
+  settings = tiny.settings(
       anchor_sizes=(16.0, 32.0), rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=64,
       rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=32, rpn_min_size=4.0,
       rpn_batch_size_per_image=64, roi_batch_size_per_image=32, test_detections_per_image=10)

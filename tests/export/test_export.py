@@ -84,6 +84,23 @@ def test_load_rejects_other_files(tmp_path):
   np.savez(path, meta=np.frombuffer(b'{"format": "x"}', np.uint8))
   with pytest.raises(ValueError, match=r"not a frcnn_jax.export/\d file"):
     export.loader.load(path)
+  import pickle  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  others = {"notes.txt": b"just text\n", "empty.bin": b"",
+            "object.pkl": pickle.dumps({"meta": 1}), "broken.npz": b"PK\x03\x04 cut short"}
+  for name, content in others.items():
+    (tmp_path / name).write_bytes(content)
+  np.save(tmp_path / "array.npy", np.zeros(3))
+  np.savez(tmp_path / "no_meta.npz", a=np.zeros(3))
+  np.savez(tmp_path / "bad_meta.npz", meta=np.frombuffer(b"\xff not json", np.uint8))
+  with zipfile.ZipFile(tmp_path / "plain.zip", "w") as z:
+    z.writestr("meta.txt", "x")
+  for name in [*others, "array.npy", "no_meta.npz", "bad_meta.npz", "plain.zip"]:
+    with pytest.raises(ValueError, match=f"{name} is not a frcnn_jax export") as e:
+      export.loader.load(tmp_path / name)
+    assert "allow_pickle" not in str(e.value)
+  with pytest.raises(FileNotFoundError):
+    export.loader.load(tmp_path / "missing.bin")
 
 
 @pytest.mark.parametrize("hw", [(50, 70), (64, 64), (130, 20), (7, 300)])
@@ -188,8 +205,8 @@ def test_cli_uses_the_run_config_and_keeps_an_existing_file(tiny_run, tmp_path):
   proc = export_command()
   assert proc.returncode != 0 and "--overwrite" in proc.stderr
   assert "Traceback" not in proc.stderr and path.read_bytes() == before
-  proc = export_command("--overwrite", "--config.model.fc_dim=8")
-  assert proc.returncode != 0 and "model.fc_dim" in proc.stderr
+  proc = export_command("--overwrite", "--config.model.fc.dim=8")
+  assert proc.returncode != 0 and "model.fc.dim" in proc.stderr
 
 
 TWO_CANVASES = ((48, 64), (64, 48))   # landscape and portrait, multiples of the stride 16

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from frcnn_jax.models import pool
-from frcnn_jax.models import vgg
+from frcnn_jax.models.backbones import vgg16 as vgg
 
 SHAPES = [(2, 6, 8, 3), (3, 7, 5, 4), (2, 9, 10, 2), (1, 1, 3, 2)]
 DTYPES = [jnp.float32, jnp.bfloat16]

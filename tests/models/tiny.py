@@ -5,19 +5,34 @@ of the random initialisers; `init_params` itself is tested once in test_faster_r
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from frcnn_jax.detection import settings as detection_settings
 from frcnn_jax.models import faster_rcnn
+from frcnn_jax.models.backbones import vgg16
+from frcnn_jax.models.roi_heads import fc
+from frcnn_jax.models.roi_heads.pooling import RoIPooler
 
 _SMALL_STD = {"conv": 0.01, "objectness": 0.01, "deltas": 0.01, "cls": 0.01, "box": 0.001}
 
 
-def model(**overrides) -> faster_rcnn.FasterRCNN:
-  """A trunk of width 1/16 with one conv per block and 16-wide fc layers (2 classes)."""
-  args = dict(num_classes=2, width=1 / 16, convs_per_block=(1, 1, 1, 1, 1), fc_dim=16,
-              num_anchors=6, input_norm="torchvision")
-  args.update(overrides)
-  return faster_rcnn.FasterRCNN(**args)
+def model(*, num_classes: int = 2, fc_dim: int = 16, dropout: float = 0.5,
+          num_anchors: int = 6, input_norm: str = "torchvision",
+          rpn_objectness: str = "softmax", conv_grad: str = "xla", dtype=jnp.float32,
+          roi_op: str = "roi_pool", roi_size: int = 7, roi_pool_coordinates: str = "torchvision",
+          **trunk) -> faster_rcnn.FasterRCNN:
+  """A VGG16 trunk of width 1/16 with one conv per block (`trunk` overrides its settings) and
+  the fc head with 16-wide layers (2 classes)."""
+  backbone = vgg16.VGG16(**{"width": 1 / 16, "convs_per_block": (1, 1, 1, 1, 1), **trunk},
+                         conv_grad=conv_grad, dtype=dtype)
+  pooler = RoIPooler(op=roi_op, size=roi_size, spatial_scale=1.0 / backbone.stride,
+                     pool_coordinates=roi_pool_coordinates)
+  head = fc.FCHead(dim=fc_dim, dropout=dropout, num_classes=num_classes, pooler=pooler,
+                   dtype=dtype)
+  return faster_rcnn.FasterRCNN(trunk=backbone, head=head, num_anchors=num_anchors,
+                                input_norm=input_norm, rpn_objectness=rpn_objectness,
+                                conv_grad=conv_grad, dtype=dtype)
 
 
 def numpy_params(net: faster_rcnn.FasterRCNN, seed: int = 0):
@@ -32,3 +47,22 @@ def numpy_params(net: faster_rcnn.FasterRCNN, seed: int = 0):
     std = _SMALL_STD.get(layer, np.sqrt(2.0 / np.prod(leaf.shape[:-1])))
     return rng.normal(0.0, std, leaf.shape).astype(np.float32)
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def settings(**flat) -> detection_settings.DetectorSettings:
+  """DetectorSettings from section-prefixed keywords: `anchor_sizes=...` (anchors.sizes),
+  `rpn_min_size=...`, `roi_...`, `test_...`, `loss_...`; others (stride, legacy_plus_one,
+  loss_mode) as they are."""
+  sections = {"anchor_": "anchors", "rpn_": "rpn", "roi_": "roi", "test_": "test",
+              "loss_": "loss"}
+  grouped: dict[str, dict] = {name: {} for name in sections.values()}
+  top = {}
+  for key, value in flat.items():
+    prefix = next((p for p in sections if key.startswith(p)), None)
+    if prefix is None:
+      top[key] = value
+    else:
+      grouped[sections[prefix]][key[len(prefix):]] = value
+  return detection_settings.DetectorSettings(
+      **{name: cls(**grouped[name]) for name, cls in detection_settings.SECTIONS.items()},
+      **top)

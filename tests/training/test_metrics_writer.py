@@ -9,6 +9,7 @@ import os
 import pytest
 
 from frcnn_jax.runtime import atomic_io
+from frcnn_jax.runtime import console as console_lines
 from frcnn_jax.training import metrics_writer
 
 
@@ -44,7 +45,7 @@ def test_truncate_keeps_earlier_steps_and_can_drop_the_last_eval(tmp_path):
 def test_console_log_copies_lines_and_warnings_to_the_file(tmp_path):
   console = io.StringIO()
   log = metrics_writer.ConsoleLog(tmp_path / "console.log", stream=console)
-  progress = metrics_writer.ProgressLine(10, stream=log)
+  progress = console_lines.ProgressLine(10, stream=log)
   progress.update(5, {"total": 1.5})
   logging.getLogger("frcnn_test").warning("a warning for the log %d", 7)
   logging.getLogger("orbax.x").info("dropped")
@@ -53,6 +54,7 @@ def test_console_log_copies_lines_and_warnings_to_the_file(tmp_path):
   text = (tmp_path / "console.log").read_text()
   assert "step 5/10" in console.getvalue() and "step 5/10 (50%) | total 1.5" in text
   assert "a warning for the log 7" in text and "WARNING" in text
+  assert "test_metrics_writer.py:" in text   # the file keeps where a record came from
   assert "dropped" not in text and "after close" not in text
 
 

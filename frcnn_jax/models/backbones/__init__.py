@@ -1,0 +1,3 @@
+"""Backbones, one file each, registered by `model.backbone` in `models.registry.BACKBONES`."""
+
+from frcnn_jax.models.backbones import vgg16  # noqa: F401  pylint: disable=unused-import

@@ -1,0 +1,25 @@
+"""The registries of the network's parts chosen by name: backbones and RoI heads.
+
+A backbone (`model.backbone`) is a Flax module class whose `setting` fields are its config
+section `model.<name>`; the model builder passes `conv_grad`, `dtype` and `param_dtype`. It
+provides:
+  __call__(x [B, H, W, 3] normalised images) -> features [B, h, w, out_channels]
+  stride, out_channels                      # properties: output stride and channels
+  output_hw(height, width) -> (h, w)        # the feature map of an H x W canvas
+  trainable(params) -> bool pytree          # of its own parameters: False where frozen
+  load_pretrained(params, path, input_norm)  # a converted weights file into the whole
+      -> params                             # network's parameters ("trunk", "head", ...)
+  input_norms                               # class attribute: the normalisations its
+                                            # pretrained weights come with
+
+A RoI head (`model.roi_head`) is a Flax module class whose `setting` fields are its section
+`model.<name>`; the builder passes `num_classes`, `pooler` (models/roi_heads/pooling.py),
+`dtype` and `param_dtype`. It provides
+  __call__(features [B, h, w, C], rois [B, R, 4], *, train) ->
+      (class logits [B, R, C + 1] float32, class-specific box deltas [B, R, C + 1, 4] float32)
+"""
+
+from frcnn_jax.config import registry
+
+BACKBONES = registry.Registry("model.backbone")
+ROI_HEADS = registry.Registry("model.roi_head")

@@ -1,0 +1,3 @@
+"""RoI heads, one file each, registered by `model.roi_head` in `models.registry.ROI_HEADS`."""
+
+from frcnn_jax.models.roi_heads import fc  # noqa: F401  pylint: disable=unused-import

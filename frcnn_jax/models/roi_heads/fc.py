@@ -1,0 +1,62 @@
+"""The Fast R-CNN head of the paper: RoI pooling, fc6 / fc7 and the class / box layers."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from frcnn_jax.config.fields import setting
+from frcnn_jax.models.registry import ROI_HEADS
+from frcnn_jax.models.roi_heads.pooling import RoIPooler
+
+
+@ROI_HEADS.register("fc")
+class FCHead(nn.Module):
+  """RoI features -> flatten (HWC) -> fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> outputs.
+
+  Attributes:
+    dim: width of fc6 and fc7 (`model.fc.dim`).
+    dropout: dropout rate after fc6 and fc7 (`model.fc.dropout`).
+    num_classes: C, foreground classes (the classifier has C + 1 outputs, 0 is background).
+    pooler: the RoI feature extraction.
+    dtype: computation dtype of the fc layers; outputs are float32.
+    param_dtype: parameter dtype.
+  """
+  dim: int = setting(4096, "width of fc6 and fc7", minimum=1)
+  dropout: float = setting(0.5, "dropout rate after fc6 and fc7", role="training",
+                           minimum=0.0, maximum=1.0)
+  num_classes: int = 20
+  pooler: RoIPooler = RoIPooler()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, rois: jax.Array, *,
+               train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Classifies and refines RoIs.
+
+    Args:
+      features: [B, H, W, C] trunk features.
+      rois: [B, R, 4] xyxy boxes in image pixels (float32).
+      train: enables dropout (needs the "dropout" rng).
+
+    Returns:
+      class_logits: [B, R, C + 1] float32.
+      box_deltas: [B, R, C + 1, 4] float32 class-specific deltas (normalised by the box weights).
+    """
+    x = jax.vmap(self.pooler)(features, rois.astype(jnp.float32))
+    batch, num_rois = rois.shape[:2]
+    x = x.reshape(batch, num_rois, -1).astype(self.dtype)
+    dense = lambda features, name, **kw: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
+    for name in ("fc6", "fc7"):
+      x = nn.relu(dense(self.dim, name)(x))
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    zeros = nn.initializers.zeros
+    logits = dense(self.num_classes + 1, "cls", kernel_init=nn.initializers.normal(0.01),
+                   bias_init=zeros)(x)
+    deltas = dense(4 * (self.num_classes + 1), "box", kernel_init=nn.initializers.normal(0.001),
+                   bias_init=zeros)(x)
+    deltas = deltas.astype(jnp.float32).reshape(batch, num_rois, self.num_classes + 1, 4)
+    return logits.astype(jnp.float32), deltas
