@@ -54,7 +54,7 @@ from frcnn_jax.runtime import parallel
 from frcnn_jax.runtime import workdir_lock
 from frcnn_jax.training import checkpointing
 from frcnn_jax.training import metrics_writer
-from frcnn_jax.training import step as train_step
+from frcnn_jax.training import step as step_lib
 
 Batch = dict[str, jax.Array]
 PyTree = Any
@@ -230,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
      bool (the run was already finished), "params": final parameters}.
 
   Raises:
-    train_step.NonFiniteLossError: a non-finite loss with `train.nonfinite == "error"`.
+    step_lib.NonFiniteLossError: a non-finite loss with `train.nonfinite == "error"`.
     ValueError / FileNotFoundError: bad config values or a missing dataset (from the builders).
     checkpointing.CheckpointMismatchError: the checkpoint does not fit this config (a
       ValueError; nothing was moved).
@@ -259,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         stop.restore()
 
 
-def _result(state: train_step.TrainState, **fields: Any) -> dict[str, Any]:
+def _result(state: step_lib.TrainState, **fields: Any) -> dict[str, Any]:
   return {"train": {}, "eval": {}, "preempted": False, "complete": False, **fields,
           "step": int(state.step), "nonfinite_skips": int(state.nonfinite_skips),
           "params": state.params}
@@ -273,7 +273,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
   console = opened.log = metrics_writer.ConsoleLog(
       os.path.join(workdir, "console.log") if primary else None)
 
-  def stopped_at_start(state: train_step.TrainState) -> dict[str, Any]:
+  def stopped_at_start(state: step_lib.TrainState) -> dict[str, Any]:
     if primary:
       print(f"{stop.signal_name or 'stop request'} during start-up: stopped before training, "
             f"at step {int(state.step)}; nothing new to save.", file=console, flush=True)
@@ -286,7 +286,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
   builders.source_from_config(config, "eval")  # fail now, not after training, if it is missing
   model = builders.model_from_config(config, len(train_source.classes))
   settings = builders.detector_settings_from_config(config)
-  state, tx, lr_fn = train_step.create_train_state(config, model, mesh)
+  state, tx, lr_fn = step_lib.create_train_state(config, model, mesh)
   if stop.now():
     return stopped_at_start(state)
   checkpointer = opened.checkpointer = checkpointing.Checkpointer(
@@ -321,7 +321,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
                                   drop_eval=evaluate_again)
   writer = opened.writer = metrics_writer.MetricsWriter(workdir, enabled=primary)
   progress = console_lines.ProgressLine(t.num_steps, start, enabled=primary, stream=console)
-  train_step = train_step.jit_train_step(model, settings, tx, lr_fn, mesh,
+  run_step = step_lib.jit_train_step(model, settings, tx, lr_fn, mesh,
                               grad_accum_steps=t.grad_accum_steps)
   evaluate_now = lambda step: _evaluate(config, model, settings, mesh, state.params, workdir,
                                         step, writer, console)
@@ -334,11 +334,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
     for step in range(start + 1, t.num_steps + 1):
       batch = next(data)
       canvas = image_ops.canvas_hw(batch)   # one compiled program per canvas
-      state, metrics = train_step(state, batch)
+      state, metrics = run_step(state, batch)
       timed_steps += 1
       if pending is not None:  # check the previous step while this one runs
         window.append(jax.device_get(pending[1]))
-        train_step.check_finite(pending[0], window[-1], t.nonfinite)
+        step_lib.check_finite(pending[0], window[-1], t.nonfinite)
       pending = (step, metrics)
       if canvas not in compiled:  # exclude compilation from the speed and the ETA
         compiled.add(canvas)
@@ -348,7 +348,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
       last = step == t.num_steps
       if step % t.log_every == 0 or last:
         window.append(jax.device_get(metrics))
-        train_step.check_finite(step, window[-1], t.nonfinite)
+        step_lib.check_finite(step, window[-1], t.nonfinite)
         pending = None
         elapsed = time.monotonic() - window_start
         scalars = _mean_metrics(window)
@@ -369,7 +369,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
         checkpointer.save(step, state, data)
       if stop.reached(step):
         if pending is not None:
-          train_step.check_finite(pending[0], jax.device_get(pending[1]), t.nonfinite)
+          step_lib.check_finite(pending[0], jax.device_get(pending[1]), t.nonfinite)
         checkpointer.save(step, state, data)
         if primary:
           # No signal_name: the signal went to another process, or to JAX's preemption service.
@@ -383,7 +383,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
         evaluate_now(step)
     if not result["preempted"]:
       if pending is not None:
-        train_step.check_finite(pending[0], jax.device_get(pending[1]), t.nonfinite)
+        step_lib.check_finite(pending[0], jax.device_get(pending[1]), t.nonfinite)
       checkpointer.save(int(state.step), state, data)
       result["eval"] = evaluate_now(int(state.step))
   finally:
@@ -433,7 +433,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     train_and_evaluate(f.config, f.workdir, restart_data_iterator=f.restart_data_iterator,
                        evaluate_again=f.evaluate_again, stop=stop)
-  except (train_step.NonFiniteLossError, ValueError, FileNotFoundError,
+  except (step_lib.NonFiniteLossError, ValueError, FileNotFoundError,
           workdir_lock.WorkdirLockedError) as e:
     sys.exit(f"error: {e}")
   finally:

@@ -52,7 +52,6 @@ def anchors_at(config, model, batch: dict, x: float, y: float
   Returns:
     anchors [A, 4] and cell [4], in original-image pixels.
   """
-  m = config.model
   abstract_params = jax.eval_shape(functools.partial(faster_rcnn.init_params, model),
                                    jax.random.key(0))
   feats = jax.eval_shape(
@@ -61,12 +60,13 @@ def anchors_at(config, model, batch: dict, x: float, y: float
       abstract_params, batch["image"], batch["image_hw"])
   feat_h, feat_w = feats.shape[1:3]
   scale = float(batch["scale"][0])
-  stride = m.anchor_stride
+  stride = model.stride
+  anchors = config.anchors
   i = int(np.clip(y * scale // stride, 0, feat_h - 1))
   j = int(np.clip(x * scale // stride, 0, feat_w - 1))
-  grid = np.asarray(anchor_ops.anchor_grid(feat_h, feat_w, stride, tuple(m.anchor_sizes),
-                                           tuple(m.anchor_ratios)))
-  per_cell = len(m.anchor_sizes) * len(m.anchor_ratios)
+  grid = np.asarray(anchor_ops.anchor_grid(feat_h, feat_w, stride, tuple(anchors.sizes),
+                                           tuple(anchors.ratios), style=anchors.style))
+  per_cell = len(anchors.sizes) * len(anchors.ratios)
   start = (i * feat_w + j) * per_cell
   cell = np.array([j * stride, i * stride, (j + 1) * stride, (i + 1) * stride], np.float64)
   return grid[start:start + per_cell] / scale, cell / scale
@@ -110,7 +110,6 @@ def draw_examples(config, output: str | os.PathLike, *, params=None, split: str 
   out = pathlib.Path(output)
   out.mkdir(parents=True, exist_ok=True)
   written = []
-  m = config.model
   for k in range(min(num_images, len(source))):
     example = source[k]
     if example is None:
@@ -128,14 +127,14 @@ def draw_examples(config, output: str | os.PathLike, *, params=None, split: str 
                                         example["labels"][difficult], None, names, dashed=True)
     x, y = anchor_xy or (image.shape[1] / 2, image.shape[0] / 2)
     anchors, cell = anchors_at(config, model, batch, x, y)
-    legend = size_colours(m.anchor_sizes)
+    legend = size_colours(config.anchors.sizes)
     picture = shown
     for a, box in enumerate(anchors):       # ratio-major, size-minor (anchor_grid's order)
       picture = drawing.draw_boxes(picture, box[None] * f,
-                                   colour=legend[a % len(m.anchor_sizes)][0])
+                                   colour=legend[a % len(config.anchors.sizes)][0])
     picture = drawing.draw_boxes(picture, cell[None] * f, colour=(255, 255, 255), width=2,
                                  dashed=True)
-    ratios = ", ".join(f"{r:g}" for r in m.anchor_ratios)
+    ratios = ", ".join(f"{r:g}" for r in config.anchors.ratios)
     pictures["anchors"] = drawing.add_legend(
         picture, legend, f"the {len(anchors)} anchors of the feature cell (white, dashed) at "
         f"x={x:g}, y={y:g}: one colour per size, aspect ratios h/w {ratios}")

@@ -19,7 +19,7 @@ def _has_torchvision() -> bool:
   if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
     return False
   try:
-    import torchvision.ops  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
+    import torchvision.ops  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
   except (ImportError, RuntimeError):
     return False
   return True

@@ -97,6 +97,22 @@ def test_detect_any_size_and_mode(tiny_run, tmp_path):
       assert factor > 1 and im.size == (w * factor, h * factor) and im.mode == "RGB"
 
 
+def test_same_stems_get_mirrored_outputs_named_on_stdout(tiny_run, tmp_path, capsys):
+  inputs = [tmp_path / "in" / "a" / "x.png", tmp_path / "in" / "b" / "x.png"]
+  for k, path in enumerate(inputs):
+    path.parent.mkdir(parents=True)
+    Image.fromarray(tiny_run.source[k]["image"]).save(path)
+  out = tmp_path / "out"
+  written = detect.run(tiny_run.config, tiny_run.params, inputs, out,
+                       class_names=tuple(tiny_run.source.classes))
+  assert written == [out / "a" / "x.json", out / "b" / "x.json"]
+  assert all(p.exists() and p.with_suffix(".png").exists() for p in written)
+  assert [json.loads(p.read_text())["image"] for p in written] == [str(p) for p in inputs]
+  lines = capsys.readouterr().out.splitlines()
+  for path, json_path in zip(inputs, written):
+    assert any(line.startswith(f"{path} -> {json_path}, x.png: ") for line in lines), lines
+
+
 def test_detect_json_matches_predict(tiny_run, tmp_path):
   example = tiny_run.source[0]
   path = tmp_path / "shape.png"
@@ -186,6 +202,10 @@ def test_cli_skips_an_undecodable_image_and_fails_at_the_end(tiny_run, tmp_path)
       timeout=300, check=False)
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "a_broken.jpg" in proc.stderr and "1 of 2 images could not be read" in proc.stderr
+  broken = folder / "a_broken.jpg"
+  assert f"skipped {broken}: cannot decode image" in proc.stderr   # the path once
+  assert f"{broken}: {broken}" not in proc.stderr
+  assert "checkpoint step" in proc.stdout and "2 images" in proc.stdout
   assert "Traceback" not in proc.stderr
   record = json.loads((out / "b_good.json").read_text())
   assert record["step"] == STEP and record["overrides"] == {"test.score_threshold": 0.2}

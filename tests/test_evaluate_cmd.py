@@ -176,10 +176,11 @@ def test_cli_help():
 _PARALLEL_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
-    from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top
-    from frcnn_jax.config import flags as config_flags  # pylint: disable=g-import-not-at-top
-    from frcnn_jax import evaluate  # pylint: disable=g-import-not-at-top
-    from frcnn_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+    from frcnn_jax.config import build as builders
+    from frcnn_jax.config import flags as config_flags
+    from frcnn_jax.evaluation import runner as eval_runner
+    from frcnn_jax.runtime import parallel
+    from frcnn_jax.training import restore
     config = config_flags.load_config(sys.argv[1], {"eval.batch_size": 8})
     assert jax.device_count() == 8, jax.devices()
     mesh = parallel.make_mesh()

@@ -28,7 +28,7 @@ def test_builders_map_the_options():
   config = _py_faster_rcnn_config()
   defaults.validate(config)
   model = builders.model_from_config(config, num_classes=20)
-  assert model.vgg16.pool_ceil_mode and model.roi_pool_coordinates == "caffe"
+  assert model.trunk.pool_ceil_mode and model.head.pooler.pool_coordinates == "caffe"
   settings = builders.detector_settings_from_config(config)
   assert settings.anchors.style == "py-faster-rcnn" and settings.test.min_size == 0.0
   assert settings.legacy_plus_one

@@ -18,7 +18,7 @@ ROI_OP = os.path.join(ROOT, "experiments", "ablations", "roi_op.py")
 def _write_sweep(tmp_path, points):
   path = tmp_path / "sweep_cfg.py"
   path.write_text(
-      "from frcnn_jax import defaults\n"
+      "from frcnn_jax.config import defaults\n"
       "def get_config():\n  return defaults.get_config()\n"
       f"def get_sweep():\n  return {points!r}\n")
   return str(path)

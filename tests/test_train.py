@@ -122,9 +122,9 @@ def test_nonfinite_loss_is_skipped_and_counted_or_named(fixed_setup):
   metrics = jax.device_get(metrics)
   assert not metrics["finite"] and int(new_state.nonfinite_skips) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_state.params), before)
-  train._check_finite(7, metrics, "skip")
+  train_step.check_finite(7, metrics, "skip")
   with pytest.raises(train_step.NonFiniteLossError, match=r"step 7.*(rpn_box|det_box|total)"):
-    train._check_finite(7, metrics, "error")
+    train_step.check_finite(7, metrics, "error")
 
 
 def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, monkeypatch,
@@ -163,7 +163,7 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, monkey
   # A changed model key stops the run before anything is moved, naming the key.
   checkpoints = _listing(os.path.join(workdir, "checkpoints"))
   with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r"(?s)does not fit this run.*model\.fc_dim: 32 -> 48"):
+                     match=r"(?s)does not fit this run.*model\.fc\.dim: 32 -> 48"):
     train.train_and_evaluate(tiny_config(model__fc__dim=48, train__num_steps=6), workdir)
   assert _listing(os.path.join(workdir, "checkpoints")) == checkpoints
   assert not os.path.exists(os.path.join(workdir, "checkpoints.corrupt"))
@@ -181,7 +181,7 @@ def _read(path):
 
 def test_a_second_run_in_the_same_workdir_is_refused_naming_the_holder(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time\nfrom frcnn_jax import workdir_lock\n"
+      [sys.executable, "-c", "import sys, time\nfrom frcnn_jax.runtime import workdir_lock\n"
        "workdir_lock.WorkdirLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\n"
        "time.sleep(300)", str(tmp_path)],
       env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)

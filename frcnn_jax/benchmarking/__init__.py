@@ -20,8 +20,8 @@ Modules:
   budget: a run against a wall-clock budget (estimates, skips, watchdog, atomic outputs).
   accelerator: the one-shot accelerator check's items; accelerator_report: its targets and
     summary.
-  conv, ops, input_pipeline: the convolution / pool, detection-op and input-pipeline
-    micro-benchmarks.
+  conv_pool, detection_ops, input_pipeline: the convolution and pool gradient, detection-op
+    and input-pipeline micro-benchmarks.
 
 Measured figures live in benchmarks/RESULTS.md, not here.
 """

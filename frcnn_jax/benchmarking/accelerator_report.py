@@ -55,7 +55,7 @@ def summarise(result: dict[str, Any]) -> str:
 
 
 def _targets(result: dict[str, Any]) -> list[str]:
-  lines = ["## Targets (issue 14)", ""]
+  lines = ["## Targets", ""]
   names = {"train_mfu_content_best": "bf16 training MFU on content pixels, best batch",
            "infer_speedup_vs_torchvision_best": "inference images/s vs torchvision",
            "largest_non_matmul_share": "largest non-matmul share of the step"}

@@ -2,8 +2,9 @@
 
 The step's stages carry `jax.named_scope`s (detector.py: "proposals", "rpn_targets",
 "roi_sampling", "losses", "postprocess"; the training step: "optimizer"; ops/images.py:
-"input_resize", the device's resize of the input; Flax's module scopes give "trunk", "rpn",
-"head" and the RoI op `_roi_features`). XLA keeps them in each instruction's
+"input_resize", the device's resize of the input; Flax's module scopes give "trunk", "rpn" and
+"head"). The RoI op is a "roi_features" scope where a RoI head names one, else what the RoI
+head maps over the images (a `vmap` directly inside its "head" scope). XLA keeps them in each instruction's
 `metadata={op_name="..."}`; `hlo_ops` reads them from the compiled program's text
 (`compiled.as_text()`), also through fusions and called computations, and `stage_of` maps a
 scope path to a stage.
@@ -16,7 +17,7 @@ from typing import Any
 # Stage of an HLO op: the innermost token of its scope path that names one.
 SCOPE_STAGES = {
     "trunk": "trunk", "rpn": "rpn_head", "head": "roi_head",
-    "_roi_features": "roi_ops", "head._roi_features": "roi_ops",
+    "roi_features": "roi_ops", "_roi_features": "roi_ops", "head._roi_features": "roi_ops",
     "proposals": "proposals_nms", "rpn_targets": "rpn_targets", "roi_sampling": "roi_sampling",
     "losses": "losses", "optimizer": "optimizer", "postprocess": "postprocess",
     "input_resize": "input_resize",
@@ -128,13 +129,16 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, Any]]:
 
 
 def stage_of(op_name: str) -> str:
-  """The stage of an op from its scope path (SCOPE_STAGES; "other" when none matches)."""
-  stage = "other"
+  """The stage of an op from its scope path: the innermost token in SCOPE_STAGES, where a
+  `vmap` directly inside the RoI head's "head" scope is the RoI op ("roi_ops"); "other" when
+  no token matches."""
+  stage, previous = "other", ""
   for token in re.findall(r"[A-Za-z_][\w.]*", op_name):
     if token in SCOPE_STAGES:
       stage = SCOPE_STAGES[token]
-    elif token.endswith("._roi_features"):
+    elif token.endswith("._roi_features") or (token == "vmap" and previous == "head"):
       stage = "roi_ops"
+    previous = token
   return stage
 
 

@@ -20,6 +20,7 @@ from frcnn_jax.config import run as run_config
 from frcnn_jax.data import canvases as canvas_lib
 from frcnn_jax.data import pipeline
 from frcnn_jax.data import proposal_store
+from frcnn_jax.data import settings as data_lib_settings
 from frcnn_jax.data import sources  # noqa: F401  pylint: disable=unused-import  # registers
 from frcnn_jax.data.sources import base
 from frcnn_jax.detection import settings as detection_settings
@@ -208,7 +209,7 @@ def source_from_config(config: ml_collections.ConfigDict, split: str):
   Raises:
     ValueError / FileNotFoundError: unknown dataset name or missing data (naming the path).
   """
-  d = config.data
+  d = data_settings(config)
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
   if split == "train" and (config.train.loss_mode == "head") != bool(d.proposals):
@@ -219,6 +220,15 @@ def source_from_config(config: ml_collections.ConfigDict, split: str):
     source = proposal_store.WithProposals(source, proposal_store.load(d.proposals),
                                           int(d.num_proposals))
   return source
+
+
+def data_settings(config: ml_collections.ConfigDict) -> data_lib_settings.DataSettings:
+  """The `data` section, checked (its datasets' subsections aside).
+
+  Raises:
+    ValueError: naming the first bad key.
+  """
+  return fields.build(data_lib_settings.DataSettings, _own(config.data), "data")
 
 
 def source_settings(config: ml_collections.ConfigDict) -> Any:
@@ -263,7 +273,7 @@ def canvases_from_config(config: ml_collections.ConfigDict, source=None,
       that is not a positive multiple of the backbone's stride (pad_hw, the fixed canvas of
       older configs, may be any size).
   """
-  d = config.data
+  d = data_settings(config)
   stride = backbone_from_config(config).stride
   if len(d.pad_hw) and len(d.canvases):
     raise ValueError("give data.canvases or data.pad_hw (one canvas), not both")
@@ -323,7 +333,7 @@ def resize_on_device(config: ml_collections.ConfigDict) -> bool:
   backend (where the device op, dense products, costs more than Pillow).
 
   """
-  value = config.data.resize_on
+  value = data_settings(config).resize_on
   if value == "auto":
     return jax.default_backend() != "cpu"
   return value == "device"
@@ -339,12 +349,10 @@ def num_workers_from_config(config: ml_collections.ConfigDict) -> int:
   device resizes, about 150 when the host does: scripts/bench_input.py), and at least 1.
 
   Raises:
-    ValueError: a negative count.
+    ValueError: a negative count, naming the key.
   """
-  workers = config.data.num_workers
+  workers = data_settings(config).num_workers
   if workers is not None:
-    if int(workers) < 0:
-      raise ValueError(f"data.num_workers must be >= 0 or None (auto), got {workers}")
     return int(workers)
   if jax.default_backend() == "cpu":
     return 1
@@ -357,7 +365,7 @@ def train_data_from_config(config: ml_collections.ConfigDict, source, mesh):
 
   Its position can be saved and restored (`get_state` / `set_state`, see checkpointing.py).
   """
-  d = config.data
+  d = data_settings(config)
   return pipeline.train_loader(
       source, batch_size=config.train.batch_size, seed=config.seed, min_size=d.min_size,
       max_size=d.max_size, canvases=canvases_from_config(config, source), max_gt=d.max_gt,
@@ -373,7 +381,7 @@ def eval_data_from_config(config: ml_collections.ConfigDict, source, mesh=None):
   assembles the slices into global arrays itself.
   """
   del mesh
-  d = config.data
+  d = data_settings(config)
   return pipeline.eval_batches(
       source, batch_size=config.eval.batch_size, min_size=d.min_size, max_size=d.max_size,
       canvases=canvases_from_config(config, source), max_gt=d.max_gt,

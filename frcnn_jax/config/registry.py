@@ -29,6 +29,10 @@ class Registry:
       return entry
     return add
 
+  def unregister(self, name: str) -> None:
+    """Removes `name` (a test's or a notebook's temporary entry); absent names are ignored."""
+    self._entries.pop(name, None)
+
   def get(self, name: str) -> Any:
     """The entry registered as `name`.
 

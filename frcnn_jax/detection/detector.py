@@ -63,7 +63,7 @@ def _rpn_and_proposals(params: Any, batch: Batch, model: faster_rcnn.FasterRCNN,
   generate = functools.partial(
       proposal_ops.generate_proposals, pre_nms_top_n=pre_nms, post_nms_top_n=post_nms,
       nms_threshold=settings.rpn.nms_threshold, legacy_plus_one=settings.legacy_plus_one)
-  with jax.named_scope("proposals"):   # stage names: scripts/accelerator_check.py
+  with jax.named_scope("proposals"):   # stages of frcnn_jax/benchmarking/hlo.py
     log_odds = rpn_module.objectness_logits(logits)   # ranks without float32 saturation
     min_size = settings.rpn.min_size * batch["scale"].astype(jnp.float32)
     proposals = jax.vmap(lambda s, d, hw, m: generate(s, d, anchors, hw, min_size=m))(

@@ -3,7 +3,7 @@
 This file imports nothing else (not even the rest of frcnn_jax), so it can be copied next to
 an application that has only `jax` and `numpy` installed:
 
-  import export_loader                  # or: from frcnn_jax import export_loader
+  import export_loader                  # or: from frcnn_jax.export import loader
   model = export_loader.load("model.bin")
   out = model.detect(image)             # uint8 [h, w, 3] RGB -> boxes, scores, labels
   out = model(images, image_hw, scale)  # prepared uint8 [B, H, W, 3] canvases, int32 [B, 2],

@@ -148,7 +148,7 @@ def batch_images(batch: dict[str, Array]) -> Array:
   """
   if "image" in batch:
     return batch["image"]
-  with jax.named_scope("input_resize"):   # stage name: scripts/accelerator_check.py
+  with jax.named_scope("input_resize"):   # a stage of frcnn_jax/benchmarking/hlo.py
     return resize_flip_pad(batch["source_image"], batch["source_hw"], batch["image_hw"],
                            batch["flip"], canvas_hw(batch))
 

@@ -25,7 +25,8 @@ from typing import TextIO
 
 from frcnn_jax.runtime import atomic_io
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# frcnn_jax/: info records of every module of the package go to console.log.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def _json_number(value: float) -> float | None:

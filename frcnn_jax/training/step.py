@@ -60,7 +60,7 @@ def make_train_step(model: Any, settings: detector.DetectorSettings,
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     for name in detector.LOSS_TERMS:
       finite &= jnp.isfinite(terms[name])
-    with jax.named_scope("optimizer"):   # stage name: scripts/accelerator_check.py
+    with jax.named_scope("optimizer"):   # a stage of frcnn_jax/benchmarking/hlo.py
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -188,7 +188,7 @@ def test_canvases_from_config_keys():
   config.data.canvases = ((608, 800), (800, 608))
   assert builders.canvases_from_config(config, source) == ((608, 800), (800, 608))
   config.data.canvases = ((600, 800),)
-  with pytest.raises(ValueError, match=r"data\.canvases.*model\.anchor_stride=16"):
+  with pytest.raises(ValueError, match=r"data\.canvases.*stride 16 \(model\.vgg16\)"):
     builders.canvases_from_config(config)
   config.data.canvases = ()
   config.data.pad_hw = (1000, 1000)

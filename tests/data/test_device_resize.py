@@ -90,14 +90,15 @@ def test_resize_on_and_num_workers_settings():
   config.data.resize_on = "device"
   assert builders.resize_on_device(config)
   config.data.resize_on = "gpu"
-  with pytest.raises(ValueError, match=r"data\.resize_on must be one of"):
+  with pytest.raises(ValueError, match=r"data\.resize_on' must be one of"):
     builders.resize_on_device(config)
+  config.data.resize_on = "auto"
   config.data.num_workers = None
   assert builders.num_workers_from_config(config) == 1   # auto on the CPU backend
   config.data.num_workers = 3
   assert builders.num_workers_from_config(config) == 3
   config.data.num_workers = -1
-  with pytest.raises(ValueError, match=r"data\.num_workers must be >= 0"):
+  with pytest.raises(ValueError, match=r"data\.num_workers' must be >= 0"):
     builders.num_workers_from_config(config)
 
 

@@ -243,7 +243,8 @@ _SHARDED_SCRIPT = """
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from frcnn_jax.runtime import parallel
-from frcnn_jax.data import pipeline, shapes
+from frcnn_jax.data import pipeline
+from frcnn_jax.data.sources import shapes
 from frcnn_jax.ops import images as image_ops
 assert jax.device_count() == 8, jax.devices()
 mesh = parallel.make_mesh()
@@ -356,7 +357,8 @@ def test_eval_each_record_once_grouped_by_canvas(n, batch_size, shard_count):
 _WORKERS_SCRIPT = """
 import os, sys, time
 from multiprocessing import shared_memory
-from frcnn_jax.data import pipeline, shapes
+from frcnn_jax.data import pipeline
+from frcnn_jax.data.sources import shapes
 def no_shared_memory(*args, **kwargs):
   raise AssertionError("the input pipeline must not use shared memory")
 shared_memory.SharedMemory.__init__ = no_shared_memory

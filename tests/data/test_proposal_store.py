@@ -326,7 +326,7 @@ def test_trainable_mask_by_part_and_frozen_trunk(tiny):
   leaves = lambda tree: set(jax.tree.leaves(tree))
   mask = faster_rcnn.trainable_mask(model, params, ("trunk", "rpn"))
   assert leaves(mask["head"]) == {False} and leaves(mask["rpn"]) == {True}
-  frozen = dataclasses.replace(model, frozen_blocks=5)
+  frozen = dataclasses.replace(model, trunk=dataclasses.replace(model.trunk, frozen_blocks=5))
   mask = faster_rcnn.trainable_mask(frozen, params, ("trunk", "head"))
   assert leaves(mask["trunk"]) == {False} and leaves(mask["rpn"]) == {False}
   assert leaves(mask["head"]) == {True}

@@ -232,4 +232,4 @@ def test_checksums_and_config_differences():
   assert checkpointing.checksums(b)["['x']"] != sums["['x']"]
   assert checkpointing.config_differences(
       {"model": {"fc_dim": 4096, "width": 1.0}, "seed": 0},
-      {"model": {"fc_dim": 128, "width": 1.0}, "seed": 0}) == ["model.fc.dim: 4096 -> 128"]
+      {"model": {"fc_dim": 128, "width": 1.0}, "seed": 0}) == ["model.fc_dim: 4096 -> 128"]

@@ -49,6 +49,10 @@ def test_console_log_copies_lines_and_warnings_to_the_file(tmp_path):
   progress.update(5, {"total": 1.5})
   logging.getLogger("frcnn_test").warning("a warning for the log %d", 7)
   logging.getLogger("orbax.x").info("dropped")
+  package = os.path.dirname(os.path.dirname(metrics_writer.__file__))
+  record = logging.LogRecord("frcnn_jax.data.pipeline", logging.INFO,
+                             os.path.join(package, "data", "pipeline.py"), 7, "a plan", (), None)
+  logging.getLogger().handle(record)   # an info record of another module of the package
   log.close()
   logging.getLogger("frcnn_test").warning("after close")
   text = (tmp_path / "console.log").read_text()
@@ -56,6 +60,7 @@ def test_console_log_copies_lines_and_warnings_to_the_file(tmp_path):
   assert "a warning for the log 7" in text and "WARNING" in text
   assert "test_metrics_writer.py:" in text   # the file keeps where a record came from
   assert "dropped" not in text and "after close" not in text
+  assert "pipeline.py:7] a plan" in text
 
 
 def test_atomic_write_replaces_whole_files_only(tmp_path, monkeypatch):

@@ -45,7 +45,8 @@ class FCHead(nn.Module):
       class_logits: [B, R, C + 1] float32.
       box_deltas: [B, R, C + 1, 4] float32 class-specific deltas (normalised by the box weights).
     """
-    x = jax.vmap(self.pooler)(features, rois.astype(jnp.float32))
+    with jax.named_scope("roi_features"):   # a stage of frcnn_jax/benchmarking/hlo.py
+      x = jax.vmap(self.pooler)(features, rois.astype(jnp.float32))
     batch, num_rois = rois.shape[:2]
     x = x.reshape(batch, num_rois, -1).astype(self.dtype)
     dense = lambda features, name, **kw: nn.Dense(

@@ -86,10 +86,12 @@ def test_annotation_shares_the_cleaning_and_reads_no_pixels(tmp_path):
   np.testing.assert_array_equal(source.annotation(1)["boxes"], [[30, 20, 40, 25]])
 
 
-def test_pickle_and_make_source(coco_root):
-  source = base.make_source("coco_json", "train", data_dir=str(coco_root),
-                               annotation_file="annotations/instances_train.json",
-                               image_dir="images", training=True)
+def test_pickle_and_the_registered_settings(coco_root):
+  settings = base.SOURCES.get("coco_json")(data_dir=str(coco_root),
+                                           train_json="annotations/instances_train.json",
+                                           train_images="images")
+  source = settings.make("train", bad_input="skip", seed=0)
+  assert settings.class_names() is None   # the json's categories
   clone = pickle.loads(pickle.dumps(source))
   np.testing.assert_array_equal(clone[1]["boxes"], source[1]["boxes"])
   np.testing.assert_array_equal(clone[1]["image"], source[1]["image"])

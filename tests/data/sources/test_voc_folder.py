@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from frcnn_jax.config import defaults
 from frcnn_jax.data import images
 from frcnn_jax.data.sources import base
 from frcnn_jax.data.sources import voc_folder
 from tests.data import conftest as trees
 
 
-def _expected(objects, classes=defaults.VOC_CLASSES):
+def _expected(objects, classes=voc_folder.VOC_CLASSES):
   """Plain-loop reference of the VOC -> DESIGN conversion."""
   boxes, labels, difficult = [], [], []
   for cls, xmin, ymin, xmax, ymax, diff, _ in objects:
@@ -46,7 +45,7 @@ def test_voc2007_splits_exact(voc_root, voc_spec, split):
   records, splits = voc_spec["2007"]
   source = voc_folder.VOCFolderSource(voc_root, ("2007",), split)
   assert len(source) == len(splits[split])
-  assert source.classes == defaults.VOC_CLASSES
+  assert source.classes == voc_folder.VOC_CLASSES
   assert source.name == f"voc_folder:2007/{split}"
   for i, name in enumerate(splits[split]):
     path = voc_root / "VOCdevkit" / "VOC2007" / "JPEGImages" / f"{name}.jpg"
@@ -132,11 +131,13 @@ def test_class_subset(voc_root):
                         bad_input="error")
 
 
-def test_make_source_dispatch(voc_root):
-  source = base.make_source("voc_folder", "test", data_dir=str(voc_root))
+def test_the_registry_makes_the_source(voc_root):
+  settings = base.SOURCES.get("voc_folder")(data_dir=str(voc_root))
+  source = settings.make("eval", bad_input="skip", seed=0)
   assert isinstance(source, voc_folder.VOCFolderSource) and len(source) == 1
-  with pytest.raises(ValueError, match="unknown dataset source"):
-    base.make_source("imagenet", "train", data_dir=str(voc_root))
+  assert settings.class_names() == voc_folder.VOC_CLASSES
+  with pytest.raises(ValueError, match="data.name='imagenet' is not registered"):
+    base.SOURCES.get("imagenet")
 
 
 GOOD = ("dog", 10, 8, 40, 30, 0, 0)
@@ -343,5 +344,5 @@ def test_a_year_whose_images_are_all_skipped_is_named(tmp_path):
 
 
 def test_empty_data_dir_says_which_key_to_set():
-  with pytest.raises(FileNotFoundError, match=r"--config\.data\.data_dir=DIR"):
+  with pytest.raises(FileNotFoundError, match=r"--config\.data\.voc_folder\.data_dir=DIR"):
     voc_folder.VOCFolderSource("", ("2007",), "trainval")

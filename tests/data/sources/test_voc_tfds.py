@@ -18,14 +18,12 @@ import tarfile
 import numpy as np
 import pytest
 
-from frcnn_jax.config import defaults
 from frcnn_jax.data import images
-from frcnn_jax.data.sources import base
 from frcnn_jax.data.sources import voc_tfds
 from frcnn_jax.data.sources import voc_folder
 from tests.data import conftest as trees
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 TARS = {"VOCtrainval_06-Nov-2007.tar": "2007", "VOCtest_06-Nov-2007.tar": "2007",
         "VOCtrainval_11-May-2012.tar": "2012"}
 
@@ -61,7 +59,7 @@ def test_tfds_equals_folder_reader(tfds_dir, voc_root, years, split):
   source = voc_tfds.TfdsVOCSource(tfds_dir, years, split)
   folder = _by_name(voc_folder.VOCFolderSource(voc_root, years, split))
   assert len(source) == len(folder)
-  assert source.classes == defaults.VOC_CLASSES
+  assert source.classes == voc_folder.VOC_CLASSES
   seen = set()
   for i in range(len(source)):
     ex = source[i]
@@ -76,15 +74,16 @@ def test_tfds_equals_folder_reader(tfds_dir, voc_root, years, split):
 
 
 @pytest.mark.parametrize("years,split,classes", [
-    (("2007",), "trainval", defaults.VOC_CLASSES), (("2007",), "test", defaults.VOC_CLASSES),
+    (("2007",), "trainval", voc_folder.VOC_CLASSES), (("2007",), "test", voc_folder.VOC_CLASSES),
     (("2007", "2012"), "trainval", ("person", "dog"))])
 def test_annotation_equals_example_fields(tfds_dir, years, split, classes):
   trees.assert_annotations_match(voc_tfds.TfdsVOCSource(tfds_dir, years, split, classes=classes))
 
 
 def test_reading_needs_no_tensorflow(tfds_dir):
-  code = ("import sys; from frcnn_jax.data import sources; "
-          f"s = base.make_source('voc_tfds', 'test', data_dir={str(tfds_dir)!r}); "
+  code = ("import sys; from frcnn_jax.data.sources import base; "
+          f"s = base.SOURCES.get('voc_tfds')(data_dir={str(tfds_dir)!r}).make("
+          "'eval', bad_input='skip', seed=0); "
           "ex = s[0]; assert ex['name'] == '000005', ex['name']; "
           "assert 'tensorflow' not in sys.modules, 'tensorflow imported'; print(len(s))")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -166,7 +165,7 @@ def test_tfrecord_build_rejected(tfds_dir, tmp_path):
 def test_missing_dataset_says_what_to_run(tmp_path):
   with pytest.raises(FileNotFoundError,
                      match=r"python scripts/prepare_voc.py --data_dir \S+ --years 2007"):
-    base.make_source("voc_tfds", "trainval", data_dir=str(tmp_path))
+    voc_tfds.VOCTfds(data_dir=str(tmp_path)).make("train", bad_input="skip", seed=0)
 
 
 def test_bad_arguments(tmp_path):
@@ -214,7 +213,7 @@ def test_every_year_must_contribute_images(tfds_dir, tmp_path):
 
 def test_empty_data_dir_gives_commands_that_run():
   with pytest.raises(FileNotFoundError) as error:
-    base.make_source("voc_tfds", "trainval", data_dir="")
+    voc_tfds.VOCTfds(data_dir="").make("train", bad_input="skip", seed=0)
   message = str(error.value)
   assert "--config.data.voc_tfds.data_dir=~/tensorflow_datasets" in message
   command = re.search(r"python scripts/prepare_voc.py (--\S+ \S+ ?)+", message).group(0)
