@@ -4,22 +4,19 @@ Command (the README's main command):
 
   python -m frcnn_jax.train --config experiments/shapes.py --workdir runs/shapes
 
-Target (issue 5): VOC07 mAP >= 0.90 on the 128-image shapes test split, trained from scratch
-in at most 10 minutes on 2 CPU cores. Measured on an idle 2-core machine: mAP 0.911 in 8 min 29 s
-wall (compile and final evaluation included; per class in the README). Evaluation at the end
-writes runs/shapes/eval/test-2200.json.
+Target: VOC07 mAP >= 0.90 on the 128-image shapes test split, trained from scratch in at most
+10 minutes on 2 CPU cores (measured: benchmarks/RESULTS.md, "the main command end to end").
+Evaluation at the end writes runs/shapes/eval/test-2200.json.
 
 The detector is Faster R-CNN with every size scaled down to the task: a VGG-style trunk with
 one conv per block and an eighth of the channels (8 ... 64) at stride 8 (no pool after block 4:
-at VGG16's stride 16 the 17-30 px shapes covered one or two feature cells and mAP stopped at
-0.875, experiments/ablations/stride.py), 256 x 256 images (at 128 x 128 mAP stalled near 0.6),
-RoIAlign (better boxes for small shapes), anchors of 16 to 256 pixels, fewer proposals and
-sampled RoIs, a 256-wide head, no pretrained weights (so no frozen blocks), and AdamW (lr 2e-3,
-100 warmup steps, x0.1 at step 1775 of 2200): from scratch it learns several times faster than
-the paper's SGD (mAP 0.25 vs 0.12 after 600 steps in our runs). 2200 steps rather than the
-earlier 1800 (x0.1 at 1450): 1800 steps ended at 0.918 with lax's convolution gradients and at
-0.897 with the per-tap ones (`model.conv_grad`, float rounding only), too close to the target;
-2200 gave 0.911 within the 10 minutes.
+at VGG16's stride 16 the 17-30 px shapes cover one or two feature cells;
+experiments/ablations/stride.py), 256 x 256 images, RoIAlign (better boxes for small shapes),
+anchors of 16 to 256 pixels, fewer proposals and sampled RoIs, a 256-wide head, no pretrained
+weights (so no frozen blocks), and AdamW (lr 2e-3, 100 warmup steps, x0.1 at step 1775 of
+2200), which learns faster from scratch than the paper's SGD (benchmarks/RESULTS.md, "shapes
+ablations"). 2200 steps leave room above the target: float rounding alone (`model.conv_grad`)
+moves this small run's mAP by about 0.02.
 """
 
 import ml_collections

@@ -11,7 +11,8 @@ with its own 100-step warmup and a x0.1 drop at 80 %), 64 sampled RoIs per image
 R-CNN stages (as the end-to-end config), and 128 stored proposals per training image (the
 end-to-end config's post-NMS training count) with at most 2000 boxes entering NMS. With no
 pretrained weights here, "from ImageNet weights" (stages 1 and 2) means from the same random
-initialisation. Measured: see the README's "Alternating training" table.
+initialisation. Measured: benchmarks/RESULTS.md, "shapes end to end against alternating
+training"; how it works: docs/alternating_training.md.
 """
 
 import os

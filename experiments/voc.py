@@ -22,7 +22,7 @@ geometry: `generate_anchors`' rounded anchor shapes, ceil-mode trunk pooling, Ro
 coordinate rounding, and `bbox_transform_inv`'s decoded boxes (1 px wider and taller). Here the two images of an update are one batch of 2 (the loss is the mean
 over images, so this is Caffe's averaged accumulation); `voc.py:1x2` runs them as 2 accumulated
 one-image steps instead.
-Remaining differences from py-faster-rcnn: the README's "Deviations from py-faster-rcnn" table.
+Remaining differences from py-faster-rcnn: docs/training.md, "Deviations from py-faster-rcnn".
 
 Scaling rule, `--config experiments/voc.py:N` (N images per update = global batch) or `:BxK`
 (global batch B, K accumulated steps per update, N = B * K images per update): the learning rate

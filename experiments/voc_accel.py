@@ -18,7 +18,7 @@ What changes from `experiments/voc.py` (everything else is its recipe):
 - `train.reuse_host_memory` stays "auto", which is off on accelerators (frcnn_jax/runtime/host_memory.py).
 
 `voc_accel.py:BxK` accumulates K steps of B images per update, as in voc.py. On TPU use
-`--config.model.roi_op=roi_align` (the README's "Accelerators" section says why).
+`--config.model.roi_op=roi_align` (docs/accelerators.md says why).
 """
 
 import os

@@ -15,7 +15,7 @@ folder WORKDIR/<stage> with its own checkpoints, metrics and final evaluation:
   2. stage2_fast_rcnn: Fast R-CNN (trunk and head) from ImageNet weights on stage 1's
      proposals for the training set (loss_mode "head", `data.proposals`).
   3. stage3_rpn: the RPN alone, initialised from stage 2, the shared convs frozen
-     (`model.vgg16.frozen_blocks` = every block).
+     (the backbone's `all_frozen` settings).
   4. stage4_fast_rcnn: the head alone on stage 3's proposals, initialised from stage 3, shared
      convs frozen. Its checkpoint is the final detector (trunk of stage 2, RPN of stage 3, head
      of stage 4); evaluate / detect / export it with --workdir WORKDIR/stage4_fast_rcnn.
@@ -49,6 +49,7 @@ from frcnn_jax import train
 from frcnn_jax.config import build as builders
 from frcnn_jax.config import flags as config_flags
 from frcnn_jax.data import proposal_store
+from frcnn_jax.models.registry import BACKBONES
 from frcnn_jax.runtime import atomic_io
 from frcnn_jax.runtime import host_memory
 from frcnn_jax.runtime import parallel
@@ -115,7 +116,8 @@ def stage_config(config: ml_collections.ConfigDict, workdir: str,
     c.train.init_from = os.path.join(workdir, stage.init_from)
     c.model.pretrained = ""
   if stage.freeze_trunk:
-    c.model.vgg16.frozen_blocks = len(c.model.vgg16.convs_per_block)
+    backbone = BACKBONES.get(c.model.backbone)
+    c.model[c.model.backbone].update(backbone.all_frozen)
   if stage.proposals_from:
     c.data.proposals = proposals_path(workdir, stage.proposals_from, "train")
     c.data.num_proposals = int(a.num_proposals)

@@ -75,10 +75,11 @@ def expand(path: str) -> list[str]:
 
 
 def _placeholder(path: str) -> bool:
-  """`experiments/X.py`, `frcnn_jax/**/*.py`, `runs/<name>`: not one real file."""
+  """`experiments/X.py`, `frcnn_jax/**/*.py`, `runs/<name>`, or a file of the docs' example
+  plug-ins (`my_net`, `scripts/convert_my_net.py`): not one real file."""
   stems = [pathlib.PurePosixPath(p).stem for p in path.split("/") if p]
   return "*" in path or "..." in path or "<" in path or any(
-      re.fullmatch(r"[A-Z]", s) for s in stems)
+      re.fullmatch(r"[A-Z]", s) or re.search(r"(?:^|_)my_", s) for s in stems)
 
 
 def missing_paths(text: str, root: pathlib.Path, *, base: pathlib.Path | None = None,
@@ -102,9 +103,10 @@ def missing_paths(text: str, root: pathlib.Path, *, base: pathlib.Path | None = 
         continue
       if not (root / path).exists():
         bad.append(path)
-  for match in _ROOT_FILE.finditer(text):
-    if not (root / match.group(1)).exists():
-      bad.append(match.group(1))
+  for match in _ROOT_FILE.finditer(text):   # a bare `NAME.md`: at the root or one folder down
+    name = match.group(1)
+    if not ((root / name).exists() or any(root.glob(f"*/{name}"))):
+      bad.append(name)
   if base is not None:
     for match in _LINK.finditer(text):
       target = match.group(1)
@@ -161,8 +163,10 @@ def unknown_config_flags(text: str, keys_of) -> list[str]:
     for experiment in _EXPERIMENT.findall(line):
       if not _placeholder(experiment):
         keys |= keys_of(experiment)
-    parts = tuple(f"{section.split('.')[0]}.{name}." for section, name in _PART_CHOICE.findall(line))
-    bad += [k for k in _CONFIG_FLAG.findall(line) if k not in keys and not k.startswith(parts or "\0")]
+    parts = tuple(f"{section.split('.')[0]}.{name}."
+                  for section, name in _PART_CHOICE.findall(line))
+    bad += [k for k in _CONFIG_FLAG.findall(line)
+            if k not in keys and not (parts and k.startswith(parts))]
   return bad
 
 
@@ -204,8 +208,9 @@ def test_checkers_catch_planted_mistakes(tmp_path):
   (tmp_path / "frcnn_jax" / "train.py").write_text("")
   (tmp_path / "docs" / "a.md").write_text("# Intro\n## The `x` key: why?\n")
   text = ("see `frcnn_jax/train.py`, `frcnn_jax/nope.py`, `frcnn_jax/{train,gone}.py`, "
-          "`experiments/X.py` (a placeholder), DESIGN.md, [a](docs/a.md#intro), "
-          "[b](docs/a.md#the-x-key-why), [c](docs/a.md#missing), [d](docs/none.md), "
+          "`experiments/X.py` (a placeholder), `scripts/convert_my_net.py` (an example), "
+          "DESIGN.md, [a](docs/a.md#intro), [b](docs/a.md#the-x-key-why), "
+          "[c](docs/a.md#missing), [d](docs/none.md), "
           "[e](https://example.com/x.md)\n"
           "python -m frcnn_jax.train; python -m frcnn_jax.gone\n")
   assert missing_paths(text, tmp_path, base=tmp_path) == [
@@ -285,7 +290,7 @@ def _documented_commands() -> list[str]:
   for doc in DOCS:
     text = doc.read_text()
     found.update(modules_named(text))
-    found.update(_SCRIPT.findall(text))
+    found.update(s for s in _SCRIPT.findall(text) if not _placeholder(s))
   return sorted(found - _ci_help_commands())
 
 

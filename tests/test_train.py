@@ -218,6 +218,30 @@ def test_missing_dataset_and_weights_are_clear_errors(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "b"))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.pad_hw": (), "data.canvases": ((250, 250),)}, r"multiples of the backbone's stride"),
+    ({"data.canvas_multiple": 20}, r"data\.canvas_multiple=20 must be a positive multiple"),
+    ({}, r"model\.vgg16\.width' must be > 0"),
+])
+def test_a_bad_value_stops_before_the_workdir_is_created(tmp_path, overrides, message):
+  config = tiny_config(**{key.replace(".", "__"): value for key, value in overrides.items()})
+  if not overrides:   # set after loading, which checks it: training checks again
+    config.model.vgg16.width = -1.0
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_value_on_the_command_line_leaves_the_workdir_as_it_was(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "frcnn_jax.train", "--config", SHAPES, "--workdir", str(workdir),
+       "--config.data.pad_hw=()", "--config.data.canvases=((250,250),)"],
+      capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
+  assert proc.returncode == 1 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+  assert not workdir.exists()
+
+
 def test_orbax_info_logs_are_dropped_and_its_warnings_kept():
   quiet = config_flags._QuietFilter()  # pylint: disable=protected-access
   orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "atomicity.py")

@@ -5,9 +5,7 @@ Command:
   python -m frcnn_jax.sweep --config experiments/ablations/roi_op.py --workdir runs/abl_roi_op
 
 Runs experiments/shapes.py once per RoI op and writes runs/abl_roi_op/results.{md,csv}.
-Measured with an earlier shapes setting (1500 steps, 25% foreground RoIs, test NMS 0.3; one
-run each): roi_pool mAP 0.847, roi_align 0.860; RoIAlign's box loss ended at half of RoIPool's
-(0.096 vs 0.189): it localises small shapes better.
+Measured (with an earlier shapes setting): benchmarks/RESULTS.md, "shapes ablations".
 """
 
 import os

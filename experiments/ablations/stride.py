@@ -5,11 +5,8 @@ Command:
   python -m frcnn_jax.sweep --config experiments/ablations/stride.py --workdir runs/abl_stride
 
 Runs experiments/shapes.py once per stride and writes runs/abl_stride/results.{md,csv}.
-Measured on the idle 2-core machine (one run each; training is deterministic; the stride-16
-run is the same config's run from before the shapes setting moved to stride 8): stride 16 mAP
-0.875 (triangle 0.774), stride 8 mAP 0.920 (triangle 0.802). At stride 16 a 20-30 px shape
-covers one or two feature cells and most of the test objects never detected were such shapes;
-stride 8 costs four times the block-5 and RPN convolutions: 26.5 instead of 31 images/s.
+At stride 16 a 17-30 px shape covers one or two feature cells; stride 8 costs four times the
+block-5 and RPN convolutions. Measured: benchmarks/RESULTS.md, "shapes ablations".
 """
 
 import os

@@ -138,10 +138,9 @@ def init_params_from_config(config: ml_collections.ConfigDict, model: faster_rcn
   if path:
     if not os.path.isfile(path):
       raise FileNotFoundError(
-          f"model.pretrained={path!r} does not exist; convert ImageNet weights of "
-          f"model.backbone={config.model.backbone!r} into it (docs/models.md; VGG16: "
-          f"`python scripts/convert_vgg16.py --input VGG16.v2.caffemodel --output {path}`) "
-          "or set --config.model.pretrained=''")
+          f"model.pretrained={path!r} does not exist; "
+          f"{model.trunk.pretrained_hint.replace('FILE', path)}; or set "
+          "--config.model.pretrained=''")
     params = model.trunk.load_pretrained(params, path, config.model.input_norm)
   if config.train.init_from:
     params = _params_of_run(config.train.init_from, params)
@@ -164,7 +163,7 @@ def _params_of_run(workdir: str, like: dict) -> dict:
   return params
 
 
-# What each train.loss_mode trains (the frozen trunk blocks aside); README "Alternating training".
+# What each train.loss_mode trains (the frozen trunk blocks aside); docs/alternating_training.md.
 TRAINED_PARTS = {"joint": ("trunk", "rpn", "head"), "rpn": ("trunk", "rpn"),
                  "head": ("trunk", "head")}
 
@@ -261,7 +260,7 @@ def _dataset_source(config: ml_collections.ConfigDict, split: str):
 
 def canvases_from_config(config: ml_collections.ConfigDict, source=None,
                          sizes=None) -> tuple[tuple[int, int], ...]:
-  """The static canvases (h, w) of `config.data` (README "Canvases").
+  """The static canvases (h, w) of `config.data` (docs/data.md, "Canvases").
 
   `data.pad_hw` (one canvas) or `data.canvases` when given; otherwise `data.num_canvases`
   canvases chosen for the resized sizes of `source`'s records (or of `sizes`, original
@@ -342,11 +341,11 @@ def resize_on_device(config: ml_collections.ConfigDict) -> bool:
 def num_workers_from_config(config: ml_collections.ConfigDict) -> int:
   """Input worker processes on this host: `data.num_workers`, or chosen when it is None.
 
-  The choice: 1 on the CPU backend (the step uses every core and consumes a few images per
-  second; one worker decodes and transforms about a hundred). On GPUs and TPUs, the host's
-  usable cores less two (the training process and its input thread), at most
-  `_WORKERS_PER_DEVICE` per local device (a core decodes about 800 VOC images/s when the
-  device resizes, about 150 when the host does: scripts/bench_input.py), and at least 1.
+  The choice: 1 on the CPU backend (the step uses every core and consumes far fewer images
+  than one worker prepares). On GPUs and TPUs, the host's usable cores less two (the training
+  process and its input thread), at most `_WORKERS_PER_DEVICE` per local device, and at least
+  1 (a core's decoding rate, with the device resizing or the host: scripts/bench_input.py,
+  docs/performance.md).
 
   Raises:
     ValueError: a negative count, naming the key.

@@ -1,4 +1,4 @@
-"""The input pipeline: a dataset source -> Batches on a few static canvases (CONTRACTS.md).
+"""The input pipeline: a dataset source -> Batches on a few static canvases (docs/conventions.md).
 
 Canvases. Every record goes to one canvas (h, w): the smallest-area one that holds its
 resized size (`canvases.assign_canvases`; sizes from `source.annotation(i)`, no decoding). With
@@ -25,7 +25,7 @@ Its state is the number of global batches returned, with the epoch and the posit
 (`get_state()`, JSON); `set_state()` continues with identical batches on an iterator built
 with the same plan, whatever its worker count.
 
-Resizing on the device (`resize_on_device`, README "Input on the device"): the host only
+Resizing on the device (`resize_on_device`, docs/data.md "Input on the device"): the host only
 decodes; each record's decoded image goes, unresized, at the top-left of its group's source
 canvas (`canvases.source_canvases`: per canvas, the largest original height and width among its
 records, from the same annotations), and the Batch carries "source_image", "source_hw", "flip"
@@ -375,7 +375,7 @@ def train_loader(source, *, batch_size: int, seed: int, min_size: int, max_size:
   """The training input: planned, transformed, batched per canvas, sharded on `mesh`.
 
   Args:
-    source: random-access dataset source (CONTRACTS.md); `source[i]` may be None (skipped).
+    source: random-access dataset source (docs/conventions.md); `source[i]` may be None (skipped).
     batch_size: B, the global batch over all processes.
     seed: plan and flip seed, in [0, 2**32).
     min_size: shorter side after resizing.
@@ -394,10 +394,10 @@ def train_loader(source, *, batch_size: int, seed: int, min_size: int, max_size:
       batch larger than the 1 MiB result pipe keeps its worker about one batch ahead).
     resize_on_device: ship each decoded image on its group's source canvas with the fields
       `frcnn_jax.ops.images.batch_images` resizes, flips and pads it from on the device,
-      instead of the resized image (README "Input on the device").
+      instead of the resized image (docs/data.md, "Input on the device").
 
   Returns:
-    A `TrainIterator` of Batches (CONTRACTS.md) of B examples (global arrays), or
+    A `TrainIterator` of Batches (docs/conventions.md) of B examples (global arrays), or
     B / process count (numpy, `mesh` None).
 
   Raises:

@@ -1,4 +1,4 @@
-"""Per-image transforms: one Example (CONTRACTS.md) -> the per-image fields of a Batch.
+"""Per-image transforms: one Example (docs/conventions.md) -> the per-image fields of a Batch.
 
 Pure NumPy/Pillow functions, no JAX: they run in the input pipeline's worker processes.
 
@@ -227,7 +227,7 @@ def prepare(example: dict[str, Any], *, min_size: int, max_size: int, pad_hw: tu
   and pad it; the boxes, sizes and scale are the same as without.
 
   Args:
-    example: Example dict (CONTRACTS.md).
+    example: Example dict (docs/conventions.md).
     min_size: target of the shorter side.
     max_size: cap on the longer side.
     pad_hw: (height, width) canvas.

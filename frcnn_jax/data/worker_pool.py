@@ -1,12 +1,12 @@
 """Ordered map of a function over task numbers in worker processes that die with their parent.
 
 `OrderedPool(fn, num_workers)` computes fn(start), fn(start + 1), ... in `num_workers` spawned
-processes (task t goes to worker t mod W) and returns the results in
-order. Results travel pickled through one pipe per worker (no shared memory, so nothing can
-leak in /dev/shm), widened to 1 MiB where Linux allows (`F_SETPIPE_SZ`; the loader moved 357
-instead of 239 VOC images/s with one worker, `scripts/bench_input.py`). A worker sends from
-its only thread, so a result larger than the pipe holds it until the parent reads it: each
-worker is about one result ahead, whatever `buffer` queues. Workers
+processes (task t goes to worker t mod W) and returns the results in order. Results travel
+pickled through one pipe per worker (no shared memory, so nothing can leak in /dev/shm), widened
+to 1 MiB where Linux allows (`F_SETPIPE_SZ`: fewer, larger writes; `scripts/bench_input.py`
+measures the loader with each worker count). A worker sends from its only thread, so a result
+larger than the pipe holds it until the parent reads it: each worker is about one result ahead,
+whatever `buffer` queues. Workers
 
 * die with their parent: Linux's parent-death signal (SIGKILL) is armed first thing in each
   worker, and a worker also exits when it finds its parent gone while waiting for a task;

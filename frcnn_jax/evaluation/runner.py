@@ -81,7 +81,7 @@ def collect_detections(params: Any, batches: Iterable[Mapping[str, Any]], *, sou
 
   Args:
     params: network parameters (replicated on `mesh`, or host arrays).
-    batches: Batches (CONTRACTS.md) with "image_id", "orig_hw" and "valid": each process's
+    batches: Batches (docs/conventions.md) with "image_id", "orig_hw" and "valid": each process's
       slice as numpy, or global arrays already sharded on `mesh`.
     source: the dataset source the batches were made from; `source.annotation(image_id)` is
       the ground truth of each valid example (images the pipeline skipped are not evaluated).

@@ -10,7 +10,7 @@ Follows the VOCdevkit's `VOCevaldet.m` / `VOCap.m` rules, on host NumPy arrays:
 * A detection is compared with every ground-truth box of its class in its image (difficult and
   already-matched boxes included) and takes the one with the highest IoU; among equal IoUs the
   first box wins (the devkit's strict `ov > ovmax`).
-* It is a match when that IoU is `> iou_threshold` (DESIGN.md, as py-faster-rcnn's `voc_eval`;
+* It is a match when that IoU is `> iou_threshold` (as py-faster-rcnn's `voc_eval`;
   the MATLAB devkit uses `>=`, which differs only at an IoU of exactly the threshold).
 * A match on a difficult box is ignored (neither true nor false positive); a match on a box
   already taken by a higher-ranked detection is a false positive (the devkit does not fall back
@@ -31,16 +31,16 @@ Follows the VOCdevkit's `VOCevaldet.m` / `VOCap.m` rules, on host NumPy arrays:
   all ignored or absent has AP 0 (the devkit's MATLAB would give NaN for the all-ignored case).
 
 IoU: continuous coordinates as everywhere in frcnn_jax (width = x2 - x1, no "+1"). In exact
-arithmetic this equals the devkit's "+1" IoU under DESIGN.md's conversion: the devkit's 1-based
-inclusive box [xmin, xmax] is our [xmin - 1, xmax], so its width xmax - xmin + 1 is our
-x2 - x1 and its intersection min(xmax) - max(xmin) + 1 is our min(x2) - max(x1), and its
-`iw > 0` test is ours. This holds for detections too when they are written for the devkit with
-the same map (xmin = x1 + 1, ymin = y1 + 1, xmax = x2, ymax = y2). py-faster-rcnn's 0-based
-inclusive boxes (x1_p = xmin - 1, x2_p = xmax - 1, written out with +1 on all four) are ours
-with x2 = x2_p + 1, so its `voc_eval` agrees as well. Not equivalent: (a) feeding our boxes to
-the devkit unmapped (xmin = x1): it then sees every detection one pixel wider and taller, which
-changes IoUs noticeably for small objects; (b) floating-point rounding: the devkit adds and
-subtracts 1 in double precision, we do not, so an IoU can differ in its last bits, which
+arithmetic this equals the devkit's "+1" IoU under the VOC conversion of docs/conventions.md:
+the devkit's 1-based inclusive box [xmin, xmax] is our [xmin - 1, xmax], so its width xmax -
+xmin + 1 is our x2 - x1 and its intersection min(xmax) - max(xmin) + 1 is our min(x2) - max(x1),
+and its `iw > 0` test is ours. This holds for detections too when they are written for the
+devkit with the same map (xmin = x1 + 1, ymin = y1 + 1, xmax = x2, ymax = y2). py-faster-rcnn's
+0-based inclusive boxes (x1_p = xmin - 1, x2_p = xmax - 1, written out with +1 on all four) are
+ours with x2 = x2_p + 1, so its `voc_eval` agrees as well. Not equivalent: (a) feeding our boxes
+to the devkit unmapped (xmin = x1): it then sees every detection one pixel wider and taller,
+which changes IoUs noticeably for small objects; (b) floating-point rounding: the devkit adds
+and subtracts 1 in double precision, we do not, so an IoU can differ in its last bits, which
 matters only for an IoU exactly at the threshold (where the devkit's `>=` and our `>` already
 differ).
 """

@@ -2,19 +2,17 @@
 
 XLA:CPU lowers the weight gradient of a convolution (the contraction of the input with the
 output gradient over batch and space) to a slow convolution kernel: on VGG16's conv3 layers it
-takes 2.5-4.7x the forward's time. `conv_general_dilated` computes the same forward
-convolution with `jax.custom_vjp`; its backward pass gives the input gradient as lax's own
-(the transpose of the forward convolution, so it equals lax's exactly) and the weight gradient
-as one matmul per kernel tap,
+takes several times the forward's time (benchmarks/RESULTS.md, the per-layer section).
+`conv_general_dilated` computes the same forward convolution with `jax.custom_vjp`; its backward
+pass gives the input gradient as lax's own (the transpose of the forward convolution, so it
+equals lax's exactly) and the weight gradient as one matmul per kernel tap,
 
   dW[ky, kx] = sum over (b, i, j) of x_pad[b, i + ky, j + kx, :]^T dy[b, i, j, :]   [Cin, Cout],
 
-which XLA:CPU runs at matmul speed. The weight gradient equals lax's up to float rounding.
-On small maps lax's own weight gradient is the faster one (lax against per-tap, 608x800 canvas,
-scripts/bench_conv.py on the idle 2-core development machine, benchmarks/RESULTS.md: conv5_x
-at 38 x 50, 50 against 52 ms; conv3_2 at 152 x 200, 842 against 215 ms), so layers whose output
-map has fewer than `PER_TAP_MIN_POSITIONS` positions (Ho * Wo, whatever the batch) keep lax's
-gradients.
+which XLA:CPU runs at matmul speed. The weight gradient equals lax's up to float rounding. On
+small maps lax's own weight gradient is the faster one (scripts/bench_conv.py times both per
+layer; benchmarks/RESULTS.md), so layers whose output map has fewer than `PER_TAP_MIN_POSITIONS`
+positions (Ho * Wo, whatever the batch) keep lax's gradients.
 
 `conv_general_dilated` takes `lax.conv_general_dilated`'s arguments, so it plugs into Flax:
 `nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)`. It supports what the VGG16

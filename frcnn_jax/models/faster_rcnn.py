@@ -77,8 +77,8 @@ class ModelSettings:
                           check=_backbone_name)
   roi_head: str = setting("fc", "the RoI head; its keys are model.<roi_head>",
                           check=_roi_head_name)
-  pretrained: str = setting("", "converted ImageNet weights of the backbone (e.g. .npz from "
-                            "scripts/convert_vgg16.py)", role="training")
+  pretrained: str = setting("", "converted ImageNet weights of the backbone (each backbone "
+                            "names its converter)", role="training")
   input_norm: str = setting("caffe", "the pretrained weights' own: caffe (BGR - "
                             "py-faster-rcnn's mean pixel) | keras (BGR - the Keras VGG16 mean "
                             "pixel) | torchvision (RGB mean/std)", choices=INPUT_NORMS)

@@ -62,10 +62,9 @@ def _winner(elements: list[jax.Array]) -> jax.Array:
 def _pool_forward(x: jax.Array) -> jax.Array:
   """Max over each 2x2 window of [B, H, W, C] (H, W even) -> [B, H/2, W/2, C].
 
-  Elementwise maxima of the four window elements. With a reduction over the reshaped window
-  axes instead, inference on the 608x1024 canvas took 1.4x as long as on its transpose
-  1024x608 at equal FLOPs (3.35 against 2.43 s, benchmarks/RESULTS.md runs M1-M3); as maxima
-  both take 2.58 s (M4).
+  Elementwise maxima of the four window elements: a reduction over the reshaped window axes
+  made inference on some canvases (608x1024) much slower than on their transpose at equal
+  FLOPs (benchmarks/RESULTS.md, runs M3 and M4).
   """
   top_left, top_right, bottom_left, bottom_right = _window_elements(x)
   return jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))

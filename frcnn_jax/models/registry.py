@@ -9,8 +9,10 @@ provides:
   trainable(params) -> bool pytree          # of its own parameters: False where frozen
   load_pretrained(params, path, input_norm)  # a converted weights file into the whole
       -> params                             # network's parameters ("trunk", "head", ...)
-  input_norms                               # class attribute: the normalisations its
-                                            # pretrained weights come with
+  input_norms                               # class attributes: the normalisations its
+  all_frozen                                # pretrained weights come with; the settings
+  pretrained_hint                           # that freeze it whole (alternating training's
+                                            # stages 3-4); how to make its weights file
 
 A RoI head (`model.roi_head`) is a Flax module class whose `setting` fields are its section
 `model.<name>`; the builder passes `num_classes`, `pooler` (models/roi_heads/pooling.py),

@@ -1,11 +1,11 @@
-"""The RPN anchor grid (DESIGN.md).
+"""The RPN anchor grid (docs/conventions.md).
 
 At every feature-map location (row i, column j) there are A = len(ratios) * len(sizes)
 anchors centred at ((j + 0.5) * stride, (i + 0.5) * stride). Anchors are ordered by row, then
 column, then ratio (major) and size (minor). The grid is built in NumPy from static Python
 numbers, so it is a constant under jit. Two anchor shapes (`style`):
 
-* "exact" (default, DESIGN.md): for aspect ratio r = h / w and size s an anchor has width
+* "exact" (default): for aspect ratio r = h / w and size s an anchor has width
   s / sqrt(r) and height s * sqrt(r) (area s^2 exactly). (torchvision's AnchorGenerator uses
   these shapes too but rounds the corners to integers and centres anchors on the cells' top
   left corners, j * stride.)

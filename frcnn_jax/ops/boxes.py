@@ -1,8 +1,8 @@
 """Box geometry: areas, IoU, clipping, format converters and the Faster R-CNN box coder.
 
 Boxes are `[..., 4]` arrays of `(x1, y1, x2, y2)` in absolute pixels, float32, continuous
-coordinates: width = x2 - x1 and height = y2 - y1, with no "+1" (DESIGN.md). Every function
-works on any leading batch dimensions and returns float32.
+coordinates: width = x2 - x1 and height = y2 - y1, with no "+1" (docs/conventions.md). Every
+function works on any leading batch dimensions and returns float32.
 
 The box coder follows the paper: for a box with centre (x, y) and size (w, h) and an anchor
 with centre (x_a, y_a) and size (w_a, h_a) (centre = x1 + w / 2),

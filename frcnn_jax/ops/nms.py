@@ -1,10 +1,10 @@
 """Static-shape greedy non-maximum suppression: every loop has a compile-time trip count.
 
-Semantics (DESIGN.md): boxes are visited by descending score (ties by ascending index, so the
-result is deterministic); a visited box is kept unless a box kept before it has IoU
-(`boxes.iou`) strictly greater than `iou_threshold` with it. Invalid boxes (and boxes with a
-NaN score) are never kept and never suppress. The output holds the first `max_output_size`
-kept indices in visiting order, padded with -1.
+Semantics (docs/conventions.md): boxes are visited by descending score (ties by ascending index,
+so the result is deterministic); a visited box is kept unless a box kept before it has IoU
+(`boxes.iou`) strictly greater than `iou_threshold` with it. Invalid boxes (and boxes with a NaN
+score) are never kept and never suppress. The output holds the first `max_output_size` kept
+indices in visiting order, padded with -1.
 
 Algorithm: after sorting, the boxes are processed in tiles of T (`tile_size`) by a
 `lax.fori_loop` over the static number of tiles. Each tile is first suppressed by the boxes
@@ -20,12 +20,12 @@ as `known_trip_count`, so XLA:GPU never copies a loop condition to the host
   in T / 32 trips (`_resolve_blocks`), each a [32, T] reduction plus 32 dependent bit
   operations fused into one kernel. The work is the worst case, N * (K + T) IoU pairs (30 M
   for 12000 -> 2000, little for an accelerator), in N / 32 short loop trips and no host
-  round trip (the data-dependent loop made 140-210 per image).
+  round trip.
 - CPU, where a conditional costs no host round trip (the host is the device): `lax.cond`
   skips the tiles once the output is full or the valid boxes have run out, and the chunks of
   the kept buffer not filled yet, so the work is that of a data-dependent loop, about
   N' * K' / 2 pairs for the N' boxes visited and K' kept. The in-tile order is settled one
-  box per trip (`_resolve_rows`), about 100 ns a trip on XLA:CPU. Under `jax.vmap` a custom
+  box per trip (`_resolve_rows`), a cheap trip on XLA:CPU. Under `jax.vmap` a custom
   batching rule keeps the skipping (a plain vmap would turn the conds into selects that run
   both branches): a tile or chunk runs while any image of the batch needs it.
 

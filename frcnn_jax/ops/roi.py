@@ -9,18 +9,18 @@ Features and RoIs may be NumPy or JAX arrays, inside or outside jit.
 
 roi_pool's `coordinates="caffe"` rounds the RoI's inclusive end pixel (x2 - 1) instead of x2:
 Caffe's ROIPoolingLayer (caffe-fast-rcnn) is torchvision's arithmetic on py-faster-rcnn's
-inclusive pixel boxes, whose x2 is ours minus one (DESIGN.md's VOC conversion).
+inclusive pixel boxes, whose x2 is ours minus one (the VOC conversion of docs/conventions.md).
 
-Formulations (chosen by measurement on XLA:CPU, see scripts/bench_ops.py):
+Formulations (chosen by timing the alternatives on XLA:CPU; scripts/bench_ops.py times the ops):
 - Both ops end in one elementwise loop over `[R, oh, ow, C]` whose operands are a fixed number of
   row gathers of a `[N, C]` table (`table.at[idx].get()`): XLA fuses such gathers into the loop,
-  so nothing of size `[R, oh, ow, K, C]` is materialised (25x faster than gather-then-reduce).
+  so nothing of size `[R, oh, ow, K, C]` is materialised (gather-then-reduce would be).
 - roi_align: the bilinear weights factor over y and x, so bin (ph, pw) is the sum of
   (2s) x (2s) weighted feature rows (s = sampling_ratio). Its gradient is the transpose written
   as two dense matmuls, dF = Ay^T (dY) Ax with Ay `[R, oh, H]`, Ax `[R, ow, W]` (exact, and what
-  the MXU/tensor cores want; XLA's scatter on CPU is 4x slower). The same dense form as the
-  forward costs R*oh*H*W*C MACs (1.1 G for 128 RoIs on 38x63x512), ~50x the gather form on CPU;
-  on a TPU, where gathers are slow, it would be the better forward.
+  the MXU/tensor cores want; XLA's scatter is slower on CPU). The same dense form as the
+  forward costs R*oh*H*W*C MACs (1.1 G for 128 RoIs on 38x63x512), far more than the gather
+  form on CPU; on a TPU, where gathers are slow, it would be the better forward.
 - roi_pool: max is idempotent, so a bin's maximum is the max of a few overlapping window maxima.
   A table holds, for window sizes (a^i rows) x (b^j columns), the window max at every position;
   a bin of L rows uses the largest window w <= L and ceil(L / w) windows per axis. The ratios
@@ -341,7 +341,7 @@ def roi_pool(features: Array, rois: Array, output_size, spatial_scale: float,
       round(x1 * scale) .. round(x2 * scale) (torchvision, and Caffe's layer fed the same
       numbers). "caffe": the box's inclusive pixels, round(x1 * scale) ..
       round((x2 - 1) * scale), i.e. Caffe's ROIPoolingLayer fed the box in py-faster-rcnn's
-      inclusive pixel convention (x2_incl = x2 - 1, DESIGN.md's VOC conversion); y alike.
+      inclusive pixel convention (x2_incl = x2 - 1, docs/conventions.md); y alike.
 
   Returns:
     [R, oh, ow, C] in the features' dtype.

@@ -3,11 +3,11 @@
 XLA:CPU allocates each step's buffers with malloc. glibc serves blocks above its mmap threshold
 (at most 32 MiB), and any large block requested from a worker thread's arena, with a fresh
 `mmap` and returns them with `munmap` when freed, so every step the kernel zero-fills the same
-hundreds of MiB again, page by page. On the shapes run that was a quarter of all CPU time (system
-time, ~100k minor page faults per second). `keep_freed_memory` turns this off for the process:
-one malloc arena, no mmap'd blocks and no trimming of the heap, so a freed step buffer is reused
-by the next step. The cost is that the process keeps its peak heap for its lifetime, which is
-what a training process does anyway.
+hundreds of MiB again, page by page: system time that can be a large share of a CPU training run
+(benchmarks/RESULTS.md, runs G/H and "Shapes training rate"). `keep_freed_memory` turns this off
+for the process: one malloc arena, no mmap'd blocks and no trimming of the heap, so a freed step
+buffer is reused by the next step. The cost is that the process keeps its peak heap for its
+lifetime, which is what a training process does anyway.
 
 It must run before the threads that allocate (XLA's thread pools start with the first JAX
 computation); `frcnn_jax.train` calls it first thing when `wanted(train.reuse_host_memory)`.

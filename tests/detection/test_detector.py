@@ -160,6 +160,18 @@ def test_stride_8_trunk_trains_on_anchors_of_stride_8(params):
     detector.proposals(params, _batch(), model=model, settings=SETTINGS)
 
 
+def test_loss_weights_scale_their_terms(params):
+  loss = jax.jit(detector.loss_fn, static_argnames=STATIC)
+  _, plain = loss(params, _batch(), jax.random.key(3), model=MODEL, settings=SETTINGS)
+  weights = {"rpn_cls": 2.0, "rpn_box": 3.0, "det_cls": 0.5, "det_box": 0.0}
+  weighted = dataclasses.replace(SETTINGS, loss=tiny.settings(
+      **{f"loss_{k}": v for k, v in weights.items()}).loss)
+  total, terms = loss(params, _batch(), jax.random.key(3), model=MODEL, settings=weighted)
+  for name, weight in weights.items():
+    np.testing.assert_allclose(terms[name], weight * plain[name], rtol=1e-6, err_msg=name)
+  np.testing.assert_allclose(total, sum(terms[name] for name in weights), rtol=1e-6)
+
+
 def test_settings_must_match_the_model(params):
   settings = tiny.settings(anchor_sizes=(16.0,))
   with pytest.raises(ValueError, match="num_anchors"):

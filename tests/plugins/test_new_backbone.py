@@ -17,11 +17,14 @@ from tests.plugins import common
 class PlainConv(nn.Module):
   """Two 3x3 convs with a 2x2 pool after each: stride 4, `channels` wide, nothing frozen."""
   channels: int = setting(8, "width of both convolutions", minimum=1)
+  frozen: bool = setting(False, "no gradient into the convolutions", role="training")
   conv_grad: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   input_norms = ("torchvision",)
+  all_frozen = {"frozen": True}
+  pretrained_hint = "plain_conv has no pretrained weights"
 
   @property
   def stride(self) -> int:
@@ -40,10 +43,10 @@ class PlainConv(nn.Module):
       x = nn.relu(nn.Conv(self.channels, (3, 3), padding=1, dtype=self.dtype,
                           name=f"conv{i}")(x))
       x = nn.max_pool(x, (2, 2), (2, 2))
-    return x
+    return jax.lax.stop_gradient(x) if self.frozen else x
 
   def trainable(self, params: Any) -> Any:
-    return jax.tree.map(lambda _: True, params)
+    return jax.tree.map(lambda _: not self.frozen, params)
 
   def load_pretrained(self, params: Any, path: str, input_norm: str) -> Any:
     raise ValueError(f"{path}: plain_conv has no pretrained weights")

@@ -110,7 +110,7 @@ def clean_boxes(boxes: np.ndarray, hw: tuple[int, int], path: str | os.PathLike,
   under the policy; boxes partly outside are clipped and counted.
 
   Args:
-    boxes: [N, 4] xyxy boxes in pixels (DESIGN convention).
+    boxes: [N, 4] xyxy boxes in pixels (docs/conventions.md).
     hw: (height, width) of the image.
     path: the annotation file named in messages.
     log: the source's bad-input log.
@@ -178,7 +178,7 @@ def annotation(boxes: np.ndarray, labels: np.ndarray, difficult: np.ndarray, nam
   """Assembles the annotation of one image: the Example fields other than image and image_id.
 
   Args:
-    boxes: [N, 4] xyxy boxes in original pixels (DESIGN convention).
+    boxes: [N, 4] xyxy boxes in original pixels (docs/conventions.md).
     labels: [N] labels 1..C.
     difficult: [N] difficult flags.
     name: the image's name (file stem / id).
@@ -198,7 +198,7 @@ def annotation(boxes: np.ndarray, labels: np.ndarray, difficult: np.ndarray, nam
 
 
 def example(image: np.ndarray, ann: dict[str, Any], image_id: int) -> dict[str, Any]:
-  """Assembles the Example dict of CONTRACTS.md from an image and its `annotation` dict.
+  """Assembles the Example dict (docs/conventions.md) from an image and its `annotation` dict.
 
   Raises:
     ValueError: the image's size differs from the annotation's orig_hw.

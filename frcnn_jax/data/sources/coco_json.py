@@ -1,6 +1,6 @@
 """COCO-format json datasets (`instances_*.json` + an image folder): COCO itself or custom data.
 
-Boxes: COCO's [x, y, w, h] (continuous pixels) -> DESIGN xyxy (x, y, x + w, y + h). Categories:
+Boxes: COCO's [x, y, w, h] (continuous pixels) -> xyxy (x, y, x + w, y + h). Categories:
 sorted by id and numbered 1..C (`classes` holds their names, `category_ids[c - 1]` the json id
 of label c). Crowd annotations (iscrowd = 1): dropped when `drop_crowd` (training), otherwise
 kept with difficult = True (evaluation), so that the VOC-style evaluator neither rewards nor
@@ -22,7 +22,7 @@ from frcnn_jax.data.sources import base
 
 
 class COCOJsonSource(base.IndexedFileSource):
-  """Random-access source over a COCO-format json, yielding CONTRACTS.md Example dicts.
+  """Random-access source over a COCO-format json, yielding Example dicts (docs/conventions.md).
 
   `source[i]` returns the Example of the i-th image of the json's "images" list that survived
   the checks, or None when its image cannot be decoded (or its size differs from the json's)
@@ -43,7 +43,7 @@ class COCOJsonSource(base.IndexedFileSource):
       annotation_file: the COCO-format json (e.g. annotations/instances_train2017.json).
       image_dir: folder that the images' `file_name`s are relative to.
       drop_crowd: drop crowd boxes (training) instead of keeping them as difficult.
-      bad_input: "skip" or "error" (see frcnn_jax/data/base.py).
+      bad_input: "skip" or "error" (see frcnn_jax/data/sources/base.py).
 
     Raises:
       FileNotFoundError: the json or the image folder is missing.

@@ -14,11 +14,13 @@ is at least half visible by default and no object is flagged difficult.
 
 Boxes are computed from the rendered ownership map (which object each pixel shows), never from
 the parametric description, so they are exactly tight around the visible pixels of each object
-in the DESIGN convention: `x1` = first pixel column, `x2` = last pixel column + 1.
+in the box convention of docs/conventions.md: `x1` = first pixel column, `x2` = last pixel
+column + 1.
 
-Rendering a 256 x 256 image takes ~12 ms of Python and NumPy, a third of a core at the shapes
-training rate; with `cache_bytes` the source keeps the examples it rendered (each process its
-own cache, never pickled), so every later epoch reads them back instead.
+Rendering is Python and NumPy work, a sizeable share of a core at the shapes training rate
+(benchmarks/RESULTS.md, "Shapes training rate"); with `cache_bytes` the source keeps the
+examples it rendered (each process its own cache, never pickled), so every later epoch reads
+them back instead.
 """
 
 import dataclasses

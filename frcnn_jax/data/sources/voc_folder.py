@@ -5,7 +5,7 @@ ImageSets/Main/<split>.txt}` (`<root>` may also be the VOCdevkit folder itself).
 are concatenated in order (VOC07+12: years=("2007", "2012")). A custom dataset in VOC format is
 a `VOC<name>` folder read with years=("<name>",) and its own class list.
 
-Boxes convert on read from VOC's 1-based inclusive pixels to DESIGN's continuous xyxy:
+Boxes convert on read from VOC's 1-based inclusive pixels to continuous xyxy (docs/conventions.md):
 x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax. All annotations are parsed and checked
 when the source is built; images are decoded when a record is read.
 """
@@ -57,7 +57,7 @@ def _image_hw(root: ET.Element, image_path: pathlib.Path) -> tuple[int, int]:
 
 
 class VOCFolderSource(base.IndexedFileSource):
-  """Random-access source over VOCdevkit folders, yielding CONTRACTS.md Example dicts.
+  """Random-access source over VOCdevkit folders, yielding Example dicts (docs/conventions.md).
 
   `source[i]` returns the Example of record i, or None when its image cannot be decoded (or
   its size differs from the annotation's) and the policy is "skip"; under "error" it raises
@@ -75,7 +75,7 @@ class VOCFolderSource(base.IndexedFileSource):
       years: year folder suffixes (`VOC<year>`), concatenated in this order.
       split: the ImageSets/Main list to read: train, val, trainval or test.
       classes: class names; label c is classes[c - 1]; objects of other classes are bad input.
-      bad_input: "skip" or "error" (see frcnn_jax/data/base.py).
+      bad_input: "skip" or "error" (see frcnn_jax/data/sources/base.py).
 
     Raises:
       FileNotFoundError: a year folder or split list is missing (the message says what to get).

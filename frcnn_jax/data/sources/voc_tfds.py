@@ -8,7 +8,7 @@ folder reader does.
 Box conversion: tfds' voc builder stores `BBox(ymin / height, xmin / width, ymax / height,
 xmax / width)` from the XML's 1-based pixels, as float32. Multiplying back by the image size
 gives the XML values up to float32 rounding (< 1e-3 pixel for images under 16k pixels), so values
-that close to an integer are snapped to it (VOC coordinates are integers), then DESIGN's
+that close to an integer are snapped to it (VOC coordinates are integers), then the
 conversion applies: x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax. A box at xmin = 1 ...
 width therefore comes back as exactly [0, width]; xmin = 0 (seen in some VOC-format data) gives
 x1 = -1, clipped to 0 and counted.
@@ -54,7 +54,7 @@ def _header_hw(data: bytes, where: str) -> tuple[int, int]:
 
 
 def normalized_to_pixels(bbox: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-  """Inverts tfds' voc box encoding to DESIGN-convention pixel boxes.
+  """Inverts tfds' voc box encoding to pixel boxes (docs/conventions.md).
 
   Args:
     bbox: [N, 4] float32 (ymin, xmin, ymax, xmax) divided by (height, width).
@@ -92,7 +92,7 @@ class TfdsVOCSource:
       split: train, val, trainval or test (VOC2012 test has no public annotations).
       classes: class names; label c is classes[c - 1]. Objects of VOC classes missing from
         it are bad input: dropped (one counted warning at construction) or an error.
-      bad_input: "skip" or "error" (see frcnn_jax/data/base.py).
+      bad_input: "skip" or "error" (see frcnn_jax/data/sources/base.py).
 
     Raises:
       FileNotFoundError: a dataset or split is not prepared (the message gives the command).

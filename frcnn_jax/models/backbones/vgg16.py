@@ -98,6 +98,10 @@ class VGG16(nn.Module):
   param_dtype: Any = jnp.float32
 
   input_norms = ("caffe", "keras", "torchvision")   # of the converters' weight sources
+  all_frozen = {"frozen_blocks": 5}                 # the settings that freeze every block
+  pretrained_hint = ("convert ImageNet VGG16 weights into it: python scripts/convert_vgg16.py "
+                     "--input VGG16.v2.caffemodel --output FILE (or a Keras .h5 / torchvision "
+                     ".pth)")
 
   @property
   def out_channels(self) -> int:
