@@ -370,9 +370,11 @@ def _documented_commands(text):
 
 
 def test_documented_commands_run_as_written(tmp_path, monkeypatch):
-  """Every convert command in the script's docstring, the README and experiments/voc.py runs
+  """Every convert command in the script's docstring, the docs and experiments/voc.py runs
   unchanged on a synthetic file of the documented input name (torch ones need torch)."""
-  texts = [_SCRIPT.read_text(), (_SCRIPT.parents[1] / "README.md").read_text(),
+  root = _SCRIPT.parents[1]
+  texts = [_SCRIPT.read_text(), (root / "README.md").read_text(),
+           *(page.read_text() for page in sorted((root / "docs").glob("*.md"))),
            (_SCRIPT.parents[1] / "experiments" / "voc.py").read_text()]
   commands = [c for text in texts for c in _documented_commands(text)]
   assert len(commands) >= 4 and all("--input" in c and "--output" in c for c in commands)

@@ -85,7 +85,7 @@ def model_from_config(config: ml_collections.ConfigDict,
   """
   if num_classes < 1:
     raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-  m = fields.build(faster_rcnn.ModelSettings, _own(config.model), "model")
+  m = fields.build(faster_rcnn.ModelSettings, fields.own_keys(config.model), "model")
   conv_grad = m.conv_grad
   if conv_grad == "auto":
     conv_grad = "per_tap" if jax.default_backend() == "cpu" else "xla"
@@ -107,11 +107,6 @@ def model_from_config(config: ml_collections.ConfigDict,
                                 dtype=dtype)
 
 
-def _own(node: ml_collections.ConfigDict) -> dict[str, Any]:
-  """A section's own keys, without its plug-ins' subsections."""
-  return {k: v for k, v in node.items() if not isinstance(v, ml_collections.ConfigDict)}
-
-
 def detector_settings_from_config(config: ml_collections.ConfigDict
                                   ) -> detection_settings.DetectorSettings:
   """The `anchors`, `rpn`, `roi`, `test` and `loss` sections, for the configured backbone.
@@ -123,7 +118,7 @@ def detector_settings_from_config(config: ml_collections.ConfigDict
                                                          backbone_from_config(config).stride)
 
 
-# --- Training: parameters, optimizer and data sources from the config (training engineer). ---
+# --- Training: parameters, optimizer and data sources from the config. ---
 
 
 def init_params_from_config(config: ml_collections.ConfigDict, model: faster_rcnn.FasterRCNN,
@@ -227,7 +222,7 @@ def data_settings(config: ml_collections.ConfigDict) -> data_lib_settings.DataSe
   Raises:
     ValueError: naming the first bad key.
   """
-  return fields.build(data_lib_settings.DataSettings, _own(config.data), "data")
+  return fields.build(data_lib_settings.DataSettings, fields.own_keys(config.data), "data")
 
 
 def source_settings(config: ml_collections.ConfigDict) -> Any:

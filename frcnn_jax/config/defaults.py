@@ -77,8 +77,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if part not in node:
         raise fields.ConfigError(f"config section {path!r} is missing")
       node = node[part]
-    own = {k: v for k, v in node.items() if not isinstance(v, ml_collections.ConfigDict)}
-    fields.build(cls, own, path or "config")
+    fields.build(cls, fields.own_keys(node), path or "config")
   for parent, plugins in PLUGINS:
     for name in config[parent].keys():
       value = config[parent][name]

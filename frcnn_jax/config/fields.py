@@ -134,6 +134,11 @@ def build(cls: type, node: Mapping[str, Any], prefix: str, **extra: Any) -> Any:
   return cls(**values, **extra)
 
 
+def own_keys(node: Mapping[str, Any]) -> dict[str, Any]:
+  """A section's own keys, without its subsections (the plug-ins' sections under it)."""
+  return {k: v for k, v in node.items() if not isinstance(v, (ml_collections.ConfigDict, dict))}
+
+
 def find(sections: Mapping[str, type], key: str) -> dataclasses.Field | None:
   """The declared field of a dotted `key` among `sections` ({dotted prefix: class})."""
   prefix, _, name = key.rpartition(".")

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from frcnn_jax.config.fields import setting
 from frcnn_jax.data import images
 from frcnn_jax.data.sources import base
 from frcnn_jax.data.sources import voc_folder
@@ -220,6 +221,8 @@ class TfdsVOCSource:
 class VOCTfds(voc_folder.VOCFolder):
   """`data.voc_tfds`: PASCAL VOC 2007 / 2012 prepared by scripts/prepare_voc.py (the keys of
   `data.voc_folder`; `data_dir` is the tfds data_dir)."""
+  data_dir: str = setting("", "the tfds data_dir the VOC datasets were prepared in",
+                          role="local")
 
   def make(self, split: str, *, bad_input: str, seed: int) -> "TfdsVOCSource":
     del seed
