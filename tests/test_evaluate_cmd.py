@@ -14,7 +14,7 @@ import pytest
 
 from frcnn_jax import evaluate
 from frcnn_jax.config import build as builders
-from frcnn_jax.data import pipeline
+from frcnn_jax.data import eval_loader
 from frcnn_jax.data.sources import base
 from frcnn_jax.detection import detector
 from frcnn_jax.evaluation import runner as eval_runner
@@ -261,7 +261,7 @@ def _oracle_predict(params, batch, *, model, settings):
 
 def test_ground_truth_is_the_original_annotation(monkeypatch):
   source = _Annotated()
-  batches = list(pipeline.eval_batches(source, batch_size=2, min_size=8, max_size=100,
+  batches = list(eval_loader.eval_batches(source, batch_size=2, min_size=8, max_size=100,
                                        pad_hw=(16, 16), max_gt=3))
   # The batches lost objects: 3 of 5 slots in image 0, the degenerate box of image 1.
   assert batches[0]["gt_valid"].sum(1).tolist() == [3, 1]

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+
 from tests.evaluation.tiny_run import tiny_run  # noqa: F401  pylint: disable=unused-import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,7 +17,9 @@ from frcnn_jax.config import defaults
 from frcnn_jax.config import fields
 from frcnn_jax.config import legacy
 from frcnn_jax.config import run as run_config
+from frcnn_jax.data import batching
 from frcnn_jax.data import canvases as canvas_lib
+from frcnn_jax.data import eval_loader
 from frcnn_jax.data import pipeline
 from frcnn_jax.data import proposal_store
 from frcnn_jax.data import settings as data_lib_settings
@@ -276,9 +278,9 @@ def canvases_from_config(config: ml_collections.ConfigDict, source=None,
     raise ValueError(f"data.canvas_multiple={multiple} must be a positive multiple of the "
                      f"backbone's stride {stride} (model.{config.model.backbone})")
   if len(d.pad_hw):   # the one fixed canvas of older configs: any size
-    return pipeline.check_canvases([d.pad_hw], "data.pad_hw")
+    return batching.check_canvases([d.pad_hw], "data.pad_hw")
   if len(d.canvases):
-    found = pipeline.check_canvases(d.canvases)
+    found = batching.check_canvases(d.canvases)
     bad = [c for c in found if c[0] % stride or c[1] % stride]
     if bad:
       raise ValueError(f"data.canvases: canvas sides must be multiples of the backbone's "
@@ -376,7 +378,7 @@ def eval_data_from_config(config: ml_collections.ConfigDict, source, mesh=None):
   """
   del mesh
   d = data_settings(config)
-  return pipeline.eval_batches(
+  return eval_loader.eval_batches(
       source, batch_size=config.eval.batch_size, min_size=d.min_size, max_size=d.max_size,
       canvases=canvases_from_config(config, source), max_gt=d.max_gt,
       num_workers=num_workers_from_config(config), resize_on_device=resize_on_device(config))

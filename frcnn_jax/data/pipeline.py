@@ -32,10 +32,7 @@ records, from the same annotations), and the Batch carries "source_image", "sour
 and a zero-byte "canvas" in place of "image" (`transforms.prepare`); the jitted step makes the
 image with `frcnn_jax.ops.images.batch_images`. Boxes and sizes are the same either way.
 
-Evaluation (`eval_batches`): each record exactly once, grouped by canvas (canvas 0's records
-in index order, then canvas 1's, ...), each group cut into global batches of B, the last one
-padded with `valid=False` examples; process p reads slots [p B / P, (p + 1) B / P) of each,
-so every process yields the same number of batches on the same canvases.
+Evaluation: `frcnn_jax.data.eval_loader`.
 
 Counters (per process, `iterator.counts`): "skipped_records" (unreadable records),
 "gt_overflow" (objects left out because an image had more than max_gt), "degenerate_boxes"
@@ -53,94 +50,13 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from absl import flags
 
-from frcnn_jax.data import canvases as canvas_lib
+from frcnn_jax.data import batching
 from frcnn_jax.data import transforms
 from frcnn_jax.data import worker_pool
 from frcnn_jax.runtime import parallel
 
-SKIPPED = "skipped_records"
-COUNT_NAMES = (SKIPPED,) + transforms.COUNT_KEYS
 _STATE_VERSION = 2
-
-
-def use_absl_defaults() -> None:
-  """Lets worker processes read absl flags outside an absl app (tests, scripts).
-
-  Under `absl.app.run` the flags are parsed already and nothing changes; otherwise they keep
-  their defaults.
-  """
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
-def check_canvases(canvases: Sequence[Sequence[int]], key: str = "data.canvases"
-                   ) -> tuple[tuple[int, int], ...]:
-  """Canvases as a tuple of (h, w) int pairs.
-
-  Raises:
-    ValueError: none, or not positive (h, w) pairs (naming `key`).
-  """
-  try:
-    out = tuple((int(h), int(w)) for h, w in canvases)
-  except (TypeError, ValueError):
-    raise ValueError(f"{key} must be (height, width) pairs, got {canvases!r}") from None
-  if not out or min(min(c) for c in out) <= 0:
-    raise ValueError(f"{key} must be one or more positive (height, width) pairs, got "
-                     f"{canvases!r}")
-  return out
-
-
-def _settings(min_size: int, max_size: int, max_gt: int) -> dict[str, Any]:
-  """Validated transform arguments (without the canvas)."""
-  if min_size <= 0 or max_size <= 0:
-    raise ValueError(f"data.min_size and data.max_size must be positive, got {min_size}, "
-                     f"{max_size}")
-  if max_gt <= 0:
-    raise ValueError(f"data.max_gt must be positive, got {max_gt}")
-  return {"min_size": int(min_size), "max_size": int(max_size), "max_gt": int(max_gt)}
-
-
-def _resolve_canvases(canvases, pad_hw) -> tuple[tuple[int, int], ...]:
-  if (canvases is None) == (pad_hw is None):
-    raise ValueError("give exactly one of canvases and pad_hw")
-  if pad_hw is not None:
-    return check_canvases([pad_hw], "data.pad_hw")
-  return check_canvases(canvases)
-
-
-def record_canvases(source, canvases: Sequence[Sequence[int]], *, min_size: int,
-                    max_size: int, resize_on_device: bool = False
-                    ) -> tuple[np.ndarray, tuple[tuple[int, int], ...] | None]:
-  """The canvas of every record (see the module docstring), and the source canvases.
-
-  Args:
-    source: random-access dataset source.
-    canvases: the K canvases (h, w).
-    min_size: target of the shorter side.
-    max_size: cap on the longer side.
-    resize_on_device: also choose the K source canvases (`canvases.source_canvases`) the
-      decoded images of each group are shipped on.
-
-  Returns:
-    (int32 [N] canvas index per record, -1 for a record whose image header is unreadable;
-     the K source canvases (Hs, Ws), or None without `resize_on_device`).
-  """
-  n = len(source)
-  if len(canvases) == 1 and not resize_on_device:
-    return np.zeros(n, np.int32), None
-  sizes = canvas_lib.original_sizes(source)
-  known = sizes.min(axis=1) > 0
-  out = np.full(n, -1, np.int32)
-  if len(canvases) == 1:
-    out[known] = 0
-  elif known.any():
-    resized = canvas_lib.resized_sizes(sizes[known], min_size=min_size, max_size=max_size)
-    out[known] = canvas_lib.place_canvases(resized, canvases)
-  if not resize_on_device:
-    return out, None
-  return out, canvas_lib.source_canvases(sizes, out, len(canvases))
 
 
 class TrainPlan:
@@ -167,7 +83,7 @@ class TrainPlan:
     Raises:
       ValueError: no group holds a full batch.
     """
-    self.canvases = check_canvases(canvases)
+    self.canvases = batching.check_canvases(canvases)
     self.batch_size = int(batch_size)
     self.seed = int(seed)
     canvas_of = np.asarray(canvas_of)
@@ -218,17 +134,6 @@ class TrainPlan:
             f"batches)" + (f", {self.left_out} unreadable records" if self.left_out else ""))
 
 
-def _describe_sources(sources: tuple[tuple[int, int], ...] | None) -> str:
-  if sources is None:
-    return "; resized on the host"
-  return "; resized on the device from source canvases " + ", ".join(
-      f"{h}x{w}" for h, w in sources)
-
-
-def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-
-
 class _TrainBatch:
   """Task n -> this process's slice of global batch n and its counters (runs in workers)."""
 
@@ -249,7 +154,7 @@ class _TrainBatch:
     perms, canvas, start = plan.epoch(e)
     k = int(canvas[t])
     perm = perms[k]
-    counts = dict.fromkeys(COUNT_NAMES, 0)
+    counts = dict.fromkeys(batching.COUNT_NAMES, 0)
     examples = []
     for slot in range(self._first, self._first + self._local):
       position = int(start[t]) + slot
@@ -257,7 +162,7 @@ class _TrainBatch:
         example = self._source[int(perm[(position + attempt) % len(perm)])]
         if example is not None:
           break
-        counts[SKIPPED] += 1
+        counts[batching.SKIPPED] += 1
       else:
         raise ValueError(f"no readable record among the {len(perm)} of canvas "
                          f"{plan.canvases[k]}")
@@ -270,7 +175,7 @@ class _TrainBatch:
       for name, v in c.items():
         counts[name] += v
       examples.append(fields)
-    return _stack(examples), counts
+    return batching.stack(examples), counts
 
 
 class TrainIterator:
@@ -295,7 +200,7 @@ class TrainIterator:
     self._pool: worker_pool.OrderedPool | None = None
     self._queue: collections.deque = collections.deque()
     self._returned = 0   # global batches returned so far (the position)
-    self.counts = dict.fromkeys(COUNT_NAMES, 0)
+    self.counts = dict.fromkeys(batching.COUNT_NAMES, 0)
 
   def __iter__(self) -> "TrainIterator":
     return self
@@ -304,7 +209,7 @@ class TrainIterator:
     if self._pool is None:
       self._pool = worker_pool.OrderedPool(
           self._make_batch, self._num_workers, start=self._returned + len(self._queue),
-          buffer=self._worker_buffer, init=use_absl_defaults if self._num_workers else None)
+          buffer=self._worker_buffer, init=batching.use_absl_defaults if self._num_workers else None)
     batch, counts = next(self._pool)
     if self._mesh is not None:
       batch = parallel.host_batch_to_global(batch, self._mesh)
@@ -349,7 +254,7 @@ class TrainIterator:
     self.close()
     self._queue.clear()
     self._returned = int(state["batches"])
-    self.counts = {k: int(state.get("counts", {}).get(k, 0)) for k in COUNT_NAMES}
+    self.counts = {k: int(state.get("counts", {}).get(k, 0)) for k in batching.COUNT_NAMES}
 
   def close(self) -> None:
     """Stops the worker processes; a later `next()` starts them again."""
@@ -357,13 +262,6 @@ class TrainIterator:
       self._pool.close()
       self._pool = None
       self._queue.clear()
-
-
-def _shards(shard_options) -> tuple[int, int]:
-  """(index, count) of this process: `shard_options` (tests) or the JAX process."""
-  if shard_options is None:
-    return jax.process_index(), jax.process_count()
-  return int(shard_options.shard_index), int(shard_options.shard_count)
 
 
 def train_loader(source, *, batch_size: int, seed: int, min_size: int, max_size: int,
@@ -404,9 +302,9 @@ def train_loader(source, *, batch_size: int, seed: int, min_size: int, max_size:
     ValueError: B not divisible by the process or device count, a bad size, a seed out of
       range, or no canvas with a full batch of records.
   """
-  settings = _settings(min_size, max_size, max_gt)
-  canvases = _resolve_canvases(canvases, pad_hw)
-  index, count = _shards(shard_options)
+  settings = batching.transform_settings(min_size, max_size, max_gt)
+  canvases = batching.resolve_canvases(canvases, pad_hw)
+  index, count = batching.shards(shard_options)
   if batch_size <= 0 or batch_size % count:
     raise ValueError(f"train.batch_size={batch_size} must be a positive multiple of the "
                      f"process count {count}")
@@ -417,148 +315,10 @@ def train_loader(source, *, batch_size: int, seed: int, min_size: int, max_size:
   if num_workers < 0 or prefetch < 0:
     raise ValueError(f"data.num_workers and data.prefetch must be >= 0, got {num_workers}, "
                      f"{prefetch}")
-  canvas_of, sources = record_canvases(source, canvases, min_size=min_size, max_size=max_size,
+  canvas_of, sources = batching.record_canvases(source, canvases, min_size=min_size, max_size=max_size,
                                        resize_on_device=resize_on_device)
   plan = TrainPlan(canvas_of, canvases, batch_size, seed)
   logging.info("%s train plan: %s%s", getattr(source, "name", "source"), plan.describe(),
-               _describe_sources(sources))
+               batching.describe_sources(sources))
   make_batch = _TrainBatch(source, plan, settings, flip, index, count, sources)
   return TrainIterator(make_batch, plan, mesh, prefetch, num_workers, worker_buffer_size)
-
-
-class _EvalBatch:
-  """Task n -> this process's slice of eval batch n and its counters (runs in workers)."""
-
-  def __init__(self, source, batches: list[tuple[int, np.ndarray]],
-               canvases: tuple[tuple[int, int], ...], settings: dict[str, Any],
-               shard_index: int, local_batch: int,
-               source_canvases: tuple[tuple[int, int], ...] | None):
-    self._source = source
-    self.source_canvases = source_canvases
-    self._batches = batches
-    self._canvases = canvases
-    self._settings = settings
-    self._first = shard_index * local_batch
-    self._local = local_batch
-
-  def __call__(self, n: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    k, records = self._batches[n]
-    canvas = self._canvases[k]
-    source_canvas = None if self.source_canvases is None else self.source_canvases[k]
-    counts = dict.fromkeys(COUNT_NAMES, 0)
-    examples = []
-    for i in records[self._first:self._first + self._local]:
-      example = self._source[int(i)]
-      if example is None:
-        counts[SKIPPED] += 1
-        continue
-      fields, c = transforms.prepare(example, training=False, pad_hw=canvas,
-                                     source_canvas=source_canvas, **self._settings)
-      for name, v in c.items():
-        counts[name] += v
-      examples.append(fields)
-    padding = transforms.padding_example(canvas, self._settings["max_gt"], source_canvas)
-    return _stack(examples + [padding] * (self._local - len(examples))), counts
-
-
-class EvalIterator:
-  """One pass over the eval split, this process's slices of the eval Batches (numpy).
-
-  Attributes:
-    canvases: the K canvases (h, w).
-    source_canvases: the K source canvases when the device resizes, else None.
-    batch_canvases: canvas index of each batch, in order.
-    counts: per-process counters (see the module docstring) so far.
-  """
-
-  def __init__(self, make_batch: _EvalBatch, batch_canvases: list[int],
-               canvases: tuple[tuple[int, int], ...], num_workers: int, name: str,
-               skipped_up_front: int):
-    self.canvases = canvases
-    self.source_canvases = make_batch.source_canvases
-    self.batch_canvases = batch_canvases
-    self._make_batch = make_batch
-    self._num_workers = num_workers
-    self._name = name
-    self._pool: worker_pool.OrderedPool | None = None
-    self._done = 0
-    self.counts = dict.fromkeys(COUNT_NAMES, 0)
-    self.counts[SKIPPED] = skipped_up_front
-
-  def __len__(self) -> int:
-    return len(self.batch_canvases)
-
-  def __iter__(self) -> "EvalIterator":
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._done == len(self.batch_canvases):
-      self.close()
-      if any(self.counts.values()):
-        logging.warning("%s eval input: %s", self._name,
-                        ", ".join(f"{k}={v}" for k, v in self.counts.items()))
-      raise StopIteration
-    if self._pool is None:
-      self._pool = worker_pool.OrderedPool(
-          self._make_batch, min(self._num_workers, len(self.batch_canvases)),
-          start=self._done, init=use_absl_defaults if self._num_workers else None)
-    batch, counts = next(self._pool)
-    self._done += 1
-    for k, v in counts.items():
-      self.counts[k] += v
-    return batch
-
-  def close(self) -> None:
-    """Stops the worker processes."""
-    if self._pool is not None:
-      self._pool.close()
-      self._pool = None
-
-
-def eval_batches(source, *, batch_size: int, min_size: int, max_size: int, max_gt: int,
-                 canvases: Sequence[Sequence[int]] | None = None,
-                 pad_hw: Sequence[int] | None = None, num_workers: int = 0,
-                 shard_options=None, resize_on_device: bool = False) -> EvalIterator:
-  """The eval split, each record exactly once, grouped by canvas, as numpy Batches.
-
-  Every process yields the same batches' canvases: for each canvas in turn, its records in
-  index order cut into global batches of B (the last padded with `valid=False` examples);
-  process p takes slots [p B / P, (p + 1) B / P) of each.
-
-  Args:
-    source: random-access dataset source; `source[i]` may be None (skipped, counted).
-    batch_size: B, the global eval batch over all processes.
-    min_size: shorter side after resizing.
-    max_size: cap on the longer side.
-    max_gt: G ground-truth slots (difficult objects are kept, flagged).
-    canvases: the K canvases (h, w).
-    pad_hw: one canvas (the same as `canvases=(pad_hw,)`); give canvases or pad_hw.
-    num_workers: worker processes (0: transform in this process).
-    shard_options: stands in for the JAX process (`shard_index`, `shard_count`; tests).
-    resize_on_device: ship decoded images for the device to resize (as `train_loader`).
-
-  Returns:
-    An `EvalIterator` (with `len`) of numpy Batches of B / P examples.
-
-  Raises:
-    ValueError: B not a positive multiple of the process count, or a bad size.
-  """
-  settings = _settings(min_size, max_size, max_gt)
-  canvases = _resolve_canvases(canvases, pad_hw)
-  index, count = _shards(shard_options)
-  if batch_size <= 0 or batch_size % count:
-    raise ValueError(f"eval.batch_size={batch_size} must be a positive multiple of the "
-                     f"process count {count}")
-  if num_workers < 0:
-    raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-  canvas_of, sources = record_canvases(source, canvases, min_size=min_size, max_size=max_size,
-                                       resize_on_device=resize_on_device)
-  batches = []
-  for k in range(len(canvases)):
-    group = np.flatnonzero(canvas_of == k)
-    batches += [(k, group[i:i + batch_size]) for i in range(0, len(group), batch_size)]
-  skipped = int((canvas_of < 0).sum()) if index == 0 else 0
-  make_batch = _EvalBatch(source, batches, canvases, settings, index, batch_size // count,
-                          sources)
-  return EvalIterator(make_batch, [k for k, _ in batches], canvases, num_workers,
-                      getattr(source, "name", "source"), skipped)

@@ -6,18 +6,17 @@ an application that has only `jax` and `numpy` installed:
   import export_loader                  # or: from frcnn_jax.export import loader
   model = export_loader.load("model.bin")
   out = model.detect(image)             # uint8 [h, w, 3] RGB -> boxes, scores, labels
-  out = model(images, image_hw, scale)  # prepared uint8 [B, H, W, 3] canvases, int32 [B, 2],
-                                        # float32 [B]
+  inputs = model.prepare(image)         # the program's inputs (see `ExportedDetector.prepare`)
+  out = model(**inputs)                 # all detection slots, with "valid"
 
-The resize before the network is the training pipeline's (Pillow's antialiased bilinear
-resample on uint8 pixels), reimplemented here in NumPy with Pillow's fixed-point arithmetic and
-pass order, so the canvases are bit-identical to Pillow 13's (the version this was checked
-against) without Pillow.
+The resize before the network happens inside the exported program (the input pipeline's
+device resize, `frcnn_jax.ops.images`: Pillow's antialiased bilinear filter, in integer
+arithmetic). This file only chooses the canvas and the resize factor (py-faster-rcnn's rule,
+frcnn_jax/data/transforms.py) and places the image, unresized, at the top-left of a zero
+source canvas; it has no resampling code.
 """
 
-import functools
 import json
-import math
 import os
 import zipfile
 from typing import Any
@@ -25,111 +24,10 @@ from typing import Any
 import jax
 import numpy as np
 
-FORMAT = "frcnn_jax.export/2"   # one program per canvas ("canvases" in the meta)
-_FORMAT_ONE_CANVAS = "frcnn_jax.export/1"   # one program, canvas "pad_hw"
-_PRECISION_BITS = 32 - 8 - 2   # Pillow's fixed-point precision for 8-bit resampling
-
-
-@functools.lru_cache(maxsize=64)
-def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Pillow's bilinear resample weights along one axis (Resample.c, `precompute_coeffs`).
-
-  The C loop over output pixels, vectorised with the same float64 operations in the same
-  order (the normalising sum is accumulated tap by tap, as C does). Cached: read-only arrays.
-
-  Returns:
-    index int32 [out_size, K] source pixels and weight int32 [out_size, K] fixed-point
-    weights (0 where unused).
-  """
-  scale = in_size / out_size
-  filter_scale = max(scale, 1.0)
-  support = 1.0 * filter_scale                    # the triangle filter's support is 1
-  ksize = int(math.ceil(support)) * 2 + 1
-  center = (np.arange(out_size) + 0.5) * scale
-  xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)   # C's (int): toward 0
-  xmax = np.minimum((center + support + 0.5).astype(np.int64), in_size) - xmin
-  taps = np.arange(ksize)
-  used = taps < xmax[:, None]
-  w = np.where(used, np.maximum(
-      1.0 - np.abs((taps + xmin[:, None] - center[:, None] + 0.5) * (1.0 / filter_scale)), 0.0),
-               0.0)
-  total = np.zeros(out_size)
-  for k in range(ksize):
-    total += w[:, k]
-  w = np.where(total[:, None] != 0.0, w / np.where(total == 0.0, 1.0, total)[:, None], w)
-  fixed = np.where(w < 0, -0.5 + w * (1 << _PRECISION_BITS), 0.5 + w * (1 << _PRECISION_BITS))
-  weight = np.where(used, fixed.astype(np.int64), 0).astype(np.int32)  # (int): toward 0
-  index = np.where(used, taps + xmin[:, None], xmin[:, None]).astype(np.int32)
-  weight.flags.writeable = index.flags.writeable = False
-  return index, weight
-
-
-def _resample_axis(image: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-  """One pass of Pillow's 8-bit resample along `axis` (0: rows, 1: columns)."""
-  if axis == 1:   # as rows: gathering whole rows is 2.5x faster than gathering columns
-    return _resample_axis(image.transpose(1, 0, 2), out_size, 0).transpose(1, 0, 2)
-  index, weight = _coefficients(image.shape[0], out_size)
-  # int32 holds the sums: the bilinear weights are >= 0 and add up to 2^22, times <= 255.
-  pixels = np.ascontiguousarray(image, np.int32)
-  total = np.full((out_size,) + pixels.shape[1:], 1 << (_PRECISION_BITS - 1), np.int32)
-  tap = np.empty_like(total)
-  for k in range(index.shape[1]):      # K taps, each a gather of rows
-    np.take(pixels, index[:, k], axis=0, out=tap)
-    tap *= weight[:, k, None, None]
-    total += tap
-  total >>= _PRECISION_BITS
-  return np.clip(total, 0, 255, out=total).astype(np.uint8)
-
-
-def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Pillow's `Image.resize((width, height), Image.BILINEAR)` of a uint8 [h, w, 3] image.
-
-  Pillow 13's algorithm (Resample.c), bit for bit: antialiased when shrinking (the triangle
-  filter widened by the scale), 22-bit fixed-point weights, two passes each rounded and clipped
-  to uint8; the vertical pass first when the height shrinks by more than twice as many pixels
-  as the width does, else the horizontal pass first (Pillow 12 and older: always horizontal
-  first, so a few pixels may differ by one level there).
-  """
-  image = np.asarray(image, np.uint8)
-  h, w = image.shape[:2]
-  if h - height > 0 and h - height > (w - width) * 2:
-    passes = ((height, 0), (width, 1))
-  else:
-    passes = ((width, 1), (height, 0))
-  for size, axis in passes:
-    if image.shape[axis] != size:
-      image = _resample_axis(image, size, axis)
-  return image
-
-
-def resize_and_pad(image: np.ndarray, *, min_size: int, max_size: int,
-                   pad_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.float32]:
-  """One image to a model input on canvas `pad_hw`, as the training pipeline prepares it.
-
-  Scaled by one factor so the shorter side is `min_size` (the longer at most `max_size`);
-  only when that size does not fit the canvas is the factor capped further so that the image
-  fits (frcnn_jax/data/transforms.py `fit_scale`). Bilinear, zero-padded at the bottom and
-  right.
-
-  Args:
-    image: uint8 [h, w, 3] RGB.
-    min_size: target shorter side.
-    max_size: cap on the longer side.
-    pad_hw: (H, W) canvas.
-
-  Returns:
-    canvas uint8 [H, W, 3], image_hw int32 [2], scale float32 (resized / original).
-  """
-  h, w = image.shape[:2]
-  scale = min(min_size / min(h, w), max_size / max(h, w))
-  if max(int(round(h * scale)), 1) > pad_hw[0] or max(int(round(w * scale)), 1) > pad_hw[1]:
-    scale = min(scale, pad_hw[0] / h, pad_hw[1] / w)
-  new_h = min(max(int(round(h * scale)), 1), pad_hw[0])
-  new_w = min(max(int(round(w * scale)), 1), pad_hw[1])
-  resized = resize_bilinear(image, new_h, new_w)
-  canvas = np.zeros((*pad_hw, 3), np.uint8)
-  canvas[:new_h, :new_w] = resized
-  return canvas, np.array([new_h, new_w], np.int32), np.float32(scale)
+# The programs take each image unresized on a source canvas of any size and resize it inside.
+FORMAT = "frcnn_jax.export/3"
+# Formats whose programs took canvases resized on the host: refused, export again.
+_OLDER_FORMATS = ("frcnn_jax.export/1", "frcnn_jax.export/2")
 
 
 def pick_canvas(hw: tuple[int, int], canvases, *, min_size: int, max_size: int) -> int:
@@ -151,11 +49,44 @@ def pick_canvas(hw: tuple[int, int], canvases, *, min_size: int, max_size: int) 
   return fits.index(max(fits))
 
 
+def fit(hw: tuple[int, int], canvas_hw: tuple[int, int], *, min_size: int,
+        max_size: int) -> tuple[np.float32, np.ndarray]:
+  """The resize factor and resized size of an image of original size `hw` on a canvas.
+
+  Scaled by one factor so the shorter side is `min_size` (the longer at most `max_size`);
+  only when that size does not fit the canvas is the factor capped further so that the image
+  fits (frcnn_jax/data/transforms.py `fit_scale` and `scaled_hw`).
+
+  Returns:
+    (scale float32 (resized / original), image_hw int32 [2] (at most the canvas)).
+  """
+  h, w = int(hw[0]), int(hw[1])
+  scale = min(min_size / min(h, w), max_size / max(h, w))
+  rh, rw = max(int(round(h * scale)), 1), max(int(round(w * scale)), 1)
+  if rh > canvas_hw[0] or rw > canvas_hw[1]:
+    scale = min(scale, canvas_hw[0] / h, canvas_hw[1] / w)
+  new_h = min(max(int(round(h * scale)), 1), canvas_hw[0])
+  new_w = min(max(int(round(w * scale)), 1), canvas_hw[1])
+  return np.float32(scale), np.array([new_h, new_w], np.int32)
+
+
+def source_canvas(hw: tuple[int, int], canvas_hw: tuple[int, int]) -> tuple[int, int]:
+  """The zero canvas an image of size `hw` is shipped on to the program of `canvas_hw`.
+
+  Each side rounded up to a multiple of the canvas's: every image no larger than the canvas
+  shares one source canvas (the canvas itself), so one compilation per program serves them,
+  and a larger image costs one more per multiple.
+  """
+  return tuple(-(-int(n) // int(c)) * int(c) for n, c in zip(hw, canvas_hw))
+
+
 class ExportedDetector:
-  """A loaded export: call it on canvases, or `detect` one image of any size.
+  """A loaded export: `detect` one image of any size, or call a program on its inputs.
 
   Attributes:
     canvases: the (H, W) canvases with a program each.
+    class_names: the names of labels 1..C.
+    meta: the file's description (JSON).
   """
 
   def __init__(self, exported: list[jax.export.Exported], param_leaves: list[np.ndarray],
@@ -165,46 +96,85 @@ class ExportedDetector:
     self.canvases = [tuple(int(v) for v in c) for c in meta["canvases"]]
     self.class_names = tuple(meta.get("class_names", ()))
     self._params = [jax.device_put(x) for x in param_leaves]
+    # One jit per program: it compiles once per source canvas size it is called with.
     self._calls = {c: jax.jit(e.call) for c, e in zip(self.canvases, exported)}
 
-  def __call__(self, images: np.ndarray, image_hw: np.ndarray,
-               scale: np.ndarray) -> dict[str, np.ndarray]:
-    """Detections of prepared canvases (uint8 [B, H, W, 3], int32 [B, 2], float32 [B]).
+  def prepare(self, image: np.ndarray) -> dict[str, Any]:
+    """The program inputs of one uint8 RGB image [h, w, 3] (grayscale [h, w], RGBA accepted).
 
-    Raises:
-      ValueError: (H, W) is not one of the exported canvases.
-    """
-    images = np.asarray(images, np.uint8)
-    call = self._calls.get(tuple(images.shape[1:3]))
-    if call is None:
-      raise ValueError(f"no exported program for canvas {tuple(images.shape[1:3])}: the "
-                       f"export has {self.canvases}")
-    out = call(self._params, images, np.asarray(image_hw, np.int32),
-               np.asarray(scale, np.float32))
-    return {k: np.asarray(v) for k, v in out.items()}
-
-  def detect(self, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Detections of one uint8 RGB image [h, w, 3] (grayscale [h, w] and RGBA accepted).
-
-    The image goes on the smallest exported canvas that holds it (`pick_canvas`).
+    The canvas is the smallest exported one that holds the resized image (`pick_canvas`);
+    the image goes unresized at the top-left of a zero source canvas (`source_canvas`),
+    repeated to the export's batch size.
 
     Returns:
-      {"boxes" [K, 4] original pixels (clipped to the image), "scores" [K], "labels" [K]}:
-      the valid detections.
+      {"source_image" uint8 [B, Hs, Ws, 3], "source_hw" int32 [B, 2] (h, w), "image_hw" int32
+      [B, 2] (the resized size), "scale" float32 [B], "canvas_hw" (H, W)}: `self(**inputs)`.
     """
     image = np.asarray(image)
     if image.ndim == 2:
       image = np.repeat(image[..., None], 3, axis=2)
     image = image[..., :3].astype(np.uint8)
     m = self.meta
-    canvas_hw = self.canvases[pick_canvas(image.shape[:2], self.canvases,
-                                          min_size=m["min_size"], max_size=m["max_size"])]
-    canvas, hw, scale = resize_and_pad(image, min_size=m["min_size"], max_size=m["max_size"],
-                                       pad_hw=canvas_hw)
+    hw = image.shape[:2]
+    canvas_hw = self.canvases[pick_canvas(hw, self.canvases, min_size=m["min_size"],
+                                          max_size=m["max_size"])]
+    scale, image_hw = fit(hw, canvas_hw, min_size=m["min_size"], max_size=m["max_size"])
     b = m["batch_size"]
-    out = self(np.repeat(canvas[None], b, 0), np.repeat(hw[None], b, 0), np.full(b, scale))
+    source = np.zeros((b, *source_canvas(hw, canvas_hw), 3), np.uint8)
+    source[:, :hw[0], :hw[1]] = image
+    return {"source_image": source, "source_hw": np.tile(np.array(hw, np.int32), (b, 1)),
+            "image_hw": np.tile(image_hw, (b, 1)), "scale": np.full(b, scale, np.float32),
+            "canvas_hw": canvas_hw}
+
+  def __call__(self, source_image: np.ndarray, source_hw: np.ndarray, image_hw: np.ndarray,
+               scale: np.ndarray, canvas_hw: tuple[int, int] | None = None
+               ) -> dict[str, np.ndarray]:
+    """Detections of the program of `canvas_hw` (default: the only canvas) on its inputs.
+
+    Args:
+      source_image: uint8 [B, Hs, Ws, 3]: each image unresized at the top-left, zeros
+        elsewhere (any Hs, Ws).
+      source_hw: int32 [B, 2] the images' (height, width).
+      image_hw: int32 [B, 2] their resized sizes, at most the canvas.
+      scale: float32 [B] resized / original (maps the boxes back).
+      canvas_hw: the program's canvas.
+
+    Returns:
+      {"boxes" [B, D, 4] original pixels, "scores" [B, D], "labels" [B, D] (1..C), "valid"
+      [B, D]}.
+
+    Raises:
+      ValueError: no program for `canvas_hw` (or several canvases and none named), or sizes
+        beyond the source canvas or the canvas.
+    """
+    if canvas_hw is None and len(self.canvases) == 1:
+      canvas_hw = self.canvases[0]
+    call = None if canvas_hw is None else self._calls.get(tuple(int(v) for v in canvas_hw))
+    if call is None:
+      raise ValueError(f"no exported program for canvas {canvas_hw}: the export has "
+                       f"{self.canvases}")
+    source_image = np.asarray(source_image, np.uint8)
+    source_hw = np.asarray(source_hw, np.int32).reshape(-1, 2)
+    image_hw = np.asarray(image_hw, np.int32).reshape(-1, 2)
+    if (source_hw > np.array(source_image.shape[1:3])).any():
+      raise ValueError(f"source_hw {source_hw.tolist()} exceeds the source canvas "
+                       f"{source_image.shape[1:3]}")
+    if (image_hw > np.array(canvas_hw)).any():
+      raise ValueError(f"image_hw {image_hw.tolist()} exceeds the canvas {tuple(canvas_hw)}")
+    out = call(self._params, source_image, source_hw, image_hw, np.asarray(scale, np.float32))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+  def detect(self, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Detections of one uint8 RGB image [h, w, 3] (grayscale [h, w] and RGBA accepted).
+
+    Returns:
+      {"boxes" [K, 4] original pixels (clipped to the image), "scores" [K], "labels" [K]}:
+      the valid detections.
+    """
+    inputs = self.prepare(image)
+    out = self(**inputs)
     keep = out["valid"][0]
-    h, w = image.shape[:2]
+    h, w = (int(v) for v in inputs["source_hw"][0])
     boxes = np.clip(out["boxes"][0][keep], 0.0, np.array([w, h, w, h], np.float32))
     return {"boxes": boxes, "scores": out["scores"][0][keep], "labels": out["labels"][0][keep]}
 
@@ -215,7 +185,7 @@ def load(path: str | os.PathLike) -> ExportedDetector:
   Raises:
     FileNotFoundError: there is no file at `path`.
     ValueError: the file is not a frcnn_jax export (another kind of file, or another export
-      format); pickled data is refused, never loaded.
+      format; an older format says to export again); pickled data is refused, never loaded.
   """
   try:
     data = np.load(path, allow_pickle=False)
@@ -234,13 +204,13 @@ def load(path: str | os.PathLike) -> ExportedDetector:
                        "archive)") from None
     if not isinstance(meta, dict):
       raise ValueError(f"{path} is not a frcnn_jax export (its metadata is not an object)")
-    if meta.get("format") not in (FORMAT, _FORMAT_ONE_CANVAS):
+    if meta.get("format") in _OLDER_FORMATS:
+      raise ValueError(f"{path} is in the older format {meta['format']!r}, whose programs take "
+                       f"images resized outside them; this loader reads {FORMAT}: export it "
+                       "again with python -m frcnn_jax.export")
+    if meta.get("format") != FORMAT:
       raise ValueError(f"{path}: not a {FORMAT} file (format {meta.get('format')!r})")
-    if meta["format"] == _FORMAT_ONE_CANVAS:   # one program for the canvas pad_hw
-      meta["canvases"] = [meta["pad_hw"]]
-      programs = ["program"]
-    else:
-      programs = [f"program_{i:03d}" for i in range(len(meta["canvases"]))]
+    programs = [f"program_{i:03d}" for i in range(len(meta["canvases"]))]
     exported = [jax.export.deserialize(bytearray(data[p].tobytes())) for p in programs]
     names = sorted(n for n in data.files if n.startswith("param_"))
     leaves = [data[n] for n in names]

@@ -10,22 +10,26 @@ The run's config (WORKDIR/config.json) is used; test-time keys may be overridden
 the file's description, see frcnn_jax/config/run.py). An existing --output is kept unless
 --overwrite.
 
-The file is a NumPy .npz archive holding one serialised `jax.export.Exported` program of
-`detector.predict` per canvas (the config's `data.pad_hw` / `data.canvases`, or
-`data.num_canvases` canvases chosen for common photo shapes (`builders.GENERIC_ASPECTS`), or
-`--canvases 608x800,800x608`) for a fixed batch size, the parameter arrays they share (inputs
-of the programs, not constants baked into them) and a JSON description (canvases, resize
-rule, class names). `detect(image)` runs the program of the smallest canvas that holds the
-resized image (one that fits none is scaled down onto the canvas where it shrinks least).
+The file is a NumPy .npz archive holding one serialised `jax.export.Exported` program per
+canvas (the config's `data.pad_hw` / `data.canvases`, or `data.num_canvases` canvases chosen
+for common photo shapes (`builders.GENERIC_ASPECTS`), or `--canvases 608x800,800x608`) for a
+fixed batch size, the parameter arrays they share (inputs of the programs, not constants baked
+into them) and a JSON description (canvases, resize rule, class names). Each program is the
+input pipeline's device-resize path (`data.resize_on=device`) followed by `detector.predict`:
+it takes the decoded images unresized at the top-left of a zero *source canvas* whose size is
+symbolic (any Hs x Ws; each size the caller uses compiles once), with their true sizes, resized
+sizes and factors, and resizes them onto its canvas with `frcnn_jax.ops.images.batch_images`.
 `load(path)` (frcnn_jax/export/loader.py, a file that imports only JAX and NumPy and can be
-copied alone) needs no model code:
+copied alone) needs no model code and no resampling code:
 
   from frcnn_jax.export import loader
   model = loader.load("model.bin")
-  out = model(images, image_hw, scale)    # uint8 [B, H, W, 3] canvases, int32 [B, 2], f32 [B]
   out = model.detect(image)               # one uint8 [h, w, 3] RGB image of any size
+  out = model(**model.prepare(image))     # the program's inputs, all detection slots
 
-Both return {"boxes" [.., D, 4] original pixels, "scores", "labels" (1..C), "valid"}.
+`detect(image)` runs the program of the smallest canvas that holds the resized image (one that
+fits none is scaled down onto the canvas where it shrinks least) and returns the valid
+detections {"boxes" [K, 4] original pixels, "scores", "labels" (1..C)}.
 """
 
 import json
@@ -36,6 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
@@ -52,7 +57,11 @@ from frcnn_jax.training import restore
 def export_predict(params: Any, *, model, settings, height: int, width: int,
                    batch_size: int = 1, platforms: Sequence[str] | None = None
                    ) -> tuple[jax.export.Exported, list[np.ndarray]]:
-  """Exports `detector.predict` for uint8 canvases [batch_size, height, width, 3].
+  """Exports the device resize and `detector.predict` for the canvas [height, width].
+
+  The program's batch is the input pipeline's with `data.resize_on=device`
+  (`frcnn_jax.ops.images.SOURCE_KEYS`, never flipped): the images are resized onto the canvas
+  inside it, from a source canvas of symbolic size.
 
   Args:
     params: network parameters.
@@ -64,19 +73,25 @@ def export_predict(params: Any, *, model, settings, height: int, width: int,
     platforms: lowering platforms, e.g. ("cpu", "cuda"); default: the current backend.
 
   Returns:
-    (exported, param_leaves): the program takes (param_leaves, images, image_hw, scale).
+    (exported, param_leaves): the program takes (param_leaves, source_image uint8
+    [batch_size, Hs, Ws, 3] (any Hs, Ws), source_hw int32 [batch_size, 2], image_hw int32
+    [batch_size, 2] (the resized sizes, at most the canvas), scale float32 [batch_size]).
   """
   from frcnn_jax.detection import detector  # pylint: disable=g-import-not-at-top  # `load` needs no model
 
   leaves, treedef = jax.tree.flatten(params)
 
-  def infer(param_leaves, images, image_hw, scale):
-    batch = {"image": images, "image_hw": image_hw, "scale": scale}
+  def infer(param_leaves, source_image, source_hw, image_hw, scale):
+    batch = {"source_image": source_image, "source_hw": source_hw, "image_hw": image_hw,
+             "scale": scale, "flip": jnp.zeros((batch_size,), bool),
+             "canvas": jnp.zeros((batch_size, height, width, 0), jnp.uint8)}
     return detector.predict(jax.tree.unflatten(treedef, param_leaves), batch, model=model,
                             settings=settings)
 
+  source_h, source_w = jax.export.symbolic_shape("source_h, source_w")
   specs = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
-           jax.ShapeDtypeStruct((batch_size, height, width, 3), np.uint8),
+           jax.ShapeDtypeStruct((batch_size, source_h, source_w, 3), np.uint8),
+           jax.ShapeDtypeStruct((batch_size, 2), np.int32),
            jax.ShapeDtypeStruct((batch_size, 2), np.int32),
            jax.ShapeDtypeStruct((batch_size,), np.float32))
   exported = jax.export.export(jax.jit(infer), platforms=platforms)(*specs)
@@ -182,6 +197,6 @@ def main(argv: Sequence[str]) -> None:
   size = os.path.getsize(f.output) / 2**20
   shapes = ", ".join(f"{h}x{w}" for h, w in canvases)
   print(f"wrote {f.output} ({size:.1f} MiB): step {step}, {len(canvases)} program(s), input "
-        f"uint8 [{f.batch_size}, H, W, 3] for canvases (HxW) {shapes}, platforms "
-        f"{', '.join(exported[0].platforms)}")
+        f"uint8 [{f.batch_size}, Hs, Ws, 3] images of any size resized inside onto canvases "
+        f"(HxW) {shapes}, platforms {', '.join(exported[0].platforms)}")
 

@@ -9,6 +9,7 @@ import pytest
 from frcnn_jax.config import build as builders
 from frcnn_jax.config import flags as config_flags
 from frcnn_jax.data import canvases as cv
+from frcnn_jax.data import eval_loader
 from frcnn_jax.data import pipeline
 from frcnn_jax.data import transforms
 from frcnn_jax.ops import images as image_ops
@@ -51,8 +52,8 @@ def test_device_training_batches_equal_the_host_batches(sizes):
 def test_device_eval_batches_equal_the_host_batches_with_padding():
   source = mixed_shapes.MixedShapes(5, "test")
   args = dict(batch_size=2, num_workers=0, **ENLARGE)
-  host = list(pipeline.eval_batches(source, **args))
-  device = list(pipeline.eval_batches(source, resize_on_device=True, **args))
+  host = list(eval_loader.eval_batches(source, **args))
+  device = list(eval_loader.eval_batches(source, resize_on_device=True, **args))
   assert len(host) == len(device) == 3 and not device[1]["valid"].all()   # 3 landscape, 2 portrait
   for a, b in zip(host, device):
     _same_batches(a, b)

@@ -10,9 +10,11 @@ import grain
 import numpy as np
 import pytest
 
+from frcnn_jax.data import batching
+from frcnn_jax.data import eval_loader
 from frcnn_jax.data import pipeline
-from frcnn_jax.data.sources import shapes
 from frcnn_jax.data import transforms
+from frcnn_jax.data.sources import shapes
 from frcnn_jax.data.sources import voc_folder
 
 SIZES = dict(min_size=32, max_size=48, pad_hw=(40, 48), max_gt=6)
@@ -136,7 +138,7 @@ def test_eval_visits_each_example_once_with_padding(n, batch_size, shard_count):
   seen, lengths = [], set()
   for index in range(shard_count):
     shard = grain.sharding.ShardOptions(index, shard_count)
-    batches = pipeline.eval_batches(source, batch_size=batch_size, shard_options=shard, **SIZES)
+    batches = eval_loader.eval_batches(source, batch_size=batch_size, shard_options=shard, **SIZES)
     out = list(batches)
     assert len(out) == len(batches)
     lengths.add(len(out))
@@ -151,7 +153,7 @@ def test_eval_visits_each_example_once_with_padding(n, batch_size, shard_count):
 
 def test_eval_examples_match_the_transform_in_order():
   source = _source(3, split="test")
-  batch = next(pipeline.eval_batches(source, batch_size=4, **SIZES))
+  batch = next(eval_loader.eval_batches(source, batch_size=4, **SIZES))
   assert batch["image_id"].tolist() == [0, 1, 2, -1]
   for b in range(3):
     ref, _ = transforms.prepare(source[b], training=False, **SIZES)
@@ -179,11 +181,11 @@ def test_unreadable_records_replaced_and_counted():
         skipped, pos = skipped + 1, pos + 1
       want.append(int(perm[pos % len(perm)]))
   assert ids.tolist() == want
-  assert iterator.counts[pipeline.SKIPPED] == skipped >= 1
-  batches = pipeline.eval_batches(source, batch_size=4, **SIZES)
+  assert iterator.counts[batching.SKIPPED] == skipped >= 1
+  batches = eval_loader.eval_batches(source, batch_size=4, **SIZES)
   valid_ids = [i for b in batches for i in b["image_id"][b["valid"]].tolist()]
   assert valid_ids == [0, 2, 3, 5, 6, 8, 9]
-  assert batches.counts[pipeline.SKIPPED] == 3 and len(batches) == 3
+  assert batches.counts[batching.SKIPPED] == 3 and len(batches) == 3
 
 
 def test_max_gt_overflow_counted():
@@ -194,7 +196,7 @@ def test_max_gt_overflow_counted():
                      **{k: v for k, v in SIZES.items() if k != "max_gt"})
   _take(iterator, 2)
   assert iterator.counts["gt_overflow"] == expected
-  batches = pipeline.eval_batches(source, batch_size=3, **{**SIZES, "max_gt": 1})
+  batches = eval_loader.eval_batches(source, batch_size=3, **{**SIZES, "max_gt": 1})
   list(batches)
   assert batches.counts["gt_overflow"] == expected
 
@@ -205,7 +207,7 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="process count"):
     _loader(source, batch_size=3, shard_options=shard)
   with pytest.raises(ValueError, match="process count"):
-    pipeline.eval_batches(source, batch_size=3, shard_options=shard, **SIZES)
+    eval_loader.eval_batches(source, batch_size=3, shard_options=shard, **SIZES)
   with pytest.raises(ValueError, match="pad_hw"):
     _loader(source, **{**SIZES, "pad_hw": (0, 10)})
   with pytest.raises(ValueError, match="seed"):
@@ -221,7 +223,7 @@ def test_tiny_voc_tree_through_the_pipeline(voc_root, voc_spec):
   np.testing.assert_array_equal(batch["image_hw"], [[96, 128]] * 4)
   np.testing.assert_allclose(batch["scale"], 2.0)
   evaluated = {}
-  for b in pipeline.eval_batches(source, batch_size=3, **sizes):
+  for b in eval_loader.eval_batches(source, batch_size=3, **sizes):
     for i in np.flatnonzero(b["valid"]):
       keep = b["gt_valid"][i]
       evaluated[source[int(b["image_id"][i])]["name"]] = (
@@ -339,7 +341,7 @@ def test_eval_each_record_once_grouped_by_canvas(n, batch_size, shard_count):
   source = _mixed(n, "test")
   seen, canvas_lists = [], []
   for index in range(shard_count):
-    batches = pipeline.eval_batches(
+    batches = eval_loader.eval_batches(
         source, batch_size=batch_size, canvases=TWO_CANVASES, num_workers=0,
         shard_options=grain.sharding.ShardOptions(index, shard_count), **MIXED)
     shapes_seen = []

@@ -1,5 +1,6 @@
 """Tests for frcnn_jax/export/writer.py: the exported program equals the live model."""
 
+import ast
 import json
 import os
 import subprocess
@@ -10,9 +11,12 @@ import numpy as np
 import pytest
 
 from frcnn_jax import detect
+from frcnn_jax.data import canvases as canvas_lib
+from frcnn_jax.data import transforms
 from frcnn_jax.detection import detector
 from frcnn_jax.evaluation import runner as eval_runner
 from frcnn_jax.export import writer as export
+from frcnn_jax.ops import images as image_ops
 from tests.evaluation.tiny_run import STEP
 from tests.evaluation.tiny_run import tiny_run  # noqa: F401  pylint: disable=unused-import
 
@@ -45,18 +49,86 @@ def exported_file(tiny_run, tmp_path_factory):
   return path
 
 
-def test_exported_program_equals_live_model(tiny_run, exported_file):
-  loaded = export.loader.load(exported_file)
+@pytest.fixture(scope="module")
+def loaded(exported_file):
+  """The one-canvas export, loaded once (its programs compile once per source canvas)."""
+  return export.loader.load(exported_file)
+
+
+def live_device_batch(tiny_run, image, canvases=None):
+  """One image as the input pipeline ships it when the device resizes (`data.resize_on=device`):
+  the canvas `detect.prepare` picks, the pipeline's source canvas for this size
+  (`canvases.source_canvases`) and `transforms.prepare`'s fields, a batch of one."""
+  d = tiny_run.config.data
+  canvases = canvases or (tuple(d.pad_hw),)
+  size = canvas_lib.resized_hw(image.shape[:2], d.min_size, d.max_size)
+  pad_hw = tuple(canvases[int(canvas_lib.place_canvases([size], canvases)[0])])
+  source = canvas_lib.source_canvases(np.array([image.shape[:2]]), np.zeros(1, int), 1)[0]
+  example = {"image": image, "boxes": np.zeros((0, 4), np.float32),
+             "labels": np.zeros(0, np.int32), "difficult": np.zeros(0, bool), "image_id": 0}
+  fields, _ = transforms.prepare(example, min_size=d.min_size, max_size=d.max_size,
+                                 pad_hw=pad_hw, max_gt=d.max_gt, training=False,
+                                 source_canvas=source)
+  return {k: fields[k][None] for k in image_ops.input_keys(fields)}
+
+
+def live_predict(tiny_run, batch):
+  out = detector.predict(tiny_run.params, batch, model=tiny_run.model,
+                         settings=tiny_run.settings)
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+# Smaller than the 64x64 canvas (enlarged), taller (scaled down), larger both ways (scaled down
+# from a source canvas of 4 canvases), and long (scaled down 6x).
+@pytest.mark.parametrize("hw", [(30, 40), (130, 20), (200, 150), (150, 400)])
+def test_exported_program_equals_the_live_device_resize_path(tiny_run, loaded, hw):
   assert loaded.meta["step"] == STEP and loaded.meta["batch_size"] == 1
-  batch = detect.prepare(tiny_run.source[2]["image"], tiny_run.config)
-  got = loaded(batch["image"], batch["image_hw"], batch["scale"])
-  want = detector.predict(tiny_run.params, batch, model=tiny_run.model,
-                          settings=tiny_run.settings)
+  image = np.random.default_rng(sum(hw)).integers(0, 256, (*hw, 3), dtype=np.uint8)
+  inputs = loaded.prepare(image)
+  batch = live_device_batch(tiny_run, image)
+  assert inputs["canvas_hw"] == image_ops.canvas_hw(batch) == (64, 64)
+  for key in ("source_hw", "image_hw", "scale"):
+    np.testing.assert_array_equal(inputs[key], batch[key], err_msg=key)
+  src = inputs["source_image"]
+  assert src.shape[1:3] == export.loader.source_canvas(hw, (64, 64))
+  np.testing.assert_array_equal(src[0, :hw[0], :hw[1]], image)
+  assert not src[0, hw[0]:].any() and not src[0, :, hw[1]:].any()
+  got = loaded(**inputs)
+  want = live_predict(tiny_run, batch)
   assert got["valid"].any()
-  np.testing.assert_array_equal(got["valid"], np.asarray(want["valid"]))
-  np.testing.assert_array_equal(got["labels"], np.asarray(want["labels"]))
-  np.testing.assert_allclose(got["boxes"], np.asarray(want["boxes"]), atol=1e-4)
-  np.testing.assert_allclose(got["scores"], np.asarray(want["scores"]), atol=1e-6)
+  np.testing.assert_array_equal(got["valid"], want["valid"])
+  np.testing.assert_array_equal(got["labels"], want["labels"])
+  np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-4)
+  np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-6)
+
+
+def test_source_canvas_rounds_up_to_multiples_of_the_canvas():
+  assert export.loader.source_canvas((30, 40), (64, 64)) == (64, 64)
+  assert export.loader.source_canvas((64, 64), (64, 64)) == (64, 64)
+  assert export.loader.source_canvas((65, 300), (48, 64)) == (96, 320)
+
+
+def test_loader_has_no_resampling_code():
+  """The resize is the exported program's: the loader only pads (no filter, no weights)."""
+  with open(os.path.join(REPO, "frcnn_jax", "export", "loader.py")) as f:
+    tree = ast.parse(f.read())
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+      names.add(node.name)
+    elif isinstance(node, ast.Name):
+      names.add(node.id)
+    elif isinstance(node, ast.Attribute):
+      names.add(node.attr)
+    elif isinstance(node, ast.arg):
+      names.add(node.arg)
+    elif isinstance(node, ast.alias):
+      names.add(node.name)
+  found = sorted(n for n in names if any(
+      w in n.lower() for w in ("resiz", "resampl", "bilinear", "interp", "coeff", "filter")))
+  assert not found, found
+  assert "image" not in names   # no jax.image (resize, scale_and_translate)
+  assert "take" not in names    # no gathers of pixel rows
 
 
 def test_loader_needs_no_model_code(tiny_run, exported_file, tmp_path):
@@ -84,6 +156,10 @@ def test_load_rejects_other_files(tmp_path):
   np.savez(path, meta=np.frombuffer(b'{"format": "x"}', np.uint8))
   with pytest.raises(ValueError, match=r"not a frcnn_jax.export/\d file"):
     export.loader.load(path)
+  for old in ("frcnn_jax.export/1", "frcnn_jax.export/2"):   # canvases resized outside
+    np.savez(path, meta=np.frombuffer(json.dumps({"format": old}).encode(), np.uint8))
+    with pytest.raises(ValueError, match=f"older format '{old}'.*export it again"):
+      export.loader.load(path)
   import pickle  # pylint: disable=g-import-not-at-top
   import zipfile  # pylint: disable=g-import-not-at-top
   others = {"notes.txt": b"just text\n", "empty.bin": b"",
@@ -101,18 +177,6 @@ def test_load_rejects_other_files(tmp_path):
     assert "allow_pickle" not in str(e.value)
   with pytest.raises(FileNotFoundError):
     export.loader.load(tmp_path / "missing.bin")
-
-
-@pytest.mark.parametrize("hw", [(50, 70), (64, 64), (130, 20), (7, 300)])
-def test_loader_resize_equals_the_pipeline(tiny_run, hw):
-  image = np.random.default_rng(0).integers(0, 255, (*hw, 3), dtype=np.uint8)
-  d = tiny_run.config.data
-  canvas, image_hw, scale = export.loader.resize_and_pad(image, min_size=d.min_size,
-                                                  max_size=d.max_size, pad_hw=tuple(d.pad_hw))
-  want = detect.prepare(image, tiny_run.config)
-  np.testing.assert_array_equal(canvas, want["image"][0])
-  np.testing.assert_array_equal(image_hw, want["image_hw"][0])
-  assert scale == want["scale"][0]
 
 
 # Runs the loader with everything but JAX and NumPy made unimportable.
@@ -168,24 +232,6 @@ def test_loader_needs_only_jax_and_numpy(tiny_run, exported_file, tmp_path, wher
                              atol=1e-6)
 
 
-def test_loader_resize_is_pillows_bilinear():
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  from frcnn_jax.export import loader as export_loader  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  sizes = [((h, w), (h, ow)) for h, w, ow in rng.integers(1, 90, (20, 3))]
-  sizes += [((h, w), (oh, w)) for h, w, oh in rng.integers(1, 90, (20, 3))]
-  sizes += [((h, w), (oh, ow)) for h, w, oh, ow in rng.integers(1, 90, (60, 4))]
-  sizes += [((375, 500), (600, 800)), ((500, 333), (1000, 666)), ((480, 640), (240, 320)),
-            ((90, 40), (20, 35)), ((40, 90), (35, 20)),     # both pass orders
-            ((1000, 700), (13, 999)), ((2000, 50), (7, 3))]  # long filters (K up to 573)
-  for (h, w), (oh, ow) in sizes:
-    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    want = np.asarray(Image.fromarray(image).resize((ow, oh), Image.BILINEAR))
-    np.testing.assert_array_equal(export_loader.resize_bilinear(image, oh, ow), want,
-                                  err_msg=f"{h}x{w} -> {oh}x{ow}")
-
-
 def test_cli_uses_the_run_config_and_keeps_an_existing_file(tiny_run, tmp_path):
   from tests.evaluation.run_folder import run_folder  # pylint: disable=g-import-not-at-top
   workdir = run_folder(tiny_run, tmp_path)
@@ -233,18 +279,23 @@ def test_export_picks_the_smallest_canvas_and_equals_predict(tiny_run, two_canva
   loaded = export.loader.load(two_canvas_file)
   assert loaded.canvases == list(TWO_CANVASES)
   image = np.random.default_rng(1).integers(0, 255, (*hw, 3), dtype=np.uint8)
-  batch = detect.prepare(image, tiny_run.config, TWO_CANVASES)
-  assert batch["image"].shape[1:3] == canvas
-  out = detector.predict(tiny_run.params, batch, model=tiny_run.model,
-                         settings=tiny_run.settings)
-  keep = np.asarray(out["valid"][0])
+  batch = live_device_batch(tiny_run, image, TWO_CANVASES)
+  assert image_ops.canvas_hw(batch) == loaded.prepare(image)["canvas_hw"] == canvas
+  out = live_predict(tiny_run, batch)
+  keep = out["valid"][0]
   assert keep.any(), "the tiny model detects something at score >= 0"
   got = loaded.detect(image)
-  np.testing.assert_allclose(got["scores"], np.asarray(out["scores"][0])[keep], atol=1e-5)
+  np.testing.assert_allclose(got["scores"], out["scores"][0][keep], atol=1e-5)
   np.testing.assert_allclose(got["boxes"], eval_runner.clip_to_image(
-      np.asarray(out["boxes"][0])[keep], *hw), atol=1e-3)
+      out["boxes"][0][keep], *hw), atol=1e-3)
+  args = (np.zeros((1, 32, 32, 3), np.uint8), np.array([[32, 32]]), np.array([[32, 32]]),
+          np.ones(1))
   with pytest.raises(ValueError, match="no exported program for canvas"):
-    loaded(np.zeros((1, 32, 32, 3), np.uint8), np.array([[32, 32]]), np.ones(1))
+    loaded(*args, canvas_hw=(32, 32))
+  with pytest.raises(ValueError, match="no exported program for canvas None"):
+    loaded(*args)   # two canvases: name one
+  with pytest.raises(ValueError, match="exceeds the canvas"):
+    loaded(*args[:2], np.array([[64, 64]]), args[3], canvas_hw=canvas)
 
 
 def test_parse_canvases():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from frcnn_jax.data.sources import coco_json
 from frcnn_jax.data.sources import base
+from frcnn_jax.data.sources import coco_json
 from tests.data import conftest as trees
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from frcnn_jax.data import images
-from frcnn_jax.data.sources import voc_tfds
 from frcnn_jax.data.sources import voc_folder
+from frcnn_jax.data.sources import voc_tfds
 from tests.data import conftest as trees
 
 REPO = pathlib.Path(__file__).resolve().parents[3]

@@ -8,11 +8,11 @@ import pytest
 
 from frcnn_jax.config import build as builders
 from frcnn_jax.config import defaults
-from frcnn_jax.data.sources import coco_json
 from frcnn_jax.data import images
 from frcnn_jax.data.sources import base
-from frcnn_jax.data.sources import voc_tfds
+from frcnn_jax.data.sources import coco_json
 from frcnn_jax.data.sources import voc_folder
+from frcnn_jax.data.sources import voc_tfds
 from tests.data import conftest as trees
 from tests.data.sources.test_voc_tfds import tfds_dir  # noqa: F401  pylint: disable=unused-import
 
