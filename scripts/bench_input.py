@@ -22,8 +22,8 @@ Prints one line per setting and, last, a JSON line with "per_core_images_per_s" 
 "per_cpu_second_images" ({"host": ..., "device": ...}), "device_resize_images_per_s",
 "loader_images_per_s" ({"host/0": ..., "device/2": ...}), "cores_to_feed_target" per mode
 (ceil(target / per-CPU-second rate): the host cores that keep one accelerator consuming
-`target_images_per_s` fed) and "export_loader_resize_ms" ({"numpy": ..., "pillow": ...}: the
-JAX + NumPy loader's resize of one photo to 600x800, and Pillow's).
+`target_images_per_s` fed). (The export loader has no resize of its own any more: its programs
+resize on the device, as `device_resize_images_per_s` measures.)
 """
 
 import argparse
@@ -79,9 +79,6 @@ def main() -> None:
     device_rate = bench.time_device_resize(source, canvas, args.batch_size, args.repeats)
     print(f"device resize + flip + pad on {jax.devices()[0].device_kind}: {device_rate:.1f} "
           f"images/s", flush=True)
-    export_ms = bench.time_export_resize(source[0]["image"], args.repeats)
-    print(f"export_loader resize to 600x800: {export_ms['numpy']:.1f} ms (NumPy), Pillow "
-          f"{export_ms['pillow']:.1f} ms", flush=True)
     loader_rates = {}
     for mode in bench.MODES:
       for w in workers:
@@ -97,7 +94,6 @@ def main() -> None:
       "per_cpu_second_images": {m: round(rates[m + "_cpu"], 2) for m in bench.MODES},
       "device_resize_images_per_s": round(device_rate, 2),
       "loader_images_per_s": {k: round(v, 2) for k, v in loader_rates.items()},
-      "export_loader_resize_ms": {k: round(v, 2) for k, v in export_ms.items()},
       "cpu_count": os.cpu_count(),
       "target_images_per_s": args.target_images_per_s,
       "cores_to_feed_target": {m: math.ceil(args.target_images_per_s / rates[m + "_cpu"])

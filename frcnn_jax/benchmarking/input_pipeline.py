@@ -24,12 +24,10 @@ from frcnn_jax.data import canvases
 from frcnn_jax.data import pipeline
 from frcnn_jax.data import transforms
 from frcnn_jax.data.sources import voc_folder
-from frcnn_jax.export import loader as export_loader
 from frcnn_jax.ops import images as image_ops
 
 WIDTH, HEIGHT = 500, 375
 SIZES = dict(min_size=600, max_size=1000, max_gt=64)
-EXPORT_RESIZE_HW = (600, 800)   # the pipeline's scale for a HEIGHT x WIDTH photo
 MODES = ("host", "device")   # data.resize_on
 # What the pipeline ships these images on when the device resizes (one group of one size).
 SOURCE_CANVAS = tuple(int(n) for n in canvases.source_canvases(
@@ -99,17 +97,6 @@ def time_in_process(source, canvas: tuple[int, int], repeats: int) -> dict[str, 
       rates[mode].append(len(source) / (time.perf_counter() - start))
       rates[mode + "_cpu"].append(len(source) / (time.process_time() - cpu_start))
   return {k: statistics.median(v) for k, v in rates.items()}
-
-
-def time_export_resize(image: np.ndarray, repeats: int) -> dict[str, float]:
-  """Median milliseconds of `export_loader.resize_bilinear` (the JAX + NumPy loader's Pillow
-  port) and of Pillow itself resizing one photo to EXPORT_RESIZE_HW, interleaved over
-  max(5, 3 * repeats) rounds: {"numpy": ms, "pillow": ms}."""
-  height, width = EXPORT_RESIZE_HW
-  resizers = [("numpy", lambda: export_loader.resize_bilinear(image, height, width)),
-              ("pillow", lambda: Image.fromarray(image).resize((width, height), Image.BILINEAR))]
-  runs = timing.interleaved_runs(resizers, max(5, 3 * repeats))
-  return {name: 1e3 * statistics.median(wall) for name, (wall, _) in runs.items()}
 
 
 def _loader(source, mode: str, canvas: tuple[int, int], workers: int, batch_size: int):

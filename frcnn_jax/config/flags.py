@@ -81,7 +81,12 @@ def _override_keys(argv: Sequence[str]) -> list[str]:
 
 
 def _missing_key(config: ml_collections.ConfigDict, dotted: str) -> str | None:
-  """Returns a message if `dotted` is not a key of `config`, else None."""
+  """Returns a message if `dotted` is not a key of `config`, else None.
+
+  Ours, not ml_collections': its suggestion covers only the last part of the key and its
+  locked-config error prints the whole section; this one suggests the full dotted key, at any
+  depth, on one line.
+  """
   node: Any = config
   walked = []
   for part in dotted.split("."):
@@ -317,24 +322,31 @@ def load_module(path: str):
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
-  """Sets dotted keys in place, type-checked against the existing values."""
+  """Sets dotted keys in place, type-checked against the existing values.
+
+  One key at a time through `ConfigDict.update_from_flattened_dict`, so that an error names
+  the key: ml_collections walks the dotted path, type-checks the value against the locked
+  config (a placeholder against its declared type) and turns a list into a tuple and an int
+  into a float where the default is one. Checked here first: the key exists (`_missing_key`),
+  a bool and a non-bool never stand for each other (no config key takes both a bool and a number),
+  and None does not replace a value (ml_collections accepts both: bool is an int, and None
+  overrides anything).
+
+  Raises:
+    ConfigError: unknown key, or a value of the wrong type (the message names the key).
+  """
   for key, value in overrides.items():
     missing = _missing_key(config, key)
     if missing:
       raise ConfigError(missing)
-    parent_key, _, leaf = key.rpartition(".")
-    parent = config
-    for part in parent_key.split(".") if parent_key else ():
-      parent = parent[part]
-    current = parent[leaf]
-    if isinstance(current, tuple) and isinstance(value, list):
-      value = tuple(value)
+    current = config[key]   # ConfigDict reads a dotted key
     if isinstance(current, bool) != isinstance(value, bool) or (
-        isinstance(current, (int, float)) and not isinstance(value, (int, float))):
-      raise ConfigError(f"config key {key!r} expects {type(current).__name__}, got "
-                        f"{value!r} ({type(value).__name__})")
+        current is not None and value is None):
+      expected = "a value that is not a bool" if current is None else type(current).__name__
+      raise ConfigError(f"config key {key!r} expects {expected}, got {value!r} "
+                        f"({type(value).__name__})")
     try:
-      parent[leaf] = value
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"config key {key!r}: {e}") from e
-
+      config.update_from_flattened_dict({key: value})
+    except (KeyError, TypeError, ValueError) as e:
+      reason = str(e).strip("'\"")
+      raise ConfigError(f"config key {key!r}: {reason}") from e

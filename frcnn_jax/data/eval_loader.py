@@ -82,6 +82,13 @@ class EvalIterator:
   def __len__(self) -> int:
     return len(self.batch_canvases)
 
+  @property
+  def make_batch(self) -> _EvalBatch:
+    """The picklable task the workers run: n -> (this process's slice of eval batch n, its
+    counters), for n < len(self); another loader may run it
+    (frcnn_jax/benchmarking/grain_loader.py)."""
+    return self._make_batch
+
   def __iter__(self) -> "EvalIterator":
     return self
 

@@ -225,6 +225,12 @@ class TrainIterator:
     return batch
 
   @property
+  def make_batch(self) -> _TrainBatch:
+    """The picklable task the workers run: n -> (this process's numpy share of global batch n,
+    its counters); another loader may run it (frcnn_jax/benchmarking/grain_loader.py)."""
+    return self._make_batch
+
+  @property
   def worker_pids(self) -> list[int]:
     """Process ids of the running worker processes (none before the first batch)."""
     return [] if self._pool is None else self._pool.pids

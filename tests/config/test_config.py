@@ -192,12 +192,17 @@ def test_overrides_are_applied_and_type_checked():
   assert config.train.num_steps == 5 and config.anchors.sizes == (8, 16)
   with pytest.raises(config_flags.ConfigError, match=r"'train.num_stepz'.*'train.num_steps'"):
     config_flags.apply_overrides(config, {"train.num_stepz": 5})
-  with pytest.raises(config_flags.ConfigError, match="'train.num_steps' expects int"):
+  with pytest.raises(config_flags.ConfigError,
+                     match=r"'train.num_steps'.*cannot be casted to type <class 'int'>"):
     config_flags.apply_overrides(config, {"train.num_steps": "many"})
   with pytest.raises(config_flags.ConfigError, match="'train.num_steps'"):
     config_flags.apply_overrides(config, {"train.num_steps": 1.5})
   with pytest.raises(config_flags.ConfigError, match="'data.flip' expects bool"):
     config_flags.apply_overrides(config, {"data.flip": 1})
+  for value in (True, None):   # ml_collections would take both (bool is an int)
+    with pytest.raises(config_flags.ConfigError, match="'train.num_steps' expects int"):
+      config_flags.apply_overrides(config, {"train.num_steps": value})
+  assert config.train.num_steps == 5
 
 
 @pytest.mark.parametrize("overrides,key", [

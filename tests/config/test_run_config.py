@@ -204,7 +204,7 @@ def test_config_printer_shows_every_key_with_its_comment():
   stride = next(line for line in lines if line.split()[0] == "model.vgg16.stride")
   assert "8" in stride
   data_dir = next(line for line in lines if line.split()[0] == "data.voc_tfds.data_dir")
-  assert "VOCdevkit folder" in data_dir and "[local]" in data_dir  # its declaration
+  assert "tfds data_dir" in data_dir and "[local]" in data_dir  # its declaration
 
 
 def test_config_printer_command(tmp_path):
