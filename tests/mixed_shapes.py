@@ -1,11 +1,15 @@
 """A shapes dataset with two aspect ratios (landscape and portrait), for canvas tests.
 
-`python -m tests.mixed_shapes ARGS` runs `frcnn_jax.train` with this dataset as the train and
-eval split of `data.name=shapes` (sizes `LANDSCAPE` and `PORTRAIT`, alternating).
+`python -m tests.mixed_shapes ARGS` runs `frcnn_jax.train` with this dataset registered as
+`data.name=mixed_shapes` (sizes `LANDSCAPE` and `PORTRAIT`, alternating; the keys of
+`data.shapes` under `data.mixed_shapes`), a dataset plug-in defined outside the package.
 """
+
+import dataclasses
 
 import numpy as np
 
+from frcnn_jax.data.sources import base
 from frcnn_jax.data.sources import shapes
 
 LANDSCAPE = (48, 64)   # (height, width)
@@ -44,19 +48,22 @@ class MixedShapes:
     return self._parts[index % 2].annotation(index // 2)
 
 
-def _mixed_source_from_config(config, split):
-  d = config.data
-  n = d.shapes_num_train if split == "train" else d.shapes_num_test
-  return MixedShapes(n, "train" if split == "train" else "test", seed=config.seed)
+@dataclasses.dataclass(frozen=True)
+class MixedShapesSettings(shapes.Shapes):
+  """`data.mixed_shapes`: the settings of `data.shapes`, for `MixedShapes`."""
+
+  def make(self, split: str, *, bad_input: str, seed: int) -> MixedShapes:
+    del bad_input
+    return MixedShapes(self.num_train if split == "train" else self.num_test,
+                       "train" if split == "train" else "test", seed=seed)
 
 
 def main() -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
 
   from frcnn_jax import train  # pylint: disable=g-import-not-at-top
-  from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top
   from frcnn_jax.config import flags as config_flags  # pylint: disable=g-import-not-at-top
-  builders.source_from_config = _mixed_source_from_config
+  base.SOURCES.register("mixed_shapes")(MixedShapesSettings)
   train.define_flags()
   app.run(train.main, flags_parser=config_flags.parse_flags)
 

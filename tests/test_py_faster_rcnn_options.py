@@ -33,7 +33,7 @@ def test_builders_map_the_options():
   assert settings.anchors.style == "py-faster-rcnn" and settings.test.min_size == 0.0
   assert settings.legacy_plus_one
   default = defaults.get_config()
-  assert not builders.model_from_config(default, 20).pool_ceil_mode
+  assert not builders.model_from_config(default, 20).trunk.pool_ceil_mode
   assert builders.model_from_config(default, 20).roi_pool_coordinates == "torchvision"
   assert builders.detector_settings_from_config(default).anchor_style == "exact"
   assert builders.detector_settings_from_config(default).test_min_size == 0.01

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from frcnn_jax.data.sources import base
+from tests import mixed_shapes
 from tests import test_train
 
 # Each test runs several training subprocesses (about a minute each on 2 busy cores).
@@ -21,7 +23,8 @@ RESUME = {**test_train.TINY, "train.num_steps": 8, "train.checkpoint_every": 4,
 # Two canvases: tests.mixed_shapes' 48x64 landscape and 64x48 portrait images, canvases
 # chosen automatically (multiples of 16).
 CANVASES = {**RESUME, "data.pad_hw": (), "data.canvas_multiple": 16, "data.min_size": 48,
-            "data.max_size": 64, "data.shapes.num_train": 12, "data.shapes.num_test": 5}
+            "data.max_size": 64, "data.name": "mixed_shapes", "data.mixed_shapes.num_train": 12,
+            "data.mixed_shapes.num_test": 5}
 
 
 def _command(workdir, overrides, module="frcnn_jax.train"):
@@ -62,8 +65,17 @@ def _traced_canvases(log, function):
   return traces, sorted((int(h), int(w)) for h, w in shapes)
 
 
-def test_sigkill_resume_and_truncated_checkpoint_are_bitwise_exact(tmp_path):
+@pytest.fixture
+def mixed_registered():
+  """`data.name=mixed_shapes` here too, as `python -m tests.mixed_shapes` registers it."""
+  base.SOURCES.register("mixed_shapes")(mixed_shapes.MixedShapesSettings)
+  yield
+  base.SOURCES.unregister("mixed_shapes")
+
+
+def test_sigkill_resume_and_truncated_checkpoint_are_bitwise_exact(tmp_path, mixed_registered):
   """Two canvases; also: each program traced once per canvas, a resume compiles nothing."""
+  del mixed_registered
   cache = tmp_path / "jax_cache"
   env = {**_env(str(cache)), "JAX_LOG_COMPILES": "1"}
   module = "tests.mixed_shapes"
