@@ -43,6 +43,7 @@ from absl import flags
 from jax.experimental import multihost_utils
 
 from frcnn_jax.config import build as builders
+from frcnn_jax.config import defaults
 from frcnn_jax.config import flags as config_flags
 from frcnn_jax.detection import detector
 from frcnn_jax.evaluation import runner as eval_runner
@@ -144,7 +145,8 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     except (OSError, ValueError) as e:
       logging.warning("%s is unreadable (%s); replacing it with this run's config.", path, e)
     else:
-      changed = checkpointing.config_differences(previous, current)
+      changed = checkpointing.config_differences(defaults.used_record(previous),
+                                                 defaults.used_record(current))
       if changed:
         logging.warning("config differs from the run already in %s: %s", workdir,
                         "; ".join(changed))
@@ -291,7 +293,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _Preemption, o
     return stopped_at_start(state)
   checkpointer = opened.checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
-      config=json.loads(config.to_json_best_effort()))
+      config=defaults.used_record(json.loads(config.to_json_best_effort())))
   final_eval = None if evaluate_again else _final_eval_record(workdir, t.num_steps)
   if final_eval is not None and checkpointer.all_steps()[-1:] == [t.num_steps]:
     restored = checkpointer.restore_latest(_abstract(state))  # no iterator: any topology

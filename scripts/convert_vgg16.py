@@ -8,12 +8,13 @@ Usage (each input is the published ImageNet VGG16 file of that framework):
 
 `VGG16.v2.caffemodel` is the file py-faster-rcnn starts from (its
 `data/scripts/fetch_imagenet_models.sh`); it is read with a small protobuf wire-format reader
-(Caffe's NetParameter, both the `layer` and the legacy V1 `layers` formats), without Caffe or
-the protobuf package. The .npz holds "conv1_1/kernel" [3, 3, in, out] (HWIO), "conv1_1/bias" ...
-"conv5_3/bias", "fc6/kernel" [7 * 7 * 512, 4096] (input flattened in HWC order, as the RoI head
-does; Caffe and torchvision flatten CHW), "fc6/bias", "fc7/kernel", "fc7/bias" when the source
-has the classifier, and the metadata "source", "input_norm" and "pixel_mean" (plus
-"pixel_std"): the input normalisation the weights were trained with, each file its own:
+(frcnn_jax/models/caffe_weights.py: Caffe's NetParameter, both the `layer` and the legacy V1
+`layers` formats), without Caffe or the protobuf package. The .npz holds "conv1_1/kernel"
+[3, 3, in, out] (HWIO), "conv1_1/bias" ... "conv5_3/bias", "fc6/kernel" [7 * 7 * 512, 4096]
+(input flattened in HWC order, as the RoI head does; Caffe and torchvision flatten CHW),
+"fc6/bias", "fc7/kernel", "fc7/bias" when the source has the classifier, and the metadata
+"source", "input_norm" and "pixel_mean" (plus "pixel_std"): the input normalisation the
+weights were trained with, each file its own:
   * Caffe: "caffe", BGR 0..255 minus py-faster-rcnn's PIXEL_MEANS (102.9801, 115.9465, 122.7717)
     (conv1_1 takes BGR input, as our "caffe" normalisation feeds it);
   * Keras: "keras", BGR 0..255 minus the Keras VGG16 mean pixel (103.939, 116.779, 123.68);
@@ -30,24 +31,15 @@ weights layout (root attribute "layer_names", per-layer "weight_names") is read,
 import argparse
 import os
 import re
-from typing import Iterator
 from typing import Mapping
 
 import numpy as np
 
+from frcnn_jax.models import caffe_weights
+
 _TORCH_FEATURE = re.compile(r"^features\.(\d+)\.(weight|bias)$")
 _KERAS_CONV = re.compile(r"^block(\d+)_conv(\d+)$")
 _CAFFE_CONV = re.compile(r"^conv\d+_\d+$")
-
-
-def _fc_from_chw(weight: np.ndarray, channels: int) -> np.ndarray:
-  """fc6 weight [out, C * s * s] (torch / Caffe CHW flattening) -> kernel [s * s * C, out] (HWC)."""
-  out_features, in_features = weight.shape
-  side = int(round(np.sqrt(in_features // channels)))
-  if side * side * channels != in_features:
-    raise ValueError(f"fc6 has {in_features} inputs, not a square map of {channels} channels")
-  kernel = weight.reshape(out_features, channels, side, side).transpose(2, 3, 1, 0)
-  return kernel.reshape(side * side * channels, out_features)
 
 
 def convert_torchvision(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -78,8 +70,8 @@ def convert_torchvision(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.nd
                                                   np.float32)
   channels = out[f"conv{block}_{conv}/kernel"].shape[-1]
   if "classifier.0.weight" in state_dict:
-    out["fc6/kernel"] = _fc_from_chw(np.asarray(state_dict["classifier.0.weight"], np.float32),
-                                     channels)
+    out["fc6/kernel"] = caffe_weights.fc_from_chw(
+        np.asarray(state_dict["classifier.0.weight"], np.float32), channels)
     out["fc6/bias"] = np.asarray(state_dict["classifier.0.bias"], np.float32)
   if "classifier.3.weight" in state_dict:
     out["fc7/kernel"] = np.asarray(state_dict["classifier.3.weight"], np.float32).T
@@ -129,148 +121,10 @@ def convert_keras(layers: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarra
   return out
 
 
-# --- Caffe: protobuf wire format (https://protobuf.dev/programming-guides/encoding/) with the
-# field numbers of Caffe's src/caffe/proto/caffe.proto. ---
-_VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
-_NET_LAYER, _NET_V1_LAYERS = 100, 2                       # NetParameter.layer / .layers
-_LAYER_NAME, _LAYER_BLOBS = 1, 7                          # LayerParameter
-_V1_NAME, _V1_BLOBS, _V1_V0 = 4, 6, 1                     # V1LayerParameter (+ V0 inside)
-_V0_NAME, _V0_BLOBS = 1, 50                               # V0LayerParameter
-_BLOB_SHAPE, _BLOB_DATA, _BLOB_DOUBLE_DATA = 7, 5, 8      # BlobProto
-_BLOB_LEGACY_DIMS = (1, 2, 3, 4)                          # num, channels, height, width
-_SHAPE_DIM = 1                                            # BlobShape.dim
-
-
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-  """Decodes the base-128 varint at `pos`; returns (value, next position)."""
-  value, shift = 0, 0
-  while True:
-    if pos >= len(buf):
-      raise ValueError("truncated varint: not a valid .caffemodel (protobuf) file")
-    byte = buf[pos]
-    pos += 1
-    value |= (byte & 0x7F) << shift
-    if byte < 0x80:
-      return value, pos
-    shift += 7
-    if shift > 63:
-      raise ValueError("varint longer than 10 bytes: not a valid .caffemodel (protobuf) file")
-
-
-def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
-  """Yields (field number, wire type, value) of one message: an int for varints, the payload
-  bytes for length-delimited, 8- and 4-byte fields.
-
-  Raises:
-    ValueError: malformed data (bad wire type, lengths past the end).
-  """
-  pos = 0
-  while pos < len(buf):
-    key, pos = _varint(buf, pos)
-    number, wire = key >> 3, key & 7
-    if wire == _VARINT:
-      value, pos = _varint(buf, pos)
-    elif wire in (_BYTES, _FIXED64, _FIXED32):
-      if wire == _BYTES:
-        size, pos = _varint(buf, pos)
-      else:
-        size = 8 if wire == _FIXED64 else 4
-      if pos + size > len(buf):
-        raise ValueError(f"field {number} runs past the end of its message: not a valid "
-                         ".caffemodel (protobuf) file")
-      value, pos = buf[pos:pos + size], pos + size
-    else:
-      raise ValueError(f"unsupported protobuf wire type {wire} (field {number})")
-    yield number, wire, value
-
-
-def _packed(values: list, wire_types: list[int], scalar: str) -> np.ndarray:
-  """Concatenates a repeated numeric field read packed (bytes) and/or unpacked."""
-  parts = []
-  for value, wire in zip(values, wire_types):
-    if scalar == "varint":
-      if wire == _BYTES:
-        pos, out = 0, []
-        while pos < len(value):
-          item, pos = _varint(value, pos)
-          out.append(item)
-        parts.append(np.asarray(out, np.int64))
-      else:
-        parts.append(np.asarray([value], np.int64))
-    else:
-      parts.append(np.frombuffer(value, scalar))
-  return np.concatenate(parts) if parts else np.zeros((0,), np.int64)
-
-
-def _blob(buf: memoryview) -> np.ndarray:
-  """A BlobProto as a float32 array of its shape (BlobShape, else legacy num/channels/h/w)."""
-  dims, legacy, data, double = None, {}, [], []
-  for number, wire, value in _fields(buf):
-    if number == _BLOB_SHAPE and wire == _BYTES:
-      found = [(v, w) for n, w, v in _fields(value) if n == _SHAPE_DIM]
-      dims = _packed([v for v, _ in found], [w for _, w in found], "varint")
-    elif number == _BLOB_DATA:
-      data.append((value, wire))
-    elif number == _BLOB_DOUBLE_DATA:
-      double.append((value, wire))
-    elif number in _BLOB_LEGACY_DIMS and wire == _VARINT:
-      legacy[number] = value
-  if data:
-    values = _packed([v for v, _ in data], [w for _, w in data], "<f4")
-  else:
-    values = _packed([v for v, _ in double], [w for _, w in double], "<f8")
-  if dims is None:
-    dims = np.asarray([legacy.get(n, 0) for n in _BLOB_LEGACY_DIMS], np.int64)
-  if int(np.prod(dims)) != values.size:
-    raise ValueError(f"blob of shape {dims.tolist()} holds {values.size} values")
-  return values.astype(np.float32).reshape(tuple(int(d) for d in dims))
-
-
-def _layer(buf: memoryview, name_field: int, blobs_field: int,
-           v0_field: int | None = None) -> tuple[str, list[np.ndarray]]:
-  """(name, blobs) of a LayerParameter or V1LayerParameter (whose V0 part may hold them)."""
-  name, blobs = "", []
-  for number, wire, value in _fields(buf):
-    if number == name_field and wire == _BYTES:
-      name = bytes(value).decode()
-    elif number == blobs_field and wire == _BYTES:
-      blobs.append(_blob(value))
-    elif v0_field is not None and number == v0_field and wire == _BYTES:
-      v0_name, v0_blobs = _layer(value, _V0_NAME, _V0_BLOBS)
-      name, blobs = name or v0_name, blobs or v0_blobs
-  return name, blobs
-
-
-def parse_caffemodel(data: bytes) -> dict[str, list[np.ndarray]]:
-  """Reads a binary Caffe NetParameter: {layer name: [blobs]} for layers with blobs.
-
-  Both layer formats are read: `layer` (field 100, LayerParameter: name 1, blobs 7) and the
-  legacy `layers` (field 2, V1LayerParameter: name 4, blobs 6, or those of its V0 `layer` 1).
-  Blobs (BlobProto) take their shape from `shape` (7, BlobShape dim 1) or the legacy
-  num / channels / height / width (1-4) and their values from `data` (5) or `double_data` (8).
-
-  Raises:
-    ValueError: malformed protobuf data.
-  """
-  layers = {}
-  for number, wire, value in _fields(memoryview(data)):
-    if wire != _BYTES:
-      continue
-    if number == _NET_LAYER:
-      name, blobs = _layer(value, _LAYER_NAME, _LAYER_BLOBS)
-    elif number == _NET_V1_LAYERS:
-      name, blobs = _layer(value, _V1_NAME, _V1_BLOBS, _V1_V0)
-    else:
-      continue
-    if blobs:
-      layers[name] = blobs
-  return layers
-
-
-def read_caffemodel(path: str) -> dict[str, list[np.ndarray]]:
-  """Reads a .caffemodel file (see `parse_caffemodel`)."""
-  with open(path, "rb") as f:
-    return parse_caffemodel(f.read())
+# The Caffe reader lives in frcnn_jax/models/caffe_weights.py (shared with convert_zf.py);
+# these names stay importable from this script.
+parse_caffemodel = caffe_weights.parse_caffemodel
+read_caffemodel = caffe_weights.read_caffemodel
 
 
 def convert_caffe(layers: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
@@ -306,7 +160,7 @@ def convert_caffe(layers: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarra
     raise ValueError("no conv{b}_{i} layers: not a Caffe VGG16 model")
   if "fc6/kernel" in out:
     channels = out[convs[-1][1]].shape[-1]   # the last conv's outputs, pooled into fc6
-    out["fc6/kernel"] = _fc_from_chw(out["fc6/kernel"], channels)
+    out["fc6/kernel"] = caffe_weights.fc_from_chw(out["fc6/kernel"], channels)
   return out
 
 

@@ -88,5 +88,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise fields.ConfigError("give data.canvases or data.pad_hw (one canvas), not both")
 
 
+def used_record(record: dict) -> dict:
+  """A config record (nested dicts, e.g. a run's config.json) without the sections of the
+  plug-ins it does not select (`data.<other dataset>`, `model.<other backbone or head>`), so
+  that comparing two runs' records ignores parts neither uses."""
+  selected = {"data": {record.get("data", {}).get("name")},
+              "model": {record.get("model", {}).get(k) for k in ("backbone", "roi_head")}}
+  out = dict(record)
+  for parent, plugins in PLUGINS:
+    if isinstance(out.get(parent), dict):
+      out[parent] = {k: v for k, v in out[parent].items()
+                     if not (k in plugins.names() and k not in selected[parent])}
+  return out
+
+
 def _registered(parent: str, name: str) -> bool:
   return any(parent == p and name in plugins.names() for p, plugins in PLUGINS)

@@ -1,6 +1,7 @@
 """Tests of config loading, overrides and validation (frcnn_jax/config/flags.py, experiments/)."""
 
 import glob
+import json
 import os
 import sys
 
@@ -258,3 +259,11 @@ def test_distributed_flags_that_do_not_fit_are_refused_when_parsed(args, ok):
   else:
     with pytest.raises(flags.IllegalFlagValueError, match="--num_processes >= 1"):
       values(["prog", *args])
+
+
+def test_used_record_keeps_only_the_selected_parts_sections():
+  record = json.loads(defaults.get_config().to_json_best_effort())
+  used = defaults.used_record(record)
+  assert "voc_tfds" in used["data"] and "shapes" not in used["data"]
+  assert "coco_json" not in used["data"] and "vgg16" in used["model"] and "fc" in used["model"]
+  assert used["data"]["min_size"] == record["data"]["min_size"] and used["train"] == record["train"]
