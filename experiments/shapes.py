@@ -23,6 +23,7 @@ import ml_collections
 
 from frcnn_jax.config import defaults
 
+
 def get_config() -> ml_collections.ConfigDict:
   """The shapes config (see the module docstring)."""
   c = defaults.get_config()

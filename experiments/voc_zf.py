@@ -24,8 +24,8 @@ base_lr 0.001, lr_policy "step", gamma 0.1, stepsize 50000, momentum 0.9, weight
 iter_size 2, and py-faster-rcnn's `faster_rcnn_end2end.sh` runs 70000 iterations on
 voc_2007_trainval; so the schedule, the data settings, Caffe's geometry and the scaling rule
 (`--config experiments/voc_zf.py:N` or `:BxK`) are experiments/voc.py's, the backbone aside.
-The prototxt's drop6 / drop7 do not scale while training (`scale_train: false`); the converter
-folds that into fc7 (scripts/convert_zf.py), so fc6 -> fc7 starts as py-faster-rcnn's.
+The prototxt's drop6 / drop7 do not scale while training and multiply by 0.5 at test
+(`scale_train: false`): `model.fc.dropout_scale_train = False` does the same.
 """
 
 import os
@@ -49,5 +49,6 @@ def get_config(batch: str | None = None) -> ml_collections.ConfigDict:
   c.model.roi_size = ROI_SIZE
   c.model.zf.frozen_layers = 0                  # every conv has lr_mult 1 in the ZF prototxt
   c.model.zf.pool_ceil_mode = True              # Caffe pooling: 600 x 1000 -> 39 x 64
+  c.model.fc.dropout_scale_train = False        # drop6 / drop7: scale_train: false
   voc.scale_to_batch(c, *voc.parse_batch(batch))
   return c

@@ -13,15 +13,11 @@ the ZF recipe loads must be there with ZF's shapes, else the error names the lay
     7, 5, 3, 3, 3 kernels);
   fc6: weight [4096, 256 * 6 * 6] over pool5 flattened CHW -> "fc6/kernel" [6 * 6 * 256, 4096]
     over our RoI head's HWC flattening (model.roi_size=6);
-  fc7: weight [4096, 4096] -> "fc7/kernel" [in, out], multiplied by 0.5 (below).
+  fc7: weight [4096, 4096] -> "fc7/kernel" [in, out].
 
-py-faster-rcnn's ZF prototxts set `scale_train: false` on drop6 / drop7 (caffe-fast-rcnn's
-DropoutLayer): no 1 / (1 - p) scaling while training, outputs times (1 - p) = 0.5 at test. The RoI
-head's dropout scales by 1 / (1 - p) while training and passes through at test, so fc7 sees
-twice Caffe's input in both phases; its kernel is halved here ("fc7_kernel_scale" = 0.5 in the
-.npz), which makes fc6 -> fc7 compute exactly py-faster-rcnn's function (the classifier and box
-layers after drop7, trained from scratch, still see twice Caffe's input). Other layers (fc8) are
-ignored. The .npz records "source", "input_norm" = "caffe" and "pixel_mean" (py-faster-rcnn's
+py-faster-rcnn's ZF prototxts set `scale_train: false` on drop6 / drop7: the RoI head does the
+same with `model.fc.dropout_scale_train = False` (experiments/voc_zf.py), so the weights are
+used as they are. Other layers (fc8) are ignored. The .npz records "source", "input_norm" = "caffe" and "pixel_mean" (py-faster-rcnn's
 PIXEL_MEANS, BGR); train with `--config.model.pretrained=FILE --config.model.input_norm=caffe`
 (experiments/voc_zf.py expects weights/zf_caffe.npz). An existing output file is not overwritten
 unless `--overwrite` is given.
@@ -38,7 +34,6 @@ from frcnn_jax.models.backbones import zf
 
 CONV_LAYERS = tuple(f"conv{i}" for i in range(1, zf.NUM_LAYERS + 1))
 FC_LAYERS = ("fc6", "fc7")
-DROPOUT = 0.5                   # drop6's dropout_ratio in the ZF prototxts (scale_train: false)
 PIXEL_MEAN = (102.9801, 115.9465, 122.7717)   # py-faster-rcnn's PIXEL_MEANS (BGR)
 
 
@@ -75,7 +70,7 @@ def convert_caffe(layers: Mapping[str, list[np.ndarray]], width: float = 1.0
 
   Returns:
     {"conv1/kernel" HWIO, "conv1/bias", ..., "fc6/kernel" [s * s * C, out] (HWC inputs),
-    "fc6/bias", "fc7/kernel" [in, out] (times 1 - DROPOUT), "fc7/bias"} float32 arrays.
+    "fc6/bias", "fc7/kernel" [in, out], "fc7/bias"} float32 arrays.
 
   Raises:
     ValueError: naming the layer: a missing layer, a layer without weight and bias, or a shape
@@ -106,7 +101,7 @@ def convert_caffe(layers: Mapping[str, list[np.ndarray]], width: float = 1.0
       if weight.shape[1] != inputs:
         raise ValueError(f"caffe layer 'fc7': weight {weight.shape} does not take fc6's "
                          f"{inputs} outputs")
-      kernel = weight.T * np.float32(1.0 - DROPOUT)
+      kernel = weight.T
     out[f"{name}/kernel"], out[f"{name}/bias"] = kernel, bias
     inputs = bias.size
   return out
@@ -121,11 +116,10 @@ def convert_file(path: str, width: float = 1.0) -> dict[str, np.ndarray]:
 
 def save(arrays: Mapping[str, np.ndarray], output: str) -> None:
   """Writes the converted arrays and their metadata (source, input_norm, pixel_mean,
-  pixel_std, fc7_kernel_scale) to `output` (.npz)."""
+  pixel_std) to `output` (.npz)."""
   np.savez(output, input_norm=np.asarray("caffe"), source=np.asarray("caffe"),
            pixel_mean=np.asarray(PIXEL_MEAN, np.float64),
-           pixel_std=np.asarray((1.0, 1.0, 1.0), np.float64),
-           fc7_kernel_scale=np.asarray(1.0 - DROPOUT), **arrays)
+           pixel_std=np.asarray((1.0, 1.0, 1.0), np.float64), **arrays)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,14 +18,19 @@ class FCHead(nn.Module):
   Attributes:
     dim: width of fc6 and fc7 (`model.fc.dim`).
     dropout: dropout rate after fc6 and fc7 (`model.fc.dropout`).
+    dropout_scale_train: inverted dropout (True) or Caffe's `scale_train: false` (False).
     num_classes: C, foreground classes (the classifier has C + 1 outputs, 0 is background).
     pooler: the RoI feature extraction.
     dtype: computation dtype of the fc layers; outputs are float32.
     param_dtype: parameter dtype.
   """
   dim: int = setting(4096, "width of fc6 and fc7", minimum=1)
-  dropout: float = setting(0.5, "dropout rate after fc6 and fc7", role="training",
-                           minimum=0.0, maximum=1.0)
+  dropout: float = setting(0.5, "dropout rate after fc6 and fc7 (a later command keeps the "
+                           "run's)", role="training", minimum=0.0, maximum=1.0)
+  dropout_scale_train: bool = setting(
+      True, "dropout scales kept units by 1 / (1 - rate) in training (torchvision, Caffe's "
+      "default) | false: unscaled in training and times (1 - rate) at test, Caffe's "
+      "scale_train: false (py-faster-rcnn's ZF)")
   num_classes: int = 20
   pooler: RoIPooler = RoIPooler()
   dtype: Any = jnp.float32
@@ -53,7 +58,7 @@ class FCHead(nn.Module):
         features, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
     for name in ("fc6", "fc7"):
       x = nn.relu(dense(self.dim, name)(x))
-      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+      x = self._dropout(x, train)
     zeros = nn.initializers.zeros
     logits = dense(self.num_classes + 1, "cls", kernel_init=nn.initializers.normal(0.01),
                    bias_init=zeros)(x)
@@ -61,3 +66,27 @@ class FCHead(nn.Module):
                    bias_init=zeros)(x)
     deltas = deltas.astype(jnp.float32).reshape(batch, num_rois, self.num_classes + 1, 4)
     return logits.astype(jnp.float32), deltas
+
+  def _dropout(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.dropout_scale_train:
+      return nn.Dropout(self.dropout, deterministic=not train)(x)
+    key = self.make_rng("dropout") if train and self.dropout > 0.0 else None
+    return unscaled_dropout(x, self.dropout, key)
+
+
+def unscaled_dropout(x: jax.Array, rate: float, key: jax.Array | None = None) -> jax.Array:
+  """Caffe's dropout with `scale_train: false`.
+
+  Args:
+    x: any array.
+    rate: the probability of dropping a unit.
+    key: a PRNG key in training (units dropped with probability `rate`, the others kept as they
+      are); None at test time (every unit times 1 - rate).
+
+  Returns:
+    An array like `x`.
+  """
+  if key is None:
+    return x * jnp.asarray(1.0 - rate, x.dtype)
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x, jnp.zeros_like(x))

@@ -173,6 +173,36 @@ def test_max_pool_matches_caffe_on_negative_values(hw):
   assert floor.shape[1:3] == tuple((n + 2 - 3) // 2 + 1 for n in hw)
 
 
+def _caffe_max_pool_backward(x, top_diff, kernel, stride, pad):
+  """PoolingLayer MAX backward: each output's diff goes to its window's first maximum in
+  row-major order (Forward_cpu's strict `>` from -FLT_MAX), summed over overlapping windows."""
+  height, width, channels = x.shape
+  bottom_diff = np.zeros_like(x)
+  for ph in range(top_diff.shape[0]):
+    for pw in range(top_diff.shape[1]):
+      hstart, wstart = ph * stride - pad, pw * stride - pad
+      hend, wend = min(hstart + kernel, height), min(wstart + kernel, width)
+      for c in range(channels):
+        best, where = -np.finfo(np.float32).max, None
+        for h in range(max(hstart, 0), hend):
+          for w in range(max(wstart, 0), wend):
+            if x[h, w, c] > best:
+              best, where = x[h, w, c], (h, w)
+        bottom_diff[where[0], where[1], c] += top_diff[ph, pw, c]
+  return bottom_diff
+
+
+@pytest.mark.parametrize("hw", [(5, 6), (7, 7)])
+def test_max_pool_gradient_matches_caffe_with_ties(hw):
+  rng = np.random.default_rng(hw[0])
+  x = rng.integers(0, 3, (1, *hw, 2)).astype(np.float32)      # many equal maxima
+  top_diff = rng.normal(size=(zf.pool_output_size(hw[0]), zf.pool_output_size(hw[1]), 2))
+  grad = jax.grad(lambda v: jnp.sum(zf.max_pool(v) * top_diff.astype(np.float32)))(
+      jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(grad)[0],
+                             _caffe_max_pool_backward(x[0], top_diff, **POOL), rtol=1e-6)
+
+
 def test_full_width_parameters_are_the_prototxt():
   """experiments/voc_zf.py's network, shapes only (jax.eval_shape: nothing compiled)."""
   config = config_flags.load_config(os.path.join(ROOT, "experiments", "voc_zf.py"))

@@ -77,3 +77,29 @@ def test_unknown_roi_op_is_an_error():
   del features, rois
   with pytest.raises(ValueError, match="op must be one of"):
     pooling.RoIPooler(op="psroi")
+
+
+def test_caffe_dropout_is_unscaled_in_training_and_scaled_at_test():
+  """`dropout_scale_train=False` is Caffe's `scale_train: false` (py-faster-rcnn's ZF)."""
+  features, rois = _inputs()
+  caffe = fc.FCHead(num_classes=NUM_CLASSES, dim=8, dropout=0.5, dropout_scale_train=False,
+                    pooler=pooling.RoIPooler(size=2))
+  plain = fc.FCHead(num_classes=NUM_CLASSES, dim=8, dropout=0.0, pooler=pooling.RoIPooler(size=2))
+  params = jax.jit(plain.init)(jax.random.key(1), features, rois)["params"]
+  # At test time each fc output is halved: equal to the dropout-free head with fc7's input and
+  # the predictors' input halved.
+  halved = jax.tree.map(lambda x: x, params)
+  halved["fc7"] = {"kernel": params["fc7"]["kernel"] * 0.5, "bias": params["fc7"]["bias"]}
+  for name in ("cls", "box"):
+    halved[name] = {"kernel": params[name]["kernel"] * 0.5, "bias": params[name]["bias"]}
+  got = jax.jit(caffe.apply)({"params": params}, features, rois)
+  want = jax.jit(plain.apply)({"params": halved}, features, rois)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  # In training a kept unit passes unscaled.
+  x = jax.random.uniform(jax.random.key(4), (64, 64)) + 1.0
+  dropped = np.asarray(fc.unscaled_dropout(x, 0.5, jax.random.key(5)))
+  kept = dropped != 0
+  np.testing.assert_array_equal(dropped[kept], np.asarray(x)[kept])
+  assert 0.4 < kept.mean() < 0.6
+  np.testing.assert_allclose(fc.unscaled_dropout(x, 0.5), 0.5 * np.asarray(x))
