@@ -191,8 +191,9 @@ PARTS = ("trunk", "rpn", "head")
 def trainable_mask(model: FasterRCNN, params: Any, parts: tuple[str, ...] = PARTS) -> Any:
   """Bool pytree like `params` for `optax.masked`: True where a parameter is trained.
 
-  False for the backbone's frozen parameters (`model.trunk.trainable`) and for every parameter
-  of a part ("trunk", "rpn", "head") not in `parts`: the stages of alternating training train
+  False for the backbone's frozen parameters (`model.trunk.trainable`), the RoI head's when it
+  has a `trainable` method (res5's frozen batch norm), and for every parameter of a part
+  ("trunk", "rpn", "head") not in `parts`: the stages of alternating training train
   the RPN or the head alone.
 
   Raises:
@@ -204,6 +205,8 @@ def trainable_mask(model: FasterRCNN, params: Any, parts: tuple[str, ...] = PART
   mask = {part: jax.tree.map(lambda _: True, params[part]) for part in params}
   if "trunk" in params:
     mask["trunk"] = model.trunk.trainable(params["trunk"])
+  if "head" in params and hasattr(model.head, "trainable"):
+    mask["head"] = model.head.trainable(params["head"])
   for part in PARTS:
     if part not in parts:
       mask[part] = jax.tree.map(lambda _: False, params[part])

@@ -19,6 +19,8 @@ A RoI head (`model.roi_head`) is a Flax module class whose `setting` fields are 
 `dtype` and `param_dtype`. It provides
   __call__(features [B, h, w, C], rois [B, R, 4], *, train) ->
       (class logits [B, R, C + 1] float32, class-specific box deltas [B, R, C + 1, 4] float32)
+and optionally
+  trainable(params) -> bool pytree          # of its own parameters: False where frozen
 """
 
 from frcnn_jax.config import registry
