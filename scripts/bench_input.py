@@ -17,6 +17,7 @@ Usage:
 
   python scripts/bench_input.py [--num_images 48] [--canvas 608x800] [--workers 0,1,2]
                                 [--repeats 3] [--target_images_per_s 250]
+                                [--loaders pool,grain]
 
 Prints one line per setting and, last, a JSON line with "per_core_images_per_s" and
 "per_cpu_second_images" ({"host": ..., "device": ...}), "device_resize_images_per_s",
@@ -24,6 +25,13 @@ Prints one line per setting and, last, a JSON line with "per_core_images_per_s" 
 (ceil(target / per-CPU-second rate): the host cores that keep one accelerator consuming
 `target_images_per_s` fed). (The export loader has no resize of its own any more: its programs
 resize on the device, as `device_resize_images_per_s` measures.)
+
+With `--loaders pool,grain` it measures only the training loaders against each other (issue
+21: `frcnn_jax.benchmarking.grain_loader` runs the same plan and batches through grain):
+each loader for each worker count on both resize settings, interleaved
+(`input_pipeline.compare_loaders`), printed as a table and then a JSON line with
+"loader_batches_per_s" ({"pool/host/0": ..., "grain/device/2": ...}), "first_batch_s" and
+"ratio_to_<first loader>".
 """
 
 import argparse
@@ -48,6 +56,30 @@ def _canvas(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _compare(args: argparse.Namespace, loaders: tuple[str, ...], workers: list[int]) -> None:
+  """--loaders: the training loaders' batches/s, a table then a JSON line."""
+  with tempfile.TemporaryDirectory() as tmp:
+    bench.write_tree(pathlib.Path(tmp), args.num_images)
+    source = voc_folder.VOCFolderSource(tmp, ("2007",), "trainval")
+    result = bench.compare_loaders(source, args.canvas, workers, args.batch_size, args.repeats,
+                                   loaders)
+  for line in bench.loader_table(result, loaders, workers):
+    print(line, flush=True)
+  rates = result["batches_per_s"]
+  print(json.dumps({
+      "loaders": list(loaders), "workers": workers, "modes": list(bench.MODES),
+      "canvas": list(args.canvas), "num_images": args.num_images,
+      "batch_size": args.batch_size, "repeats": args.repeats,
+      "loader_batches_per_s": {k: round(v, 3) for k, v in rates.items()},
+      "first_batch_s": {k: round(v, 3) for k, v in result["first_batch_s"].items()},
+      f"ratio_to_{loaders[0]}": {
+          f"{kind}/{m}/{w}": round(rates[f"{kind}/{m}/{w}"] / rates[f"{loaders[0]}/{m}/{w}"], 4)
+          for kind in loaders[1:] for m in bench.MODES for w in workers},
+      "versions": bench.loader_versions(loaders),
+      "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
+  }))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--num_images", type=int, default=48)
@@ -58,6 +90,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--target_images_per_s", type=float, default=250.0,
                       help="images/s one accelerator consumes (for cores_to_feed_target)")
+  parser.add_argument("--loaders", default=None,
+                      help="comma-separated training loaders to compare (pool, grain); only "
+                           "that comparison runs")
   args = parser.parse_args()
   for name in ("num_images", "batch_size", "repeats"):
     if getattr(args, name) < 1:
@@ -69,6 +104,16 @@ def main() -> None:
     parser.error(f"--workers takes comma-separated counts, e.g. 0,1,2; got {args.workers!r}")
   if any(w < 0 for w in workers):
     parser.error(f"--workers counts must be >= 0, got {args.workers!r}")
+  if args.loaders is not None:
+    loaders = tuple(k for k in args.loaders.split(",") if k)
+    if not loaders or set(loaders) - set(bench.LOADERS) or len(set(loaders)) < len(loaders):
+      parser.error(f"--loaders takes distinct names among {', '.join(bench.LOADERS)}; got "
+                   f"{args.loaders!r}")
+    for kind in loaders:
+      if bench.loader_missing(kind):
+        parser.error(bench.loader_missing(kind))
+    _compare(args, loaders, workers)
+    return
   with tempfile.TemporaryDirectory() as tmp:
     bench.write_tree(pathlib.Path(tmp), args.num_images)
     source = voc_folder.VOCFolderSource(tmp, ("2007",), "trainval")

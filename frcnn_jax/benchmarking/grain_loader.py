@@ -130,9 +130,9 @@ class GrainTrainIterator:
     self.plan = plan
     self.source_canvases = make_batch.source_canvases
     self._make_batch = make_batch
-    self._options = dict(num_workers=num_workers, buffer_size=worker_buffer_size,
-                         read_threads=read_threads, die_with_parent=die_with_parent,
-                         ignore_sigint=ignore_sigint)
+    self._options = {"num_workers": num_workers, "buffer_size": worker_buffer_size,
+                     "read_threads": read_threads, "die_with_parent": die_with_parent,
+                     "ignore_sigint": ignore_sigint}
     _dataset(make_batch, 0, 1, **self._options)   # checks the options
     self._iterator: Any = None
     self._returned = 0

@@ -11,6 +11,7 @@ annotations in a VOCdevkit tree) and read through
 """
 
 import collections
+import importlib.metadata
 import pathlib
 import statistics
 import time
@@ -130,3 +131,99 @@ def time_loader(source, mode: str, canvas: tuple[int, int], workers: int, batch_
     rates.append(steps * batch_size / (time.perf_counter() - start))
   loader.close()
   return statistics.median(rates)
+
+
+LOADERS = ("pool", "grain")   # pipeline.train_loader; benchmarking.grain_loader (issue 21)
+
+
+def loader_missing(kind: str) -> str | None:
+  """Why the loader `kind` cannot run here (grain not installed), or None."""
+  if kind == "grain":
+    try:
+      from frcnn_jax.benchmarking import grain_loader  # pylint: disable=import-outside-toplevel,unused-import  # noqa: F401
+    except ImportError as e:
+      return str(e)
+  return None
+
+
+def loader_versions(loaders: tuple[str, ...]) -> dict[str, str]:
+  """The installed version of each loader's package ("pool": this project's)."""
+  names = {"pool": "frcnn_jax", "grain": "grain"}
+  out = {}
+  for kind in loaders:
+    try:
+      out[kind] = importlib.metadata.version(names[kind])
+    except importlib.metadata.PackageNotFoundError:
+      out[kind] = "unknown"
+  return out
+
+
+def _any_loader(kind: str, source, mode: str, canvas: tuple[int, int], workers: int,
+                batch_size: int):
+  """The training loader `kind` (LOADERS) on the same plan; grain is imported only here."""
+  if kind == "pool":
+    return _loader(source, mode, canvas, workers, batch_size)
+  from frcnn_jax.benchmarking import grain_loader  # pylint: disable=import-outside-toplevel
+  return grain_loader.grain_train_loader(source, batch_size=batch_size, seed=0, flip=True,
+                                         num_workers=workers, canvases=(canvas,),
+                                         resize_on_device=mode == "device", **SIZES)
+
+
+def compare_loaders(source, canvas: tuple[int, int], workers: list[int], batch_size: int,
+                    repeats: int, loaders: tuple[str, ...] = LOADERS) -> dict[str, dict]:
+  """Batches/s of each training loader, per resize mode and worker count, interleaved.
+
+  Every (mode, workers, loader) item is timed once per round (`timing.interleaved_runs`:
+  one untimed round first, then `repeats` rounds, the loaders of one (mode, workers) side by
+  side). Each call builds a fresh loader, takes its first batch (starting its workers: the
+  "first_batch_s"), then 1 + 6 x workers more untimed batches so that what the workers made
+  ahead while the loader started is used up (the loaders buffer differently), then times
+  len(source) // batch_size batches: the steady rate. The loader is closed after each call.
+
+  Returns:
+    {"batches_per_s": {"loader/mode/workers": median}, "first_batch_s": {...: median}}.
+  """
+  steps = max(len(source) // batch_size, 1)
+  window: dict[str, list[float]] = collections.defaultdict(list)
+  first: dict[str, list[float]] = collections.defaultdict(list)
+
+  def run(key: str, kind: str, mode: str, w: int) -> None:
+    start = time.perf_counter()
+    loader = _any_loader(kind, source, mode, canvas, w, batch_size)
+    try:
+      next(loader)
+      first[key].append(time.perf_counter() - start)
+      for _ in range(1 + 6 * w):
+        next(loader)
+      start = time.perf_counter()
+      for _ in range(steps):
+        next(loader)
+      window[key].append(steps / (time.perf_counter() - start))
+    finally:
+      loader.close()
+
+  items = [(f"{kind}/{mode}/{w}",
+            lambda key=f"{kind}/{mode}/{w}", kind=kind, mode=mode, w=w: run(key, kind, mode, w))
+           for mode in MODES for w in workers for kind in loaders]
+  timing.interleaved_runs(items, repeats)
+  # The first entry of each item is its untimed warm-up round.
+  return {"batches_per_s": {k: statistics.median(v[1:]) for k, v in window.items()},
+          "first_batch_s": {k: statistics.median(v[1:]) for k, v in first.items()}}
+
+
+def loader_table(result: dict[str, dict], loaders: tuple[str, ...], workers: list[int]
+                 ) -> list[str]:
+  """`compare_loaders`' result as table lines: per mode and worker count, each loader's
+  batches/s (first-batch seconds), and each other loader's rate over the first's."""
+  head = f"{'resize_on':<10}{'workers':>8}" + "".join(
+      f"{kind + ' batches/s':>20}{'first batch s':>15}" for kind in loaders) + "".join(
+      f"{kind + '/' + loaders[0]:>14}" for kind in loaders[1:])
+  lines = [head]
+  for mode in MODES:
+    for w in workers:
+      rates = [result["batches_per_s"][f"{kind}/{mode}/{w}"] for kind in loaders]
+      lines.append(f"{mode:<10}{w:>8}" + "".join(
+          f"{rate:>20.2f}{result['first_batch_s'][f'{kind}/{mode}/{w}']:>15.2f}"
+          for kind, rate in zip(loaders, rates)) + "".join(
+          f"{rate / rates[0]:>14.3f}" for rate in rates[1:]))
+  return lines
