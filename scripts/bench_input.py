@@ -26,8 +26,9 @@ Prints one line per setting and, last, a JSON line with "per_core_images_per_s" 
 `target_images_per_s` fed). (The export loader has no resize of its own any more: its programs
 resize on the device, as `device_resize_images_per_s` measures.)
 
-With `--loaders pool,grain` it measures only the training loaders against each other (issue
-21: `frcnn_jax.benchmarking.grain_loader` runs the same plan and batches through grain):
+With `--loaders pool,grain` it measures only the training loaders against each other
+(`frcnn_jax.benchmarking.grain_loader` runs the same plan and batches through grain; needs
+the `grain` extra):
 each loader for each worker count on both resize settings, interleaved
 (`input_pipeline.compare_loaders`), printed as a table and then a JSON line with
 "loader_batches_per_s" ({"pool/host/0": ..., "grain/device/2": ...}), "first_batch_s" and

@@ -185,7 +185,7 @@ def _worker(workdir: str, out: str, address: str = "", process_id: str = "0") ->
 def _reference(out: str) -> None:
   """The two-process run in one process with 2 devices: the same global batches (each half
   read from that process's data shard), the same jitted step."""
-  import grain  # pylint: disable=import-outside-toplevel
+  from frcnn_jax.data import batching  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
 
   from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top
@@ -200,7 +200,7 @@ def _reference(out: str) -> None:
   loaders = [pipeline.train_loader(
       source, batch_size=config.train.batch_size, seed=config.seed, min_size=d.min_size,
       max_size=d.max_size, pad_hw=d.pad_hw, max_gt=d.max_gt, flip=d.flip, prefetch=0,
-      shard_options=grain.sharding.ShardOptions(i, 2, drop_remainder=True)) for i in range(2)]
+      shard_options=batching.Shard(i, 2)) for i in range(2)]
   model = builders.model_from_config(config, len(source.classes))
   settings = builders.detector_settings_from_config(config)
   state, tx, lr_fn = train_step.create_train_state(config, model, mesh)

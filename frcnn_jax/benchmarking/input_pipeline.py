@@ -133,7 +133,7 @@ def time_loader(source, mode: str, canvas: tuple[int, int], workers: int, batch_
   return statistics.median(rates)
 
 
-LOADERS = ("pool", "grain")   # pipeline.train_loader; benchmarking.grain_loader (issue 21)
+LOADERS = ("pool", "grain")   # pipeline.train_loader; benchmarking.grain_loader
 
 
 def loader_missing(kind: str) -> str | None:

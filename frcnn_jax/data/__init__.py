@@ -1,1 +1,1 @@
-"""Dataset sources, transforms and the grain input pipeline."""
+"""Dataset sources, transforms, static canvases and the input loaders."""

@@ -1,6 +1,7 @@
 """What the train and eval loaders share: canvas checks and assignment, transform arguments,
 process shards, batch stacking and the input counters (frcnn_jax/data/pipeline.py)."""
 
+import dataclasses
 from typing import Any
 from typing import Sequence
 
@@ -107,7 +108,20 @@ def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def shards(shard_options) -> tuple[int, int]:
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """A reader's place among the processes that read a split: stands in for the JAX process
+  (tests, benchmarks).
+
+  Attributes:
+    shard_index: this reader's index p.
+    shard_count: the number of readers P.
+  """
+  shard_index: int
+  shard_count: int
+
+
+def shards(shard_options: Shard | None) -> tuple[int, int]:
   """(index, count) of this process: `shard_options` (tests) or the JAX process."""
   if shard_options is None:
     return jax.process_index(), jax.process_count()

@@ -135,7 +135,7 @@ def eval_batches(source, *, batch_size: int, min_size: int, max_size: int, max_g
     canvases: the K canvases (h, w).
     pad_hw: one canvas (the same as `canvases=(pad_hw,)`); give canvases or pad_hw.
     num_workers: worker processes (0: transform in this process).
-    shard_options: stands in for the JAX process (`shard_index`, `shard_count`; tests).
+    shard_options: a `batching.Shard` standing in for the JAX process (tests).
     resize_on_device: ship decoded images for the device to resize (as `train_loader`).
 
   Returns:

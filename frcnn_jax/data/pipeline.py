@@ -292,7 +292,7 @@ def train_loader(source, *, batch_size: int, seed: int, min_size: int, max_size:
     prefetch: global batches assembled ahead of the one returned (0: none).
     mesh: the data mesh; batches become global jax.Arrays sharded on its `data` axis. None:
       this process's numpy batches (B / process count examples).
-    shard_options: an object with `shard_index` and `shard_count` standing in for the JAX
+    shard_options: a `batching.Shard` (`shard_index`, `shard_count`) standing in for the JAX
       process (tests simulate processes with it; leave `mesh` None then).
     worker_buffer_size: tasks queued per worker (`worker_pool.OrderedPool`'s `buffer`; a
       batch larger than the 1 MiB result pipe keeps its worker about one batch ahead).

@@ -56,7 +56,7 @@ class CheckpointMismatchError(ValueError):
 
 
 class StatefulIterator(Protocol):
-  """An iterator whose position can be saved (grain's DataLoader / Dataset iterators)."""
+  """An iterator whose position can be saved (the training loader's `TrainIterator`)."""
 
   def get_state(self) -> dict[str, Any] | bytes: ...
 

@@ -6,7 +6,6 @@ import pathlib
 import subprocess
 import sys
 
-import grain
 import numpy as np
 import pytest
 
@@ -92,7 +91,7 @@ def test_two_process_shards_are_disjoint_and_cover_the_dataset():
   source = _source(12)
   epoch = []
   for index in range(2):
-    shard = grain.sharding.ShardOptions(index, 2, drop_remainder=True)
+    shard = batching.Shard(index, 2)
     batches = _take(_loader(source, shard_options=shard, flip=False), 3)  # 6 records each
     assert all(len(b["image_id"]) == 2 for b in batches)
     epoch.append(np.concatenate([b["image_id"] for b in batches]))
@@ -137,7 +136,7 @@ def test_eval_visits_each_example_once_with_padding(n, batch_size, shard_count):
   source = _source(n, split="test")
   seen, lengths = [], set()
   for index in range(shard_count):
-    shard = grain.sharding.ShardOptions(index, shard_count)
+    shard = batching.Shard(index, shard_count)
     batches = eval_loader.eval_batches(source, batch_size=batch_size, shard_options=shard, **SIZES)
     out = list(batches)
     assert len(out) == len(batches)
@@ -203,7 +202,7 @@ def test_max_gt_overflow_counted():
 
 def test_bad_arguments_raise():
   source = _source()
-  shard = grain.sharding.ShardOptions(0, 2, drop_remainder=True)
+  shard = batching.Shard(0, 2)
   with pytest.raises(ValueError, match="process count"):
     _loader(source, batch_size=3, shard_options=shard)
   with pytest.raises(ValueError, match="process count"):
@@ -300,7 +299,7 @@ def test_plan_is_identical_on_every_process_and_shares_are_disjoint():
   source = _mixed(14)   # 7 landscape (even ids), 7 portrait (odd ids)
   loaders = [pipeline.train_loader(source, batch_size=4, seed=1, canvases=TWO_CANVASES,
                                    flip=False, prefetch=0,
-                                   shard_options=grain.sharding.ShardOptions(p, 2), **MIXED)
+                                   shard_options=batching.Shard(p, 2), **MIXED)
              for p in range(2)]
   plans = [loader.plan for loader in loaders]
   assert plans[0].fingerprint() == plans[1].fingerprint()
@@ -343,7 +342,7 @@ def test_eval_each_record_once_grouped_by_canvas(n, batch_size, shard_count):
   for index in range(shard_count):
     batches = eval_loader.eval_batches(
         source, batch_size=batch_size, canvases=TWO_CANVASES, num_workers=0,
-        shard_options=grain.sharding.ShardOptions(index, shard_count), **MIXED)
+        shard_options=batching.Shard(index, shard_count), **MIXED)
     shapes_seen = []
     for batch in batches:
       shapes_seen.append(batch["image"].shape[1:3])

@@ -11,7 +11,7 @@ from frcnn_jax.training import checkpointing
 
 
 class _Counter:
-  """A stateful iterator with a dict state (like grain's DatasetIterator)."""
+  """A stateful iterator with a dict state (like the training loader's)."""
 
   def __init__(self):
     self.position = 0
@@ -24,7 +24,7 @@ class _Counter:
 
 
 class _BytesCounter(_Counter):
-  """A stateful iterator with a bytes state (like grain's DataLoaderIterator)."""
+  """A stateful iterator with a bytes state."""
 
   def get_state(self):
     return str(self.position).encode()
@@ -194,7 +194,7 @@ def test_topology_change_needs_restart_data_iterator(tmp_path):
 
 
 class _Refusing(_Counter):
-  """An iterator that refuses a saved state (like grain with another worker count)."""
+  """An iterator that refuses a saved state (like a loader built with another plan)."""
 
   def set_state(self, state):
     raise ValueError("worker count changed")

@@ -98,7 +98,7 @@ def _object_colour(bg_mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class ShapesSource:
-  """Random-access synthetic detection dataset (a grain `RandomAccessDataSource`).
+  """Random-access synthetic detection dataset (`len(s)`, `s[i]`, `s.annotation(i)`).
 
   Attributes:
     classes: the class names; label c (1..C) is `classes[c - 1]`.

@@ -79,7 +79,7 @@ class TfdsVOCSource:
   the policy is "skip"; under "error" it raises `images.ImageDecodeError` (a ValueError)
   naming the record. `annotation(i)` returns its annotation fields without decoding the image
   (the size comes from the image header). The tfds data sources are opened lazily in each
-  process, so the source pickles cheaply into grain workers.
+  process, so the source pickles cheaply into the input worker processes.
   """
 
   def __init__(self, data_dir: str | os.PathLike, years: Sequence[str] = ("2007",),

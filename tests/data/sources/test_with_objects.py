@@ -92,7 +92,7 @@ def test_coco_drops_empty_and_crowd_only_images(tmp_path, coco_spec):
   assert base.WithObjects(flagged).dropped == ["empty", "crowd"]
 
 
-def test_pickles_for_grain_workers(voc_root):
+def test_pickles_for_the_worker_processes(voc_root):
   wrapped = base.WithObjects(voc_folder.VOCFolderSource(voc_root / "VOCdevkit", ("2007",),
                                                     "trainval"))
   again = pickle.loads(pickle.dumps(wrapped))
