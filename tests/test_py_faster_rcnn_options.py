@@ -34,9 +34,9 @@ def test_builders_map_the_options():
   assert settings.legacy_plus_one
   default = defaults.get_config()
   assert not builders.model_from_config(default, 20).trunk.pool_ceil_mode
-  assert builders.model_from_config(default, 20).roi_pool_coordinates == "torchvision"
-  assert builders.detector_settings_from_config(default).anchor_style == "exact"
-  assert builders.detector_settings_from_config(default).test_min_size == 0.01
+  assert builders.model_from_config(default, 20).head.pooler.pool_coordinates == "torchvision"
+  assert builders.detector_settings_from_config(default).anchors.style == "exact"
+  assert builders.detector_settings_from_config(default).test.min_size == 0.01
   assert not builders.detector_settings_from_config(default).legacy_plus_one
 
 
