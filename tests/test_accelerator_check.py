@@ -30,6 +30,7 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
                         text=True, timeout=timeout, check=False)
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_rows_profile_and_summary(tmp_path):
   out = tmp_path / "out"
   result = _run([*TINY_ARGS, "--dtype=bfloat16", "--batch=1,2", "--profile_batch=2",

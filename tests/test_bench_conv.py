@@ -4,11 +4,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests import test_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_bench_conv_runs_every_part():
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=test_benchmark.CHEAP_COMPILE)
   out = subprocess.run(

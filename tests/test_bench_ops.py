@@ -25,6 +25,7 @@ def _has_torchvision() -> bool:
   return True
 
 
+@pytest.mark.slow
 def test_bench_ops_times_every_op_beside_torchvision():
   reference = os.path.join(ROOT, "frcnn_jax", "ops", "nms.py")   # a file: no git needed
   out = subprocess.run(

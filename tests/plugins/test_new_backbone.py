@@ -59,6 +59,7 @@ def registered():
   BACKBONES.unregister("plain_conv")
 
 
+@pytest.mark.slow
 def test_a_registered_backbone_trains_and_evaluates(registered, tmp_path):
   del registered
   config = config_flags.load_config(common.SHAPES, {

@@ -64,6 +64,7 @@ def registered():
   base.SOURCES.unregister("squares")
 
 
+@pytest.mark.slow
 def test_a_registered_dataset_trains_and_evaluates(registered, tmp_path):
   del registered
   config = config_flags.load_config(common.SHAPES, {

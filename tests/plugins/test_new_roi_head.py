@@ -42,6 +42,7 @@ def registered():
   ROI_HEADS.unregister("mean_pool")
 
 
+@pytest.mark.slow
 def test_a_registered_roi_head_trains_and_evaluates(registered, tmp_path):
   del registered
   config = config_flags.load_config(common.SHAPES, {
