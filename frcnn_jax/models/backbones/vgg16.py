@@ -9,15 +9,14 @@ fc6 / fc7, which go to the RoI head of the same layer names (`model.roi_head = "
 import re
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from frcnn_jax.config.fields import setting
 from frcnn_jax.models import conv
 from frcnn_jax.models import pool
+from frcnn_jax.models import pretrained
 from frcnn_jax.models.registry import BACKBONES
 
 BASE_CHANNELS = (64, 128, 256, 512, 512)
@@ -173,23 +172,5 @@ class VGG16(nn.Module):
       ValueError: another input normalisation, a layer the network does not have, or a
         shape that differs.
     """
-    with np.load(path) as data:
-      arrays = {name: data[name] for name in data.files if "/" in name}
-      expected_norm = str(data["input_norm"]) if "input_norm" in data.files else ""
-    if expected_norm and expected_norm != input_norm:
-      raise ValueError(f"{path} expects model.input_norm={expected_norm!r}, but the model uses "
-                       f"{input_norm!r}")
-    params = flax.core.unfreeze(params)
-    for name, value in arrays.items():
-      layer, leaf = name.split("/")
-      module = "head" if layer in ("fc6", "fc7") else "trunk"
-      if layer not in params[module]:
-        raise ValueError(f"{path}: layer {layer!r} does not exist in the model ({module}); "
-                         "the file does not fit model.backbone='vgg16' with these settings")
-      current = params[module][layer][leaf]
-      if current.shape != value.shape:
-        raise ValueError(f"{path}: {name} has shape {value.shape}, the model expects "
-                         f"{current.shape} (model.vgg16.width / model.fc.dim must match "
-                         "the weights)")
-      params[module][layer][leaf] = jnp.asarray(value, current.dtype)
-    return params
+    return pretrained.merge_npz(params, path, input_norm, backbone="vgg16",
+                                fit="model.vgg16.width / model.fc.dim")

@@ -19,14 +19,13 @@ head's layers of those names (`model.roi_head = "fc"`, `model.roi_size = 6`).
 import re
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from frcnn_jax.config.fields import setting
 from frcnn_jax.models import conv
+from frcnn_jax.models import pretrained
 from frcnn_jax.models.registry import BACKBONES
 from frcnn_jax.ops import lrn
 
@@ -194,23 +193,5 @@ class ZF(nn.Module):
       ValueError: another input normalisation, a layer the network does not have, or a
         shape that differs.
     """
-    with np.load(path) as data:
-      arrays = {name: data[name] for name in data.files if "/" in name}
-      expected_norm = str(data["input_norm"]) if "input_norm" in data.files else ""
-    if expected_norm and expected_norm != input_norm:
-      raise ValueError(f"{path} expects model.input_norm={expected_norm!r}, but the model uses "
-                       f"{input_norm!r}")
-    params = flax.core.unfreeze(params)
-    for name, value in arrays.items():
-      layer, leaf = name.split("/")
-      module = "head" if layer in ("fc6", "fc7") else "trunk"
-      if layer not in params[module] or leaf not in params[module][layer]:
-        raise ValueError(f"{path}: {name} does not exist in the model ({module}); the file "
-                         "does not fit model.backbone='zf' with these settings")
-      current = params[module][layer][leaf]
-      if current.shape != value.shape:
-        raise ValueError(f"{path}: {name} has shape {value.shape}, the model expects "
-                         f"{current.shape} (model.zf.width / model.fc.dim / model.roi_size=6 "
-                         "must match the weights)")
-      params[module][layer][leaf] = jnp.asarray(value, current.dtype)
-    return params
+    return pretrained.merge_npz(params, path, input_norm, backbone="zf",
+                                fit="model.zf.width / model.fc.dim / model.roi_size=6")

@@ -1,0 +1,49 @@
+"""Converted weights files (.npz of `layer/leaf` arrays) merged into a network's parameters."""
+
+from typing import Any
+
+import flax
+import jax.numpy as jnp
+import numpy as np
+
+
+def merge_npz(params: Any, path: str, input_norm: str, *, backbone: str, fit: str,
+              head_layers: tuple[str, ...] = ("fc6", "fc7")) -> Any:
+  """Merges a converter's .npz into the whole network's parameters.
+
+  Args:
+    params: the network's `params` ("trunk", "rpn", "head").
+    path: .npz with "<layer>/<leaf>" arrays and metadata entries without "/" ("input_norm": the
+      normalisation the weights were trained with).
+    input_norm: the model's `model.input_norm`.
+    backbone: the backbone's registry name, for messages.
+    fit: the settings that must match the weights, for the shape message.
+    head_layers: the file's layers that belong to the RoI head (the rest go to the trunk).
+
+  Returns:
+    A new params tree with the file's arrays in place.
+
+  Raises:
+    ValueError: another input normalisation, a layer or leaf the network does not have, or a
+      shape that differs.
+  """
+  with np.load(path) as data:
+    arrays = {name: data[name] for name in data.files if "/" in name}
+    expected_norm = str(data["input_norm"]) if "input_norm" in data.files else ""
+  if expected_norm and expected_norm != input_norm:
+    raise ValueError(f"{path} expects model.input_norm={expected_norm!r}, but the model uses "
+                     f"{input_norm!r}")
+  params = flax.core.unfreeze(params)
+  for name, value in arrays.items():
+    layer, leaf = name.split("/")
+    module = "head" if layer in head_layers else "trunk"
+    if layer not in params[module] or leaf not in params[module][layer]:
+      raise ValueError(f"{path}: {name} does not exist in the model ({module}): layer "
+                       f"{layer!r}; the file does not fit model.backbone={backbone!r} with "
+                       "these settings")
+    current = params[module][layer][leaf]
+    if current.shape != value.shape:
+      raise ValueError(f"{path}: {name} has shape {value.shape}, the model expects "
+                       f"{current.shape} ({fit} must match the weights)")
+    params[module][layer][leaf] = jnp.asarray(value, current.dtype)
+  return params
