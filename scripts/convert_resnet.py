@@ -24,12 +24,12 @@ metadata: "source", "input_norm", "pixel_mean", "pixel_std" and "stride_in_1x1":
 An existing output file is not overwritten unless `--overwrite` is given.
 """
 
-import argparse
-import os
 import re
 from typing import Mapping
 
 import numpy as np
+
+from frcnn_jax.models import pretrained
 
 NORMS = {
     "keras": ((103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
@@ -187,19 +187,9 @@ def save(arrays: Mapping[str, np.ndarray], input_norm: str, stride_in_1x1: bool,
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--input", required=True,
-                      help="torchvision .pth (or .npz state dict) or Keras .h5 weights")
-  parser.add_argument("--output", required=True, help="destination .npz (folders are created)")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-  args = parser.parse_args(argv)
-  if not os.path.isfile(args.input):
-    parser.error(f"--input {args.input} does not exist")
-  if os.path.exists(args.output) and not args.overwrite:
-    parser.error(f"--output {args.output} exists; pass --overwrite to replace it")
+  args = pretrained.converter_arguments(
+      __doc__.split("\n\n")[0], "torchvision .pth (or .npz state dict) or Keras .h5 weights", argv)
   arrays, input_norm, stride_in_1x1 = convert_file(args.input)
-  if os.path.dirname(args.output):
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
   save(arrays, input_norm, stride_in_1x1, args.output)
   flags = f"--config.model.pretrained={args.output} --config.model.input_norm={input_norm}"
   if stride_in_1x1:

@@ -28,14 +28,13 @@ weights layout (root attribute "layer_names", per-layer "weight_names") is read,
 `*_tf_kernels.h5` files of keras.applications and files from `model.save_weights(...h5)`.
 """
 
-import argparse
-import os
 import re
 from typing import Mapping
 
 import numpy as np
 
 from frcnn_jax.models import caffe_weights
+from frcnn_jax.models import pretrained
 
 _TORCH_FEATURE = re.compile(r"^features\.(\d+)\.(weight|bias)$")
 _KERAS_CONV = re.compile(r"^block(\d+)_conv(\d+)$")
@@ -194,19 +193,9 @@ def save(arrays: Mapping[str, np.ndarray], input_norm: str, source: str, output:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--input", required=True,
-                      help="Caffe .caffemodel, torchvision .pth or Keras .h5 weights")
-  parser.add_argument("--output", required=True, help="destination .npz (folders are created)")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-  args = parser.parse_args(argv)
-  if not os.path.isfile(args.input):
-    parser.error(f"--input {args.input} does not exist")
-  if os.path.exists(args.output) and not args.overwrite:
-    parser.error(f"--output {args.output} exists; pass --overwrite to replace it")
+  args = pretrained.converter_arguments(
+      __doc__.split("\n\n")[0], "Caffe .caffemodel, torchvision .pth or Keras .h5 weights", argv)
   arrays, input_norm, source = convert_file(args.input)
-  if os.path.dirname(args.output):
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
   save(arrays, input_norm, source, args.output)
   print(f"wrote {len(arrays)} arrays ({source}, pixel mean {NORMS[input_norm][1]}) to "
         f"{args.output}: use --config.model.pretrained={args.output} "

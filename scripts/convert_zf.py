@@ -17,19 +17,18 @@ the ZF recipe loads must be there with ZF's shapes, else the error names the lay
 
 py-faster-rcnn's ZF prototxts set `scale_train: false` on drop6 / drop7: the RoI head does the
 same with `model.fc.dropout_scale_train = False` (experiments/voc_zf.py), so the weights are
-used as they are. Other layers (fc8) are ignored. The .npz records "source", "input_norm" = "caffe" and "pixel_mean" (py-faster-rcnn's
-PIXEL_MEANS, BGR); train with `--config.model.pretrained=FILE --config.model.input_norm=caffe`
+used as they are. Other layers (fc8) are ignored. The .npz records "source", "input_norm" =
+"caffe" and "pixel_mean" (py-faster-rcnn's PIXEL_MEANS, BGR); train with `--config.model.pretrained=FILE --config.model.input_norm=caffe`
 (experiments/voc_zf.py expects weights/zf_caffe.npz). An existing output file is not overwritten
 unless `--overwrite` is given.
 """
 
-import argparse
-import os
 from typing import Mapping
 
 import numpy as np
 
 from frcnn_jax.models import caffe_weights
+from frcnn_jax.models import pretrained
 from frcnn_jax.models.backbones import zf
 
 CONV_LAYERS = tuple(f"conv{i}" for i in range(1, zf.NUM_LAYERS + 1))
@@ -123,18 +122,9 @@ def save(arrays: Mapping[str, np.ndarray], output: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--input", required=True, help="py-faster-rcnn's ZF.v2.caffemodel")
-  parser.add_argument("--output", required=True, help="destination .npz (folders are created)")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-  args = parser.parse_args(argv)
-  if not os.path.isfile(args.input):
-    parser.error(f"--input {args.input} does not exist")
-  if os.path.exists(args.output) and not args.overwrite:
-    parser.error(f"--output {args.output} exists; pass --overwrite to replace it")
+  args = pretrained.converter_arguments(__doc__.split("\n\n")[0],
+                                        "py-faster-rcnn's ZF.v2.caffemodel", argv)
   arrays = convert_file(args.input)
-  if os.path.dirname(args.output):
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
   save(arrays, args.output)
   print(f"wrote {len(arrays)} arrays (caffe, pixel mean {PIXEL_MEAN}) to {args.output}: use "
         f"--config.model.backbone=zf --config.model.roi_size=6 "

@@ -22,8 +22,8 @@ Modules:
     summary.
   conv_pool, detection_ops, input_pipeline: the convolution and pool gradient, detection-op
     and input-pipeline micro-benchmarks.
-  grain_loader: the train and eval loaders' plans and tasks run through grain (needs grain;
-    measured against the project's worker pool, issue 21).
+  grain_loader: the train and eval loaders' plans and tasks run through grain (needs the
+    `grain` extra; compared with the project's worker pool).
 
 Measured figures live in benchmarks/RESULTS.md, not here.
 """

@@ -1,9 +1,8 @@
 """The train and eval loaders fed through grain instead of `worker_pool.OrderedPool`.
 
-Issue 21 asks whether grain should feed the input pipeline; this module is what the question
-is measured on (`scripts/bench_input.py --loaders pool,grain`) and what
-tests/benchmarking/test_grain_loader.py checks the pipeline's guarantees against. The
-project's loaders do not use it.
+The comparison of the two loaders (`scripts/bench_input.py --loaders pool,grain`) and of their
+guarantees (tests/benchmarking/test_grain_loader.py) runs on it; the project's loaders do not
+use it (why: docs/performance.md, "Input pipeline").
 
 Both loaders run the very task objects of the project's loaders on the very plans:
 `pipeline.train_loader(...).make_batch` (global batch n -> this process's numpy share and its
@@ -53,7 +52,7 @@ from typing import Any
 
 try:
   import grain
-except ImportError as e:   # grain may leave the dependencies (issue 21)
+except ImportError as e:   # grain is the `grain` extra, not a dependency
   raise ImportError(
       "frcnn_jax.benchmarking.grain_loader needs the grain package (pip install grain); the "
       "project's own loaders (frcnn_jax.data.pipeline, eval_loader) do not") from e

@@ -109,7 +109,8 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
     (`frcnn_jax/config/run.py`), overrides included; with neither, a one-line error;
   * a tuple key given twice as a whole tuple (`--config.anchors.sizes=(16,32)` then
     `=(64,128)`) takes the last one (ml_collections would concatenate them); one element per
-    flag (`--config.data.voc_tfds.years=2007 --config.data.voc_tfds.years=2012`) still builds a tuple;
+    flag (`--config.data.voc_tfds.years=2007 --config.data.voc_tfds.years=2012`) still builds a
+    tuple;
   * orbax INFO records and other known-harmless console noise are filtered (`quiet_logs`);
   * log records reach the console as plain lines, without absl's prefix
     (`console.use_plain_log_lines`).

@@ -1,8 +1,13 @@
-"""Converted weights files (.npz of `layer/leaf` arrays) merged into a network's parameters."""
+"""Pretrained weights: the converters' command line, their .npz merged into a network's
+parameters, and the frozen-layer masks of the backbones that load them."""
 
+import argparse
+import os
+import re
 from typing import Any
 
 import flax
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,3 +52,36 @@ def merge_npz(params: Any, path: str, input_norm: str, *, backbone: str, fit: st
                        f"{current.shape} ({fit} must match the weights)")
     params[module][layer][leaf] = jnp.asarray(value, current.dtype)
   return params
+
+
+def converter_arguments(description: str, input_help: str,
+                        argv: list[str] | None = None) -> argparse.Namespace:
+  """The weight converters' command line: --input, --output, --overwrite, checked.
+
+  Exits with a usage error (no traceback) when --input does not exist or --output exists
+  without --overwrite; creates --output's folder.
+  """
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--input", required=True, help=input_help)
+  parser.add_argument("--output", required=True, help="destination .npz (folders are created)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+  args = parser.parse_args(argv)
+  if not os.path.isfile(args.input):
+    parser.error(f"--input {args.input} does not exist")
+  if os.path.exists(args.output) and not args.overwrite:
+    parser.error(f"--output {args.output} exists; pass --overwrite to replace it")
+  if os.path.dirname(args.output):
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+  return args
+
+
+def trainable_below(params: Any, layer_name: re.Pattern[str], frozen: int) -> Any:
+  """Bool pytree like `params`: False for a leaf whose path has a key matching `layer_name`
+  (group 1 an integer index) with index <= `frozen`, True elsewhere (a backbone's `trainable`)."""
+  def is_trainable(path, _) -> bool:
+    for entry in path:
+      match = layer_name.match(str(getattr(entry, "key", entry)))
+      if match and int(match.group(1)) <= frozen:
+        return False
+    return True
+  return jax.tree_util.tree_map_with_path(is_trainable, params)

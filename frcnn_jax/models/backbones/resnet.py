@@ -158,7 +158,8 @@ def stage(x: jax.Array, index: int, num_blocks: int, width: float, stride: int,
   out_planes = scaled_channels(PLANES[index - 1] * EXPANSION, width)
   for j in range(num_blocks):
     x = Bottleneck(planes, out_planes, stride if j == 0 else 1, stride_in_1x1=stride_in_1x1,
-                   conv_grad=conv_grad, dtype=dtype, param_dtype=param_dtype, name=f"layer{index}.{j}")(x)
+                   conv_grad=conv_grad, dtype=dtype, param_dtype=param_dtype,
+                   name=f"layer{index}.{j}")(x)
   return x
 
 

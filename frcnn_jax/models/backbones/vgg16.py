@@ -147,13 +147,7 @@ class VGG16(nn.Module):
 
     A leaf is frozen when a key on its path is `conv{b}_{i}` with b <= frozen_blocks.
     """
-    def is_trainable(path, _) -> bool:
-      for entry in path:
-        match = _CONV_NAME.match(str(getattr(entry, "key", entry)))
-        if match and int(match.group(1)) <= self.frozen_blocks:
-          return False
-      return True
-    return jax.tree_util.tree_map_with_path(is_trainable, params)
+    return pretrained.trainable_below(params, _CONV_NAME, self.frozen_blocks)
 
   def load_pretrained(self, params: Any, path: str, input_norm: str) -> Any:
     """Merges a converted VGG16 .npz (scripts/convert_vgg16.py) into the network's parameters.

@@ -168,13 +168,7 @@ class ZF(nn.Module):
 
     A leaf is frozen when a key on its path is `conv{i}` with i <= frozen_layers.
     """
-    def is_trainable(path, _) -> bool:
-      for entry in path:
-        match = _CONV_NAME.match(str(getattr(entry, "key", entry)))
-        if match and int(match.group(1)) <= self.frozen_layers:
-          return False
-      return True
-    return jax.tree_util.tree_map_with_path(is_trainable, params)
+    return pretrained.trainable_below(params, _CONV_NAME, self.frozen_layers)
 
   def load_pretrained(self, params: Any, path: str, input_norm: str) -> Any:
     """Merges a converted ZF .npz (scripts/convert_zf.py) into the network's parameters.

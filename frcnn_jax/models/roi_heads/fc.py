@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from frcnn_jax.config.fields import setting
 from frcnn_jax.models.registry import ROI_HEADS
+from frcnn_jax.models.roi_heads import predictors
 from frcnn_jax.models.roi_heads.pooling import RoIPooler
 
 
@@ -59,13 +60,7 @@ class FCHead(nn.Module):
     for name in ("fc6", "fc7"):
       x = nn.relu(dense(self.dim, name)(x))
       x = self._dropout(x, train)
-    zeros = nn.initializers.zeros
-    logits = dense(self.num_classes + 1, "cls", kernel_init=nn.initializers.normal(0.01),
-                   bias_init=zeros)(x)
-    deltas = dense(4 * (self.num_classes + 1), "box", kernel_init=nn.initializers.normal(0.001),
-                   bias_init=zeros)(x)
-    deltas = deltas.astype(jnp.float32).reshape(batch, num_rois, self.num_classes + 1, 4)
-    return logits.astype(jnp.float32), deltas
+    return predictors.class_and_box(x, self.num_classes, self.dtype, self.param_dtype)
 
   def _dropout(self, x: jax.Array, train: bool) -> jax.Array:
     if self.dropout_scale_train:

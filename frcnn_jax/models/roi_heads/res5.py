@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from frcnn_jax.config.fields import setting
 from frcnn_jax.models.backbones import resnet
 from frcnn_jax.models.registry import ROI_HEADS
+from frcnn_jax.models.roi_heads import predictors
 from frcnn_jax.models.roi_heads.pooling import RoIPooler
 
 HEAD_BLOCKS = resnet.DEPTHS[50][3]   # layer4 has 3 bottlenecks in ResNet-50 and ResNet-101
@@ -69,17 +70,10 @@ class Res5Head(nn.Module):
       x = jax.vmap(self.pooler)(features, rois.astype(jnp.float32))
     batch, num_rois = rois.shape[:2]
     x = x.reshape(batch * num_rois, *x.shape[2:]).astype(self.dtype)   # [B * R, s, s, C]
-    x = resnet.stage(x, 4, self.blocks, self.width, 2, self.stride_in_1x1, "xla", self.dtype, self.param_dtype)
+    x = resnet.stage(x, 4, self.blocks, self.width, 2, self.stride_in_1x1, "xla", self.dtype,
+                     self.param_dtype)
     x = x.astype(jnp.float32).mean(axis=(1, 2)).reshape(batch, num_rois, -1).astype(self.dtype)
-    dense = lambda features, name, **kw: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
-    zeros = nn.initializers.zeros
-    logits = dense(self.num_classes + 1, "cls", kernel_init=nn.initializers.normal(0.01),
-                   bias_init=zeros)(x)
-    deltas = dense(4 * (self.num_classes + 1), "box", kernel_init=nn.initializers.normal(0.001),
-                   bias_init=zeros)(x)
-    deltas = deltas.astype(jnp.float32).reshape(batch, num_rois, self.num_classes + 1, 4)
-    return logits.astype(jnp.float32), deltas
+    return predictors.class_and_box(x, self.num_classes, self.dtype, self.param_dtype)
 
   def trainable(self, params: Any) -> Any:
     """Bool pytree like `params` (this head's): False for the frozen batch norms of res5."""
