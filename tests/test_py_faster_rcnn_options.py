@@ -41,7 +41,7 @@ def test_builders_map_the_options():
 
 
 @pytest.mark.parametrize("key,value,build", [
-    ("anchors.style", "torchvision", builders.detector_settings_from_config),
+    ("anchors.style", "detectron", builders.detector_settings_from_config),
     ("model.roi_pool_coordinates", "inclusive",
      lambda c: builders.model_from_config(c, num_classes=20))])
 def test_bad_choices_are_errors_naming_the_key(key, value, build):

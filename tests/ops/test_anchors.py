@@ -130,7 +130,7 @@ def _scale_enum(anchor, scales):
   return _mkanchors(w * scales, h * scales, x_ctr, y_ctr)
 
 
-def generate_anchors(base_size=16, ratios=(0.5, 1, 2), scales=2**np.arange(3, 6)):
+def generate_anchors(base_size=16, ratios=(0.5, 1, 2), scales=2**np.arange(3, 6)):  # noqa: B008
   base_anchor = np.array([1, 1, base_size, base_size]) - 1
   ratio_anchors = _ratio_enum(base_anchor, np.asarray(ratios, np.float64))
   return np.vstack([_scale_enum(ratio_anchors[i, :], np.asarray(scales, np.float64))
@@ -200,6 +200,132 @@ def test_py_faster_rcnn_other_stride_keeps_cell_centres():
 
 def test_bad_style_raises():
   with pytest.raises(ValueError, match="style"):
-    anchor_ops.anchor_grid(2, 3, style="torchvision")
+    anchor_ops.anchor_grid(2, 3, style="detectron2")
   with pytest.raises(ValueError, match="zero-height"):
     anchor_ops.base_anchors(ratios=(1e-4,), style="py-faster-rcnn")
+
+
+# ------------------------------------------------- torchvision's AnchorGenerator
+# models/detection/anchor_utils.py: float32 base anchors rounded half to even, shifted to the
+# cells' top-left corners (j * stride_x, i * stride_y).
+
+
+def _np_torchvision_grid(feat_h, feat_w, stride_y, stride_x, sizes, ratios):
+  """generate_anchors + grid_anchors one anchor at a time, in float32 scalars."""
+  base = []
+  for r in ratios:
+    h_ratio = np.sqrt(np.float32(r))
+    w_ratio = np.float32(1.0) / h_ratio
+    for s in sizes:
+      ws, hs = w_ratio * np.float32(s), h_ratio * np.float32(s)
+      base.append([np.round(v / np.float32(2.0)) for v in (-ws, -hs, ws, hs)])
+  out = []
+  for i in range(feat_h):
+    for j in range(feat_w):
+      for b in base:
+        out.append([np.float32(j * stride_x) + b[0], np.float32(i * stride_y) + b[1],
+                    np.float32(j * stride_x) + b[2], np.float32(i * stride_y) + b[3]])
+  return np.asarray(out, np.float32).reshape(-1, 4)
+
+
+def test_torchvision_base_anchors_golden():
+  # 32 px, ratio 0.5: w = 32 / sqrt(0.5) = 45.25, h = 22.63; halves 22.63 and 11.31 round to
+  # 23 and 11. Ratio 2 swaps them.
+  np.testing.assert_array_equal(
+      anchor_ops.base_anchors((32,), (0.5, 1.0, 2.0), "torchvision"),
+      [[-23, -11, 23, 11], [-16, -16, 16, 16], [-11, -23, 11, 23]])
+  # 128 px: 181.02 x 90.51, halves 90.51 and 45.25 -> 91, 45 (the exact style keeps them).
+  np.testing.assert_array_equal(
+      anchor_ops.base_anchors((128, 256), (0.5,), "torchvision"),
+      [[-91, -45, 91, 45], [-181, -91, 181, 91]])
+  # Halves of exactly .5 round to even (torch.round): 0.5 -> 0, 1.5 -> 2, 2.5 -> 2.
+  np.testing.assert_array_equal(
+      anchor_ops.base_anchors((1, 3, 5), (1.0,), "torchvision"),
+      [[0, 0, 0, 0], [-2, -2, 2, 2], [-2, -2, 2, 2]])
+  assert anchor_ops.base_anchors(style="torchvision").dtype == np.float32
+
+
+def test_torchvision_grid_golden_corners_and_stride_pair():
+  grid = anchor_ops.anchor_grid(2, 3, (61, 64), (32,), (1.0,), "torchvision")
+  assert grid.shape == (6, 4) and grid.dtype == np.float32
+  np.testing.assert_array_equal(grid[0], [-16, -16, 16, 16])    # centred at the corner (0, 0)
+  # Location (i=1, j=2) is centred at (2 * 64, 1 * 61) = (128, 61).
+  np.testing.assert_array_equal(grid[5], [112, 45, 144, 77])
+  np.testing.assert_array_equal(
+      anchor_ops.anchor_grid(2, 3, 16, (32,), (1.0,), "torchvision"),
+      anchor_ops.anchor_grid(2, 3, (16, 16), (32,), (1.0,), "torchvision"))
+
+
+@pytest.mark.parametrize("style", ["exact", "py-faster-rcnn"])
+def test_stride_pair_other_styles(style):
+  # An int stride keeps its meaning; a pair scales rows by stride_y and columns by stride_x.
+  np.testing.assert_array_equal(anchor_ops.anchor_grid(3, 4, 16, style=style),
+                                anchor_ops.anchor_grid(3, 4, (16, 16), style=style))
+  grid = anchor_ops.anchor_grid(3, 4, (8, 32), style=style)
+  base = anchor_ops.base_anchors(style=style)
+  loc = grid[(2 * 4 + 3) * 9:(2 * 4 + 4) * 9]       # (i=2, j=3): centre (3.5 * 32, 2.5 * 8)
+  np.testing.assert_allclose(loc, base + [112.0, 20.0, 112.0, 20.0], rtol=0, atol=1e-4)
+  if style == "exact":
+    for sy, sx in [(8, 32), (4.5, 7.25)]:
+      want = [[cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+              for cy in (np.arange(3) + 0.5) * sy for cx in (np.arange(2) + 0.5) * sx
+              for r in (0.5, 2.0) for w, h in ((s / math.sqrt(r), s * math.sqrt(r))
+                                               for s in (40, 90))]
+      np.testing.assert_allclose(anchor_ops.anchor_grid(3, 2, (sy, sx), (40, 90), (0.5, 2.0)),
+                                 want, rtol=1e-6, atol=1e-4)
+
+
+def test_torchvision_random_configurations_match_numpy_loop():
+  rng = np.random.default_rng(2)
+  for _ in range(100):
+    feat_h, feat_w = (int(v) for v in rng.integers(0, 6, 2))
+    stride_y, stride_x = (int(v) for v in rng.integers(1, 70, 2))
+    sizes = tuple(int(v) for v in rng.integers(1, 600, rng.integers(1, 4)))
+    ratios = tuple(float(v) for v in rng.uniform(0.2, 5, rng.integers(1, 4)))
+    grid = anchor_ops.anchor_grid(feat_h, feat_w, (stride_y, stride_x), sizes, ratios,
+                                  "torchvision")
+    np.testing.assert_array_equal(
+        grid, _np_torchvision_grid(feat_h, feat_w, stride_y, stride_x, sizes, ratios))
+
+
+def test_bad_stride_raises():
+  for stride in [0, -16, (16, 0), (16,), (16, 16, 16), float("nan")]:
+    with pytest.raises(ValueError, match="stride"):
+      anchor_ops.anchor_grid(2, 3, stride=stride, style="torchvision")
+
+
+def _fpn_feature_sizes(canvas_h, canvas_w):
+  """P2-P5 (strides 4..32 of a canvas divisible by 32) and P6 (max-pool 1, stride 2 of P5)."""
+  sizes = [(canvas_h // s, canvas_w // s) for s in (4, 8, 16, 32)]
+  return sizes + [(-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2))]
+
+
+@pytest.mark.parametrize("canvas_hw", [(800, 1216), (96, 160), (1344, 800)])
+def test_torchvision_anchor_generator_fpn_levels(canvas_hw):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("torchvision")
+  from torchvision.models.detection.anchor_utils import AnchorGenerator
+  from torchvision.models.detection.image_list import ImageList
+
+  sizes = (32, 64, 128, 256, 512)
+  ratios = (0.5, 1.0, 2.0)
+  generator = AnchorGenerator(sizes=tuple((s,) for s in sizes), aspect_ratios=(ratios,) * 5)
+  canvas_h, canvas_w = canvas_hw
+  feature_hw = _fpn_feature_sizes(canvas_h, canvas_w)
+  images = ImageList(torch.zeros(2, 3, canvas_h, canvas_w),
+                     [(canvas_h - 10, canvas_w), (canvas_h, canvas_w - 30)])
+  with torch.no_grad():
+    want = generator(images, [torch.zeros(2, 1, h, w) for h, w in feature_hw])
+  assert len(want) == 2 and torch.equal(want[0], want[1])
+  want = want[0].numpy()
+  start = 0
+  for (h, w), size in zip(feature_hw, sizes):
+    stride = (canvas_h // h, canvas_w // w)
+    got = anchor_ops.anchor_grid(h, w, stride, (size,), ratios, "torchvision")
+    assert got.dtype == want.dtype == np.float32
+    np.testing.assert_array_equal(got, want[start:start + len(got)], err_msg=str((h, w)))
+    start += len(got)
+  assert start == len(want)
+  if canvas_hw == (800, 1216):    # P6 is 13 x 19: stride (61, 64), not 64
+    assert feature_hw[-1] == (13, 19)
+    assert (canvas_h // 13, canvas_w // 19) == (61, 64)

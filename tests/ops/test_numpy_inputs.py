@@ -11,12 +11,13 @@ import pytest
 from frcnn_jax.ops import anchors
 from frcnn_jax.ops import boxes
 from frcnn_jax.ops import losses
+from frcnn_jax.ops import multiscale_roi
 from frcnn_jax.ops import postprocess
 from frcnn_jax.ops import proposals
 from frcnn_jax.ops import roi
 from frcnn_jax.ops import targets
 
-MODULES = (anchors, boxes, losses, postprocess, proposals, roi, targets)
+MODULES = (anchors, boxes, losses, multiscale_roi, postprocess, proposals, roi, targets)
 
 
 def _boxes(rng, n, size=60.0):
@@ -68,6 +69,16 @@ def _cases():
           lambda o, d, an, s, m: proposals.generate_proposals(
               o, d, an, s, min_size=m, pre_nms_top_n=10, post_nms_top_n=6, nms_threshold=0.7),
           (rng.normal(size=a).astype(np.float32), deltas, grid, hw, np.float32(2.0))),
+      "proposals.generate_level_proposals": (
+          lambda o, d, an, s, m: proposals.generate_level_proposals(
+              o, d, an, s, level_sizes=(a - 4, 4), min_size=m, pre_nms_top_n=10,
+              post_nms_top_n=6, nms_threshold=0.7),
+          (rng.normal(size=a).astype(np.float32), deltas, grid, hw, np.float32(2.0))),
+      "multiscale_roi.roi_levels": (lambda x: multiscale_roi.roi_levels(x, 2, 5), (b1,)),
+      "multiscale_roi.multiscale_roi_align": (
+          lambda f0, f1, x: multiscale_roi.multiscale_roi_align((f0, f1), x, 2, (1 / 4, 1 / 8)),
+          (rng.normal(size=(8, 10, 3)).astype(np.float32),
+           rng.normal(size=(4, 5, 3)).astype(np.float32), b1)),
       "roi.roi_align": (lambda f, x: roi.roi_align(f, x, 2, 1 / 16),
                         (rng.normal(size=(5, 6, 3)).astype(np.float32), b1)),
       "roi.roi_pool": (lambda f, x: roi.roi_pool(f, x, 2, 1 / 16, coordinates="caffe"),

@@ -71,7 +71,7 @@ def np_proposals(objectness, deltas, anchors, hw, min_size, pre, post, threshold
   return out_boxes, out_scores, np.arange(post) < len(kept)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def proposal_fn(batched: bool = False, **kwargs):
   fn = lambda o, d, a, hw, m: proposals.generate_proposals(o, d, a, hw, min_size=m, **kwargs)
   return jax.jit(jax.vmap(fn) if batched else fn)
@@ -144,8 +144,8 @@ def test_generate_proposals_nms_suppresses_duplicates():
   anchors[3:] += 100
   objectness = np.array([0.1, 0.5, 0.3, 0.2, 0.9], np.float32)
   fn = proposal_fn(pre_nms_top_n=5, post_nms_top_n=5, nms_threshold=0.7)
-  boxes, scores, valid = fn(objectness, np.zeros((5, 4), np.float32), anchors,
-                            np.array([300, 300]), np.float32(0.0))
+  boxes, scores, _ = fn(objectness, np.zeros((5, 4), np.float32), anchors,
+                        np.array([300, 300]), np.float32(0.0))
   np.testing.assert_allclose(scores, 1 / (1 + np.exp(-np.array([0.9, 0.5, 0, 0, 0]))) *
                              [1, 1, 0, 0, 0], rtol=1e-6)
   np.testing.assert_allclose(boxes[:2], anchors[[4, 1]])
@@ -336,3 +336,183 @@ def test_legacy_plus_one_reproduces_py_faster_rcnn_proposal_layer():
   assert np.all(np.asarray(v0)) and np.all(np.asarray(v1))
   np.testing.assert_allclose(np.asarray(b1) - np.asarray(b0), np.tile([0, 0, 1, 1], (25, 1)),
                              atol=1e-4)
+
+
+# ------------------------------------------------ generate_level_proposals (torchvision's RPN)
+
+
+def np_level_proposals(objectness, deltas, anchors, hw, min_size, level_sizes, pre, post,
+                       threshold):
+  """filter_proposals by loops: per-level top-k, decode, clip, min size, per-level NMS, sort."""
+  candidates = []    # (level, anchor index)
+  start = 0
+  for level, size in enumerate(level_sizes):
+    order = sorted(range(start, start + size), key=lambda i: (-objectness[i], i))
+    candidates += [(level, i) for i in order[:pre]]
+    start += size
+  boxes = {i: np_clip(np_decode(deltas[i], anchors[i]), hw) for _, i in candidates}
+  kept = []
+  for level in range(len(level_sizes)):
+    members = [i for lvl, i in candidates if lvl == level
+               and boxes[i][2] - boxes[i][0] >= min_size and boxes[i][3] - boxes[i][1] >= min_size]
+    survivors = np_greedy_nms([boxes[i] for i in members], [objectness[i] for i in members],
+                              threshold)
+    kept += [(level, members[k]) for k in survivors]
+  kept = sorted(kept, key=lambda li: (-objectness[li[1]], li[0], li[1]))[:post]
+  out_boxes, out_scores = np.zeros((post, 4)), np.zeros(post)
+  for slot, (_, i) in enumerate(kept):
+    out_boxes[slot], out_scores[slot] = boxes[i], np_sigmoid(objectness[i])
+  return out_boxes, out_scores, np.arange(post) < len(kept)
+
+
+LEVEL_SIZES = (40, 20, 7, 1)     # pre_nms_top_n 15 is below the first two, above the others
+LEVEL_ARGS = {"level_sizes": LEVEL_SIZES, "pre_nms_top_n": 15, "post_nms_top_n": 30,
+              "nms_threshold": 0.7}
+
+
+def random_level_case(rng):
+  """Anchors doubling in size per level, some outside the image (clipped to nothing)."""
+  parts = []
+  for level, size in enumerate(LEVEL_SIZES):
+    centres = rng.uniform(-20, 120, size=(size, 2))
+    sides = rng.uniform(8, 24, size=(size, 2)) * 2**level
+    parts.append(np.concatenate([centres - sides / 2, centres + sides / 2], 1))
+  anchors = np.concatenate(parts).astype(np.float32)
+  a = len(anchors)
+  deltas = (rng.normal(size=(a, 4)) * 0.3).astype(np.float32)
+  deltas[rng.random(a) < 0.05, 2:] = 6.0     # clamped at log(1000 / 16)
+  objectness = (rng.normal(size=a) * 3).astype(np.float32)
+  hw = rng.integers(60, 120, size=2).astype(np.int32)
+  min_size = np.float32(rng.choice([1e-3, 8.0]) if rng.random() < 0.9 else 0.0)
+  return objectness, deltas, anchors, hw, min_size
+
+
+@functools.cache
+def batched_level_run():
+  """24 random cases and the vmapped level proposals on them (compiled once, shared)."""
+  rng = np.random.default_rng(12)
+  cases = [random_level_case(rng) for _ in range(24)]
+  fn = jax.jit(jax.vmap(lambda o, d, a, hw, m: proposals.generate_level_proposals(
+      o, d, a, hw, min_size=m, **LEVEL_ARGS)))
+  return cases, [np.asarray(x) for x in fn(*[np.stack(x) for x in zip(*cases)])]
+
+
+def test_generate_level_proposals_matches_numpy_pipeline():
+  cases, (boxes, scores, valid) = batched_level_run()
+  counts = valid.sum(1)
+  assert counts.min() < 30 and counts.max() == 30     # padded and truncated outputs
+  for i, case in enumerate(cases):
+    ref_boxes, ref_scores, ref_valid = np_level_proposals(
+        *case, LEVEL_SIZES, LEVEL_ARGS["pre_nms_top_n"], LEVEL_ARGS["post_nms_top_n"],
+        LEVEL_ARGS["nms_threshold"])
+    np.testing.assert_array_equal(valid[i], ref_valid, err_msg=f"case {i}")
+    np.testing.assert_allclose(boxes[i], ref_boxes, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(scores[i], ref_scores, rtol=1e-6)
+
+
+def test_generate_level_proposals_golden_levels_do_not_suppress_each_other():
+  anchors = np.array([
+      [0, 0, 10, 10],       # level 0
+      [1, 0, 11, 10],       # level 0, IoU 90 / 110 = 0.82 with box 0: suppressed
+      [20, 20, 40, 40],     # level 0, decoded to centre (32, 26), size 10 x 40
+      [0, 1, 10, 11],       # level 1, IoU 0.82 with box 0: kept (another level)
+      [52, 42, 72, 62],     # level 1, centred outside the 50 x 60 image: clipped to 8 x 8
+  ], np.float32)
+  logits = np.array([2.0, 1.0, 0.5, 1.5, 3.0], np.float32)
+  deltas = np.zeros((5, 4), np.float32)
+  deltas[2] = [0.1, -0.2, math.log(0.5), math.log(2.0)]
+  fn = jax.jit(lambda m: proposals.generate_level_proposals(
+      logits, deltas, anchors, np.array([50, 60]), level_sizes=(3, 2), min_size=m,
+      pre_nms_top_n=10, post_nms_top_n=5, nms_threshold=0.7))
+  corner, decoded = [52, 42, 60, 50], [27, 6, 37, 46]
+  sigmoid = lambda x: 1 / (1 + np.exp(-np.asarray(x, np.float64)))
+  boxes, scores, valid = fn(1e-3)
+  np.testing.assert_array_equal(valid, [True, True, True, True, False])
+  np.testing.assert_allclose(boxes, [corner, anchors[0], anchors[3], decoded, [0] * 4],
+                             atol=1e-5)
+  np.testing.assert_allclose(scores, list(sigmoid([3.0, 2.0, 1.5, 0.5])) + [0], rtol=1e-6)
+  # min_size 9 drops the clipped 8 x 8 box; 1000 drops every box.
+  boxes, _, valid = fn(9.0)
+  np.testing.assert_array_equal(valid, [True, True, True, False, False])
+  np.testing.assert_allclose(boxes[:3], [anchors[0], anchors[3], decoded], atol=1e-5)
+  boxes, scores, valid = fn(1000.0)
+  assert not np.any(valid) and not np.any(boxes) and not np.any(scores)
+
+
+def test_generate_level_proposals_traces_once_vmap_equals_loop_and_no_gradient():
+  cases, batched = batched_level_run()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def one(o, d, a, hw, m):
+    return proposals.generate_level_proposals(o, d, a, hw, min_size=m, **LEVEL_ARGS)
+
+  for i in range(4):
+    for got, want in zip(batched, one(*cases[i])):
+      np.testing.assert_array_equal(got[i], want)
+  o, d, a, hw, m = cases[0]
+  grads = jax.jit(jax.grad(lambda o, d, a: jnp.sum(one(o, d, a, hw, m)[0])
+                           + jnp.sum(one(o, d, a, hw, m)[1]), argnums=(0, 1, 2)))(o, d, a)
+  for g in grads:
+    assert np.all(np.asarray(g) == 0.0)
+
+
+def test_generate_level_proposals_bad_arguments_raise():
+  o, d, a, hw = jnp.zeros(6), jnp.zeros((6, 4)), jnp.zeros((6, 4)), jnp.array([10, 10])
+
+  def call(level_sizes=(4, 2), pre=3, post=3, **shapes):
+    args = {"o": o, "d": d, "a": a} | shapes
+    return proposals.generate_level_proposals(
+        args["o"], args["d"], args["a"], hw, level_sizes=level_sizes, min_size=0.0,
+        pre_nms_top_n=pre, post_nms_top_n=post, nms_threshold=0.7)
+
+  with pytest.raises(ValueError, match="disagree"):
+    call(d=jnp.zeros((5, 4)))
+  with pytest.raises(ValueError, match="disagree"):
+    call(o=jnp.zeros((6, 1)))
+  with pytest.raises(ValueError, match="sum to 5"):
+    call(level_sizes=(4, 1))
+  with pytest.raises(ValueError, match="empty level"):
+    call(level_sizes=(6, 0))
+  with pytest.raises(ValueError, match="static ints"):
+    call(level_sizes=())
+  with pytest.raises(ValueError, match="static ints"):
+    call(level_sizes=(4.0, 2.0))
+  with pytest.raises(ValueError, match="pre_nms_top_n"):
+    call(pre=0)
+  with pytest.raises(ValueError, match="post_nms_top_n"):
+    call(post=0)
+
+
+def test_generate_level_proposals_matches_torchvision_filter_proposals():
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("torchvision")
+  from torchvision.models.detection import rpn as tv_rpn
+  from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+  pre, post = LEVEL_ARGS["pre_nms_top_n"], LEVEL_ARGS["post_nms_top_n"]
+  module = tv_rpn.RegionProposalNetwork(
+      AnchorGenerator(), tv_rpn.RPNHead(4, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
+      batch_size_per_image=256, positive_fraction=0.5,
+      pre_nms_top_n={"training": pre, "testing": pre},
+      post_nms_top_n={"training": post, "testing": post},
+      nms_thresh=LEVEL_ARGS["nms_threshold"]).eval()
+  assert module.min_size == np.float32(1e-3) and module.score_thresh == 0.0
+  # The shared random run, restricted to its cases with torchvision's min_size (images of
+  # 20 different sizes).
+  cases, (boxes, scores, valid) = batched_level_run()
+  picked = [i for i, case in enumerate(cases) if case[4] == np.float32(1e-3)]
+  assert len(picked) >= 10
+  logits, deltas, anchors, image_hw = (np.stack([cases[i][k] for i in picked])
+                                       for k in range(4))
+  with torch.no_grad():
+    decoded = module.box_coder.decode(torch.from_numpy(deltas).reshape(-1, 4),
+                                      [torch.from_numpy(x) for x in anchors])
+    want_boxes, want_scores = module.filter_proposals(
+        decoded.view(len(picked), -1, 4), torch.from_numpy(logits),
+        [tuple(int(v) for v in hw) for hw in image_hw], list(LEVEL_SIZES))
+  for j, i in enumerate(picked):
+    n = len(want_boxes[j])
+    np.testing.assert_array_equal(valid[i], np.arange(post) < n, err_msg=f"case {i}")
+    np.testing.assert_allclose(boxes[i, :n], want_boxes[j].numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(scores[i, :n], want_scores[j].numpy(), rtol=1e-6, atol=0)
