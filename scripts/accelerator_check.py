@@ -1,7 +1,8 @@
 r"""One-shot accelerator check: speed, MFU, a per-stage profile and torchvision, in a time budget.
 
-On any GPU or TPU machine, from the repository root (random weights, VGG16 on VOC-shaped
-canvases by default):
+On any GPU or TPU machine, from the repository root (random weights on VOC-shaped canvases;
+`--config` picks the backbone: experiments/voc.py VGG16, voc_zf.py ZF, voc_r101_c4.py /
+coco_r50_c4.py ResNet C4, coco_r50_fpn.py ResNet-50-FPN):
 
   pip install -e . "jax[cuda12]"      # on a TPU VM: pip install -e . "jax[tpu]"
   pip install torch torchvision       # optional: the torchvision comparison
@@ -19,8 +20,9 @@ item of its kind so far; `frcnn_jax.benchmarking.budget`):
    time, images/s, FLOPs, MFU);
 3. a `jax.profiler` trace of that training step (its program comes from the compilation
    cache), summarised per stage (`frcnn_jax.benchmarking.stage_profile`);
-4. torchvision's same model (`frcnn_jax.benchmarking.peer`, when torch and torchvision are
-   installed) on item 2's row, and the speed-ups;
+4. torchvision's same architecture for the config's backbone (`frcnn_jax.benchmarking.peer`,
+   when torch and torchvision are installed and the model is torchvision's: full width) on
+   item 2's row, and the speed-ups;
 5. the first dtype at the other batches, then torchvision on them;
 6. the other dtypes at the same canvas and batches;
 7. the cost of GPU determinism: the profiled case again in a child process with

@@ -24,6 +24,10 @@ with `model.conv_grad=xla` and `=per_tap`, compiled, warmed up, then `--steps` i
 `train_pool`: the same step with the config's `conv_grad`, its trunk pools traced once with
 `nn.max_pool` (patched into `vgg.max_pool_2x2` while lowering) and once as built.
 
+`layers`, `pool` and `train_pool` are VGG16's by nature (its conv blocks and 2x2 pools): with
+another backbone (`model.backbone`) they are skipped with a message naming it, and the command
+stops with that message when nothing else is asked; `train` works for every backbone.
+
 The measurements are `frcnn_jax.benchmarking.conv_pool`. Prints tables and the 1-minute load
 average before and after each part; times are wall seconds (on a shared machine compare the
 ratios, not the absolute times).
@@ -40,6 +44,7 @@ from frcnn_jax.config import flags as config_flags
 from frcnn_jax.runtime import host_memory
 
 PARTS = ("layers", "train", "pool", "train_pool")
+VGG16_PARTS = ("layers", "pool", "train_pool")
 
 
 def define_flags() -> None:
@@ -103,16 +108,24 @@ def main(argv):
   unknown = set(f.parts) - set(PARTS)
   if unknown:
     raise app.UsageError(f"--parts must be among {', '.join(PARTS)}; got {sorted(unknown)}")
+  parts = list(f.parts)
+  vgg16_parts = [p for p in parts if p in VGG16_PARTS]
+  reason = conv_pool.vgg16_only(f.config) if vgg16_parts else None
+  if reason:
+    parts = [p for p in parts if p not in VGG16_PARTS]
+    if not parts:
+      raise app.UsageError(f"--parts {','.join(vgg16_parts)}: {reason}")
+    print(f"skipped --parts {','.join(vgg16_parts)}: {reason}", flush=True)
   if host_memory.wanted(f.config.train.reuse_host_memory):
     host_memory.keep_freed_memory()   # as in training
   print(f"JAX {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs")
-  if "layers" in f.parts:
+  if "layers" in parts:
     print_layers(f.config, f.height, f.width, f.repeats)
-  if "pool" in f.parts:
+  if "pool" in parts:
     print_pools(f.config, f.height, f.width, f.repeats)
-  if "train" in f.parts:
+  if "train" in parts:
     print_train(f.config, f.height, f.width, f.steps, "conv_grad")
-  if "train_pool" in f.parts:
+  if "train_pool" in parts:
     print_train(f.config, f.height, f.width, f.steps, "pool")
 
 

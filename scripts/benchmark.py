@@ -28,13 +28,21 @@ in the same run, the best of a measurement before and after the rows
 and the peak so far in this process (device peak bytes where the device reports them, else
 the process's peak RSS; the JSON says which).
 
-`--peer` times torchvision's Faster R-CNN built the same way
-(`frcnn_jax.benchmarking.torchvision_frcnn`) on the same device, sizes, dtypes and batch in
-this run and prints both and their ratio; without torch/torchvision it says so and continues.
-On GPU it runs before our rows, with JAX's memory preallocation off, so that both fit.
+Any experiment works, whatever its backbone (`model.backbone`); without `--height/--width` or
+`--sizes` the canvas is `data.pad_hw`, else the first of `data.canvases`, else `data.min_size` x
+`data.max_size` rounded up to `data.canvas_multiple` (`cases.default_canvas`). Where the
+dataset's class names are in files not on this machine (COCO json), 80 classes are used.
+
+`--peer` times torchvision's same architecture for the config's backbone (vgg16, zf,
+resnet_c4, resnet_fpn; `frcnn_jax.benchmarking.torchvision_frcnn` and `peer`) with the
+config's anchors, proposal counts and RoI settings, on the same device, sizes, dtypes and batch
+in this run and prints both and their ratio; without torch/torchvision, for a backbone without
+a peer, or for a model that is not torchvision's architecture (e.g. a narrowed width) it says
+why and continues. On GPU it runs before our rows, with JAX's memory preallocation off, so that
+both fit.
 
 `--mix` (dataset-shaped mode, `frcnn_jax.benchmarking.mix`): the single canvas
-(`--mix_single`, default `data.pad_hw`) against K chosen canvases for each K of
+(`--mix_single`, default `cases.default_canvas`) against K chosen canvases for each K of
 `--mix_canvases` (multiples of `--mix_multiple`), over a mix of image sizes: `voc07` (the
 VOC2007 test images' sizes, benchmarks/voc2007_test_sizes.txt), `train` / `eval` (every record
 of the config's dataset split, e.g. `--config.data.name=voc_folder
@@ -76,8 +84,10 @@ from frcnn_jax.runtime import parallel
 def define_flags() -> None:
   """Defines the command-line flags (only when run as a program: importing defines none)."""
   config_flags.define_config_flag()
-  flags.DEFINE_integer("height", None, "Canvas height (default: data.pad_hw[0]).")
-  flags.DEFINE_integer("width", None, "Canvas width (default: data.pad_hw[1]).")
+  flags.DEFINE_integer("height", None, "Canvas height (default: data.pad_hw's, else the "
+                       "first data.canvases', else data.min_size rounded up).")
+  flags.DEFINE_integer("width", None, "Canvas width (default: data.pad_hw's, else the first "
+                       "data.canvases', else data.max_size rounded up).")
   flags.DEFINE_list("sizes", None, "Canvas sizes HxW, e.g. 600x800,600x1000 (instead of "
                     "--height/--width).")
   flags.DEFINE_list("batch", ["1"], "Images per device per step, e.g. 1,2,4.")
@@ -91,8 +101,8 @@ def define_flags() -> None:
   flags.DEFINE_list("sweep_sizes", ["300x500", "450x750", "600x1000"], "Sizes of the --sweep.")
   flags.DEFINE_list("sweep_proposals", ["100", "300", "1000"],
                     "rpn.post_nms_top_n_test values of the --sweep.")
-  flags.DEFINE_bool("peer", False, "Also time torchvision's Faster R-CNN "
-                    "(frcnn_jax.benchmarking.torchvision_frcnn) and print the ratios.")
+  flags.DEFINE_bool("peer", False, "Also time torchvision's Faster R-CNN of the config's "
+                    "backbone (frcnn_jax.benchmarking.torchvision_frcnn) and print the ratios.")
   flags.DEFINE_integer("peak_size", 0, "Matrix side of the matmul-peak measurement (0: 2048 on "
                        "CPU, 8192 on accelerators).")
   flags.DEFINE_string("mix", None, "Dataset-shaped mode over a size mix: voc07 (VOC2007 test "
@@ -101,7 +111,7 @@ def define_flags() -> None:
   flags.DEFINE_list("mix_canvases", ["1", "2", "3", "4"], "--mix: the K values (canvases "
                     "chosen by frcnn_jax.data.canvases.choose_canvases).")
   flags.DEFINE_string("mix_single", None, "--mix: the single fixed canvas HxW compared "
-                      "(default: data.pad_hw).")
+                      "(default: as --height/--width).")
   flags.DEFINE_integer("mix_multiple", 32, "--mix: canvas sides are multiples of this.")
   flags.DEFINE_integer("peer_sizes", 4, "--mix --peer: torchvision is timed at this many of "
                        "the most frequent resized sizes.")
@@ -177,7 +187,7 @@ def main_mix(f, config: ml_collections.ConfigDict) -> None:
     raise app.UsageError("--peer_sizes and --flop_sizes must be >= 1")
   try:
     num_canvases = cases.parse_positive_ints("mix_canvases", list(f.mix_canvases))
-    single = cases.parse_size(f.mix_single) if f.mix_single else tuple(config.data.pad_hw)
+    single = cases.parse_size(f.mix_single) if f.mix_single else cases.default_canvas(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   dtype = f.dtype[0] if f.dtype else config.model.dtype

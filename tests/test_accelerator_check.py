@@ -1,6 +1,6 @@
-"""scripts/accelerator_check.py as a command: rows, profile and summary of a tiny run, the
-budget kept, earlier results kept. Its library: tests/benchmarking/test_accelerator.py and the
-HLO / trace tests beside it."""
+"""scripts/accelerator_check.py as a command: rows, profile and summary of a tiny run (ZF), the
+budget kept, earlier results kept, the determinism child's row (ResNet C4). Its library:
+tests/benchmarking/test_accelerator.py and the HLO / trace tests beside it."""
 
 import json
 import os
@@ -14,13 +14,10 @@ from tests import test_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "accelerator_check.py")
-SHAPES = os.path.join(ROOT, "experiments", "shapes.py")
 # A tiny detector on 64 x 64 canvases; the XLA flags only make its compile cheap.
-TINY_ARGS = [
-    f"--config={SHAPES}", "--sizes=64x64", "--batch=1", "--profile_batch=1",
-    "--profile_steps=2", "--steps=1", "--peak_size=256", "--nopeer", "--nodeterministic",
-    *test_benchmark.TINY_MODEL_ARGS,
-]
+CHECK_ARGS = ["--sizes=64x64", "--batch=1", "--profile_batch=1", "--profile_steps=2", "--steps=1",
+              "--peak_size=256", "--nopeer", "--nodeterministic"]
+TINY_ARGS = [*CHECK_ARGS, *test_benchmark.TINY_BACKBONES["vgg16"]]
 CHEAP_COMPILE = test_benchmark.CHEAP_COMPILE
 
 
@@ -33,7 +30,8 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_tiny_run_writes_rows_profile_and_summary(tmp_path):
   out = tmp_path / "out"
-  result = _run([*TINY_ARGS, "--dtype=bfloat16", "--batch=1,2", "--profile_batch=2",
+  zf_args = [*CHECK_ARGS, *test_benchmark.TINY_BACKBONES["zf"]]   # a backbone besides VGG16
+  result = _run([*zf_args, "--dtype=bfloat16", "--batch=1,2", "--profile_batch=2",
                  f"--output={out}", "--budget_s=240",
                  f"--compilation_cache={tmp_path / 'cache'}"], timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -91,7 +89,8 @@ def test_earlier_results_are_kept_unless_asked(tmp_path):
 
 
 def test_the_determinism_child_prints_one_row():
-  result = _run([*TINY_ARGS, "--child_case=float32:64x64:1", "--compilation_cache="],
+  c4_args = [*CHECK_ARGS, *test_benchmark.TINY_BACKBONES["resnet_c4"]]   # ResNet C4 + res5
+  result = _run([*c4_args, "--child_case=float32:64x64:1", "--compilation_cache="],
                 timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   (line,) = [l for l in result.stdout.splitlines() if l.startswith("CHILD_ROW ")]

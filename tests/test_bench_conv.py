@@ -1,4 +1,5 @@
-"""scripts/bench_conv.py end to end at a tiny size: every part runs and prints its table."""
+"""scripts/bench_conv.py end to end at a tiny size: every part runs and prints its table; its
+VGG16-only parts name another backbone instead of crashing."""
 
 import os
 import subprocess
@@ -6,6 +7,8 @@ import sys
 
 import pytest
 
+from frcnn_jax.benchmarking import conv_pool
+from frcnn_jax.config import flags as config_flags
 from tests import test_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,3 +28,13 @@ def test_bench_conv_runs_every_part():
   assert layers[:4] == ["conv1_1", "conv2_1", "conv3_1", "conv4_1"], out
   assert "conv5_1, rpn" in out and "pool3" in out and "pool4" not in out
   assert "ratio xla / per_tap" in out and "ratio lax / pool" in out
+
+
+def test_the_vgg16_parts_name_another_backbone_instead_of_crashing():
+  config = config_flags.load_config(os.path.join(ROOT, "experiments", "voc_zf.py"))
+  reason = conv_pool.vgg16_only(config)
+  assert reason.startswith("model.backbone=zf: ") and "--parts train" in reason
+  for measure in (conv_pool.layer_shapes, conv_pool.pooled_shapes):
+    with pytest.raises(ValueError, match="model.backbone=zf"):
+      measure(config, 64, 96)
+  assert conv_pool.vgg16_only(config_flags.load_config(test_benchmark.SHAPES)) is None

@@ -18,13 +18,24 @@ SHAPES = os.path.join(ROOT, "experiments", "shapes.py")
 
 # A tiny detector on 64 x 64 images; the XLA flags only make its compile cheap (this is a test
 # of the script's contract, not a measurement).
-TINY_MODEL_ARGS = [
-    "--config.model.vgg16.width=0.0625", "--config.model.fc.dim=16",
+TINY_DETECTOR_ARGS = [
     "--config.rpn.pre_nms_top_n_train=32", "--config.rpn.post_nms_top_n_train=16",
     "--config.rpn.pre_nms_top_n_test=32", "--config.rpn.post_nms_top_n_test=8",
     "--config.rpn.batch_size_per_image=16", "--config.roi.batch_size_per_image=8",
     "--config.test.detections_per_image=5", "--config.data.max_gt=4",
 ]
+TINY_MODEL_ARGS = ["--config.model.vgg16.width=0.0625", "--config.model.fc.dim=16",
+                   *TINY_DETECTOR_ARGS]
+# Each backbone's experiment with a narrowed model: --config and its overrides.
+TINY_BACKBONES = {
+    "vgg16": [f"--config={SHAPES}", *TINY_MODEL_ARGS],
+    "zf": [f"--config={os.path.join(ROOT, 'experiments', 'voc_zf.py')}",
+           "--config.model.zf.width=0.0625", "--config.model.fc.dim=16", *TINY_DETECTOR_ARGS],
+    "resnet_c4": [f"--config={os.path.join(ROOT, 'experiments', 'voc_r101_c4.py')}",
+                  "--config.model.resnet_c4.width=0.03125",
+                  "--config.model.resnet_c4.blocks=(1,1,1)", "--config.model.res5.width=0.03125",
+                  "--config.model.res5.blocks=1", *TINY_DETECTOR_ARGS],
+}
 TINY_ARGS = [f"--config={SHAPES}", "--height=64", "--width=64", "--steps=1", "--peak_size=256",
              *TINY_MODEL_ARGS]
 CHEAP_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -69,8 +80,10 @@ def test_end_to_end_json_contract_and_peer_without_torchvision():
     assert "torchvision" in out["peer"]["error"]
     assert any(line.startswith("peer: not measured") and "torchvision" in line
                for line in lines)
-  else:  # torchvision is there, but the tiny trunk is not the peer's VGG16
-    assert out["peer"]["available"] is False and "not VGG16" in out["peer"]["error"]
+  else:  # torchvision is there, but the tiny trunk is not torchvision's VGG16
+    assert out["peer"]["available"] is False
+    assert "model.backbone=vgg16" in out["peer"]["error"]
+    assert "model.vgg16.width=0.0625" in out["peer"]["error"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -94,7 +107,7 @@ def test_mix_end_to_end_fractions_times_and_useful_flops():
   lines = result.stdout.strip().splitlines()
   out = json.loads(lines[-1])
   assert out["mode"] == "mix" and out["mix"]["images"] == 6
-  single, k1, k2 = out["layouts"]
+  single, _, k2 = out["layouts"]
   assert [r["layout"] for r in out["layouts"]] == ["single 96x96", "K=1", "K=2"]
   assert single["useful_pixels"] == pytest.approx(MIX_CONTENT / (6 * 96 * 96))
   assert k2["useful_pixels"] == pytest.approx(MIX_CONTENT / (6 * 64 * 96))
@@ -119,5 +132,5 @@ def test_mix_end_to_end_fractions_times_and_useful_flops():
           useful / row[f"{part}_s_per_image"] / peak)
   assert out["canvases"]["96x96"]["train_finite"] is True
   assert out["targets"]["useful_pixels"]["layout"] == "K=2"
-  assert out["peer"]["available"] is False   # the tiny trunk is not the peer's VGG16
+  assert out["peer"]["available"] is False   # the tiny trunk is not torchvision's VGG16
   assert any(line.startswith("K=2") for line in lines)

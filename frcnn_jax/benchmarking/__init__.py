@@ -11,8 +11,11 @@ Modules:
   cases: the measured rows (dtype, canvas, batch, proposals), synthetic batches, and the
     detector and jitted programs a row is measured on.
   rows: one row measured (compile, images/s, FLOPs, memory) and the rows' table.
-  torchvision_frcnn: torchvision's Faster R-CNN built like ours and timed on the same device.
-  peer: that model configured from an experiment config, beside our rows.
+  torchvision_frcnn: torchvision's Faster R-CNN built like ours, for each of our backbones
+    (vgg16, zf, resnet_c4, resnet_fpn), and timed on the same device.
+  peer: that model configured from an experiment config (its backbone, numbers and the check
+    that ours is the same architecture), beside our rows.
+  backbones: each backbone against its torchvision peer, per image, interleaved in one run.
   size_mix: a dataset's size mix laid out on one fixed canvas or on K chosen canvases.
   mix: the dataset-shaped measurement over such a mix.
   hlo: HLO instructions of a compiled program, their scopes, stages and matmuls.

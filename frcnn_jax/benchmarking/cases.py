@@ -26,6 +26,8 @@ from frcnn_jax.training import step as train_step
 PARTS = ("train", "infer")
 DTYPES = tuple(faster_rcnn.DTYPES)   # compute dtypes (model.dtype)
 SOURCE_LONG_SIDE = 500   # VOC's images: the decoded size the device resizes from
+FALLBACK_CLASSES = 80    # C where the dataset's class names are not on this machine
+_SAID: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +75,34 @@ def check_dtype(dtype: str) -> None:
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
-  """C, the number of foreground classes of the config's dataset."""
-  return len(builders.class_names(config))
+  """C, the number of foreground classes of the config's dataset.
+
+  Where the dataset keeps its class names in files that are not on this machine (a COCO-format
+  json), FALLBACK_CLASSES, said once on stdout: random weights and synthetic batches need only
+  the count.
+  """
+  try:
+    return len(builders.class_names(config))
+  except OSError as e:
+    message = (f"classes: {config.data.name}'s class names are not readable here "
+               f"({type(e).__name__}); measuring with {FALLBACK_CLASSES} classes (COCO's)")
+    if message not in _SAID:
+      _SAID.add(message)
+      print(message, flush=True)
+    return FALLBACK_CLASSES
+
+
+def default_canvas(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """The canvas measured when no size is given: `data.pad_hw`, else the first of
+  `data.canvases`, else a landscape image of `data.min_size` x `data.max_size` with each side
+  rounded up to `data.canvas_multiple` (the canvas the largest resized image fits)."""
+  d = config.data
+  if len(d.pad_hw):
+    return int(d.pad_hw[0]), int(d.pad_hw[1])
+  if len(d.canvases):
+    return int(d.canvases[0][0]), int(d.canvases[0][1])
+  up = lambda n: -(-int(n) // int(d.canvas_multiple)) * int(d.canvas_multiple)
+  return up(d.min_size), up(d.max_size)
 
 
 def parse_positive_ints(name: str, values: list[str]) -> list[int]:
@@ -102,7 +130,7 @@ def make_cases(config: ml_collections.ConfigDict, *, dtypes: list[str] | None = 
   """The rows the flags ask for; the first row is the default measurement.
 
   Grid: every dtype x size x batch (sizes default to `--height` / `--width`, else
-  `data.pad_hw`; dtypes to `model.dtype`). Sweep: training and inference at each of
+  `default_canvas`; dtypes to `model.dtype`). Sweep: training and inference at each of
   `sweep_sizes`, then inference at the first sweep size for each proposal count in
   `sweep_proposals`; the first dtype and batch.
 
@@ -131,7 +159,8 @@ def make_cases(config: ml_collections.ConfigDict, *, dtypes: list[str] | None = 
   if sizes:
     hws = [parse_size(s) for s in sizes]
   else:
-    hws = [(height or config.data.pad_hw[0], width or config.data.pad_hw[1])]
+    canvas = default_canvas(config)
+    hws = [(height or canvas[0], width or canvas[1])]
   return [Case(dtype, h, w, b, proposals, timed) for dtype in dtypes for h, w in hws
           for b in batches]
 

@@ -9,6 +9,11 @@ lax's (`jax.vjp`) against `frcnn_jax.models.conv.weight_grad` ("per_tap"). Pools
 `frcnn_jax.models.pool.max_pool_2x2`. Training step: the config's whole step with either
 `model.conv_grad`, or with its pools traced either way. Everything is timed in interleaved
 rounds (`timing.interleaved_medians`).
+
+The layer table, the pools and the pool variant of the step are VGG16's by nature (its conv
+blocks, its 2x2 pools, `vgg.max_pool_2x2` patched while tracing): for another backbone they
+raise ValueError with `vgg16_only`'s message. The conv_grad variant of the step works for every
+backbone.
 """
 
 import contextlib
@@ -44,6 +49,23 @@ def model_of(config: ml_collections.ConfigDict) -> faster_rcnn.FasterRCNN:
   return builders.model_from_config(c, cases.num_classes(c))
 
 
+def vgg16_only(config: ml_collections.ConfigDict) -> str | None:
+  """Why the VGG16-only measurements (the layer table, the pools, the step with lax's pools)
+  cannot run for `config`, naming its backbone; None for a VGG16 trunk."""
+  if isinstance(model_of(config).trunk, vgg.VGG16):
+    return None
+  return (f"model.backbone={config.model.backbone}: the per-layer conv table and the pool "
+          "comparison read a VGG16 trunk (its conv blocks and 2x2 max pools) and have no "
+          f"{config.model.backbone} version; the whole-step comparison of model.conv_grad "
+          "(--parts train) works for every backbone")
+
+
+def _require_vgg16(config: ml_collections.ConfigDict) -> None:
+  reason = vgg16_only(config)
+  if reason:
+    raise ValueError(reason)
+
+
 def _trunk_blocks(trunk: vgg.VGG16) -> list[tuple[int, int, bool]]:
   """(block, pools before it, trained) of a VGG16 trunk, blocks numbered from 1."""
   num_pools = int(trunk.stride).bit_length() - 1
@@ -55,7 +77,12 @@ def layer_shapes(config: ml_collections.ConfigDict, height: int, width: int
                  ) -> list[tuple[str, int, int, int, int]]:
   """(names, H, W, Cin, Cout) of the model's distinct trained 3x3 convs on a canvas, from the
   parameter shapes of `config`'s model (a VGG16 trunk) and the map sizes its pools give;
-  layers of the same shape share a row, their names joined by ", "."""
+  layers of the same shape share a row, their names joined by ", ".
+
+  Raises:
+    ValueError: the trunk is not VGG16 (`vgg16_only`).
+  """
+  _require_vgg16(config)
   model = model_of(config)
   trunk = model.trunk
   params = jax.eval_shape(functools.partial(faster_rcnn.init_params, model), jax.random.key(0))
@@ -76,7 +103,12 @@ def layer_shapes(config: ml_collections.ConfigDict, height: int, width: int
 
 def pooled_shapes(config: ml_collections.ConfigDict, height: int, width: int
                   ) -> list[tuple[str, int, int, int]]:
-  """(name, H, W, C) of the inputs of the config's trunk pools that get a gradient."""
+  """(name, H, W, C) of the inputs of the config's trunk pools that get a gradient.
+
+  Raises:
+    ValueError: the trunk is not VGG16 (`vgg16_only`).
+  """
+  _require_vgg16(config)
   trunk = model_of(config).trunk
   num_pools = int(trunk.stride).bit_length() - 1
   channels = lambda block: vgg.scaled_channels(vgg.BASE_CHANNELS[block - 1], float(trunk.width))
@@ -130,7 +162,12 @@ def layer_times(config: ml_collections.ConfigDict, height: int, width: int, repe
 def pool_times(config: ml_collections.ConfigDict, height: int, width: int, repeats: int
                ) -> Iterator[dict[str, Any]]:
   """Per `pooled_shapes` row, as it is measured: {"name", "h", "w", "c", "lax", "pool"}: median
-  seconds of forward plus input gradient on ReLU'd inputs (ceil mode as in the config)."""
+  seconds of forward plus input gradient on ReLU'd inputs (ceil mode as in the config).
+
+  Raises:
+    ValueError: the trunk is not VGG16 (`vgg16_only`).
+  """
+  _require_vgg16(config)
   ceil_mode = bool(model_of(config).trunk.pool_ceil_mode)
   fns = {"lax": lax_max_pool_2x2, "pool": pool.max_pool_2x2}
   rng = np.random.default_rng(0)
@@ -163,7 +200,12 @@ def train_step_times(config: ml_collections.ConfigDict, height: int, width: int,
 
   Returns:
     ({variant: median step seconds}, {variant: compile seconds}), variants in that order.
+
+  Raises:
+    ValueError: compare="pool" and the trunk is not VGG16 (`vgg16_only`).
   """
+  if compare != "conv_grad":
+    _require_vgg16(config)
   mesh = parallel.make_mesh()
   c = config.copy_and_resolve_references()
   c.model.pretrained = ""
