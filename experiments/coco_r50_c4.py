@@ -10,13 +10,14 @@ Command (COCO 2017 under data/coco: train2017/, val2017/, annotations/instances_
 Reference (not our measurement): Detectron2's model zoo reports 35.7 box AP for R50-C4 1x.
 
 Each value and its source (Detectron2 `configs/Base-RCNN-C4.yaml`, `faster_rcnn_R_50_C4_1x.yaml`
-and the `config/defaults.py` defaults they inherit):
+and the `detectron2/config/defaults.py` defaults they inherit, each checked against that file):
   * backbone res2 .. res4 of ResNet-50, FREEZE_AT 2 (stem + res2), frozen BN (RESNETS.NORM);
     RoI head Res5ROIHeads (`model.roi_head=res5`), ROIAlignV2 (`roi_align`, aligned) 14 x 14
     (POOLER_RESOLUTION 14);
   * anchors 32, 64, 128, 256, 512 x ratios 0.5, 1, 2 (ANCHOR_GENERATOR defaults);
   * RPN: 12000 / 2000 boxes before / after NMS in training (defaults), 6000 / 1000 at test
-    (Base-RCNN-C4), NMS 0.7, 256 anchors per image, half positive, MIN_SIZE 0;
+    (Base-RCNN-C4), NMS 0.7, 256 anchors per image, half positive, IoU 0.7 / 0.3, MIN_SIZE 0,
+    every anchor in the loss (BOUNDARY_THRESH -1);
   * RoIs: 512 per image, 25 % foreground at IoU 0.5, background [0, 0.5); box weights
     10, 10, 5, 5; test: score > 0.05, NMS 0.5, 100 detections;
   * SGD: 16 images per step, lr 0.02, x0.1 at 60k and 80k, 90k steps, momentum 0.9, weight
@@ -68,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rpn.post_nms_top_n_test = 1000
   c.rpn.nms_threshold = 0.7
   c.rpn.min_size = 0.0
+  c.rpn.allowed_border = -1.0
   c.roi.batch_size_per_image = 512
   c.roi.fg_fraction = 0.25
   c.roi.fg_iou = 0.5

@@ -39,18 +39,19 @@ from frcnn_jax.config import run as run_config
 from frcnn_jax.detection import detector
 from frcnn_jax.evaluation import runner as eval_runner
 from frcnn_jax.models import faster_rcnn
-from frcnn_jax.ops import anchors as anchor_ops
 from frcnn_jax.runtime import parallel
 from frcnn_jax.training import restore
 from frcnn_jax.visualization import drawing
 
 
 def anchors_at(config, model, batch: dict, x: float, y: float
-               ) -> tuple[np.ndarray, np.ndarray]:
-  """The anchors of the feature cell under original-pixel (x, y), and the cell's box.
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The anchors of the feature cell under original-pixel (x, y) on every feature level (one
+  for single-map backbones), as the detector builds them.
 
   Returns:
-    anchors [A, 4] and cell [4], in original-image pixels.
+    anchors [N, 4], the index into `config.anchors.sizes` of each [N], and the cells [L, 4]
+    (one per level), boxes in original-image pixels.
   """
   abstract_params = jax.eval_shape(functools.partial(faster_rcnn.init_params, model),
                                    jax.random.key(0))
@@ -58,18 +59,27 @@ def anchors_at(config, model, batch: dict, x: float, y: float
       lambda p, im, hw: model.apply({"params": p}, im, hw,
                                     method=faster_rcnn.FasterRCNN.features_and_rpn)[0],
       abstract_params, batch["image"], batch["image_hw"])
-  feat_h, feat_w = feats.shape[1:3]
+  levels = feats if isinstance(feats, tuple) else (feats,)
+  settings = builders.detector_settings_from_config(config)
+  canvas = tuple(batch["image"].shape[1:3])
+  grid, counts = detector.pyramid_anchors(levels, canvas, settings)
   scale = float(batch["scale"][0])
-  stride = model.stride
-  anchors = config.anchors
-  i = int(np.clip(y * scale // stride, 0, feat_h - 1))
-  j = int(np.clip(x * scale // stride, 0, feat_w - 1))
-  grid = np.asarray(anchor_ops.anchor_grid(feat_h, feat_w, stride, tuple(anchors.sizes),
-                                           tuple(anchors.ratios), style=anchors.style))
-  per_cell = len(anchors.sizes) * len(anchors.ratios)
-  start = (i * feat_w + j) * per_cell
-  cell = np.array([j * stride, i * stride, (j + 1) * stride, (i + 1) * stride], np.float64)
-  return grid[start:start + per_cell] / scale, cell / scale
+  per_level = settings.anchors.per_level(len(levels))
+  anchors, size_index, cells, start = [], [], [], 0
+  for level, (stride, sizes) in enumerate(zip(settings.strides, per_level)):
+    feat_h, feat_w = levels[level].shape[1:3]
+    stride_y, stride_x = ((canvas[0] // feat_h, canvas[1] // feat_w)
+                          if settings.anchors.style == "torchvision" else (stride, stride))
+    i = int(np.clip(y * scale // stride_y, 0, feat_h - 1))
+    j = int(np.clip(x * scale // stride_x, 0, feat_w - 1))
+    per_cell = len(sizes) * len(settings.anchors.ratios)
+    first = start + (i * feat_w + j) * per_cell
+    anchors.append(grid[first:first + per_cell])
+    size_index.append(level * len(sizes) + np.arange(per_cell) % len(sizes))  # size-minor
+    cells.append([j * stride_x, i * stride_y, (j + 1) * stride_x, (i + 1) * stride_y])
+    start += counts[level]
+  return (np.concatenate(anchors) / scale, np.concatenate(size_index),
+          np.asarray(cells, np.float64) / scale)
 
 
 def size_colours(sizes: Sequence[float]) -> list[tuple[tuple[int, int, int], str]]:
@@ -126,17 +136,17 @@ def draw_examples(config, output: str | os.PathLike, *, params=None, split: str 
     pictures["gt"] = drawing.draw_boxes(picture, example["boxes"][difficult] * f,
                                         example["labels"][difficult], None, names, dashed=True)
     x, y = anchor_xy or (image.shape[1] / 2, image.shape[0] / 2)
-    anchors, cell = anchors_at(config, model, batch, x, y)
+    anchors, size_index, cells = anchors_at(config, model, batch, x, y)
     legend = size_colours(config.anchors.sizes)
     picture = shown
-    for a, box in enumerate(anchors):       # ratio-major, size-minor (anchor_grid's order)
-      picture = drawing.draw_boxes(picture, box[None] * f,
-                                   colour=legend[a % len(config.anchors.sizes)][0])
-    picture = drawing.draw_boxes(picture, cell[None] * f, colour=(255, 255, 255), width=2,
+    for box, k in zip(anchors, size_index):
+      picture = drawing.draw_boxes(picture, box[None] * f, colour=legend[k][0])
+    picture = drawing.draw_boxes(picture, cells * f, colour=(255, 255, 255), width=2,
                                  dashed=True)
     ratios = ", ".join(f"{r:g}" for r in config.anchors.ratios)
+    where = "feature cell" if len(cells) == 1 else f"cells of the {len(cells)} feature levels"
     pictures["anchors"] = drawing.add_legend(
-        picture, legend, f"the {len(anchors)} anchors of the feature cell (white, dashed) at "
+        picture, legend, f"the {len(anchors)} anchors of the {where} (white, dashed) at "
         f"x={x:g}, y={y:g}: one colour per size, aspect ratios h/w {ratios}")
     if params is not None:
       props = jax.device_get(detector.proposals(params, batch, model=model, settings=settings))

@@ -185,10 +185,10 @@ def _worker(workdir: str, out: str, address: str = "", process_id: str = "0") ->
 def _reference(out: str) -> None:
   """The two-process run in one process with 2 devices: the same global batches (each half
   read from that process's data shard), the same jitted step."""
-  from frcnn_jax.data import batching  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
 
   from frcnn_jax.config import build as builders  # pylint: disable=g-import-not-at-top
+  from frcnn_jax.data import batching  # pylint: disable=import-outside-toplevel
   from frcnn_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from frcnn_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
   from frcnn_jax.training import step as train_step  # pylint: disable=g-import-not-at-top

@@ -29,6 +29,8 @@ from frcnn_jax.detection import settings as detection_settings
 from frcnn_jax.models import faster_rcnn
 from frcnn_jax.models.registry import BACKBONES
 from frcnn_jax.models.registry import ROI_HEADS
+from frcnn_jax.models.registry import strides_of
+from frcnn_jax.models.roi_heads.pooling import MultiScaleRoIPooler
 from frcnn_jax.models.roi_heads.pooling import RoIPooler
 from frcnn_jax.runtime import parallel
 from frcnn_jax.training import optim
@@ -96,17 +98,38 @@ def model_from_config(config: ml_collections.ConfigDict,
   if m.input_norm not in trunk.input_norms:
     raise ValueError(f"model.input_norm={m.input_norm!r} does not fit model.backbone="
                      f"{m.backbone!r}, whose weights come with {trunk.input_norms}")
-  pooler = RoIPooler(op=m.roi_op, size=m.roi_size, spatial_scale=1.0 / trunk.stride,
-                     sampling_ratio=m.roi_sampling_ratio, aligned=m.roi_aligned,
-                     pool_coordinates=m.roi_pool_coordinates)
-  head = fields.build(ROI_HEADS.get(m.roi_head), config.model[m.roi_head],
-                      f"model.{m.roi_head}", num_classes=int(num_classes), pooler=pooler,
-                      dtype=dtype)
+  pooler = _pooler(m, trunk)
+  head_class = ROI_HEADS.get(m.roi_head)
+  extra = {"conv_grad": conv_grad} if hasattr(head_class, "conv_grad") else {}
+  head = fields.build(head_class, config.model[m.roi_head], f"model.{m.roi_head}",
+                      num_classes=int(num_classes), pooler=pooler, dtype=dtype, **extra)
   anchors = fields.build(detection_settings.AnchorSettings, config.anchors, "anchors")
   return faster_rcnn.FasterRCNN(trunk=trunk, head=head, input_norm=m.input_norm,
-                                num_anchors=anchors.per_cell,
+                                num_anchors=anchors.per_cell(len(strides_of(trunk))),
                                 rpn_objectness=m.rpn_objectness, conv_grad=conv_grad,
                                 dtype=dtype)
+
+
+def _pooler(m: faster_rcnn.ModelSettings, trunk) -> RoIPooler | MultiScaleRoIPooler:
+  """The RoI feature extraction: on the backbone's one map, or on its first `roi_levels`
+  levels by RoI size (multi-level backbones; RoIAlign only, as torchvision's).
+
+  Raises:
+    ValueError: model.roi_op='roi_pool' with a multi-level backbone.
+  """
+  if len(strides_of(trunk)) == 1:
+    return RoIPooler(op=m.roi_op, size=m.roi_size, spatial_scale=1.0 / trunk.stride,
+                     sampling_ratio=m.roi_sampling_ratio, aligned=m.roi_aligned,
+                     pool_coordinates=m.roi_pool_coordinates)
+  if m.roi_op != "roi_align":
+    raise ValueError(f"model.roi_op={m.roi_op!r} does not fit model.backbone={m.backbone!r}, "
+                     "whose RoIs are pooled from several levels: set model.roi_op=roi_align")
+  return MultiScaleRoIPooler(
+      size=m.roi_size, spatial_scales=tuple(1.0 / s for s in trunk.strides[:trunk.roi_levels]),
+      sampling_ratio=m.roi_sampling_ratio, aligned=m.roi_aligned,
+      canonical_scale=m.roi_canonical_scale, canonical_level=m.roi_canonical_level,
+      gradient=m.roi_grad if m.roi_grad != "auto" else
+      ("scatter" if jax.default_backend() == "cpu" else "dense"))
 
 
 def detector_settings_from_config(config: ml_collections.ConfigDict
@@ -116,8 +139,9 @@ def detector_settings_from_config(config: ml_collections.ConfigDict
   Raises:
     ValueError: naming the config key of an invalid value.
   """
-  return detection_settings.DetectorSettings.from_config(config,
-                                                         backbone_from_config(config).stride)
+  trunk = backbone_from_config(config)
+  return detection_settings.DetectorSettings.from_config(
+      config, strides_of(trunk))
 
 
 # --- Training: parameters, optimizer and data sources from the config. ---
@@ -286,7 +310,7 @@ def canvases_from_config(config: ml_collections.ConfigDict, source=None,
       raise ValueError(f"data.canvases: canvas sides must be multiples of the backbone's "
                        f"stride {stride} (model.{config.model.backbone}), got {bad}")
     return found
-  kw = dict(min_size=int(d.min_size), max_size=int(d.max_size))
+  kw = {"min_size": int(d.min_size), "max_size": int(d.max_size)}
   if source is not None:
     return canvas_lib.canvases_for_source(source, num_canvases=int(d.num_canvases),
                                           multiple=multiple, **kw)

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from frcnn_jax.detection.settings import LOSS_MODES
 from frcnn_jax.detection.settings import DetectorSettings
@@ -33,39 +34,69 @@ Batch = dict[str, jax.Array]
 LOSS_TERMS = ("rpn_cls", "rpn_box", "det_cls", "det_box")
 
 
+def pyramid_anchors(features, canvas_hw: tuple[int, int],
+             settings: DetectorSettings) -> tuple[np.ndarray, tuple[int, ...]]:
+  """The anchors of every feature level, concatenated finest first, and their count per level.
+
+  Each level has its stride (`settings.strides`) and its share of `anchors.sizes`; the
+  torchvision style spaces them by canvas size // feature size instead, as its
+  AnchorGenerator (not always the nominal stride: a 13-row P6 of an 800-row canvas has 61).
+  """
+  levels = features if isinstance(features, tuple) else (features,)
+  if len(levels) != len(settings.strides):
+    raise ValueError(f"the settings' {len(settings.strides)} strides {settings.strides} do not "
+                     f"fit the backbone's {len(levels)} feature levels")
+  grids = []
+  for level, stride, sizes in zip(levels, settings.strides,
+                                  settings.anchors.per_level(len(levels))):
+    feat_h, feat_w = level.shape[1:3]
+    if settings.anchors.style == "torchvision":
+      stride = (canvas_hw[0] // feat_h, canvas_hw[1] // feat_w)
+    grids.append(anchor_ops.anchor_grid(feat_h, feat_w, stride, sizes, settings.anchors.ratios,
+                                        style=settings.anchors.style))
+  return np.concatenate(grids), tuple(len(grid) for grid in grids)
+
+
 def _rpn_and_proposals(params: Any, batch: Batch, model: faster_rcnn.FasterRCNN,
                        settings: DetectorSettings, train: bool, proposals: bool = True):
   """Trunk, RPN and per-image proposals (resized-image frame).
 
   Returns:
-    features [B, h, w, C], rpn_logits [B, A, 2 or 1], rpn_deltas [B, A, 4], anchors [A, 4],
-    proposals ([B, R, 4] boxes, [B, R] scores, [B, R] valid); (None, None, None) when
-    `proposals` is False (the RPN-only and head-only losses generate none).
+    features ([B, h, w, C], or the tuple of a multi-level backbone's levels), rpn_logits
+    [B, A, 2 or 1], rpn_deltas [B, A, 4], anchors [A, 4], proposals ([B, R, 4] boxes, [B, R]
+    scores, [B, R] valid); (None, None, None) when `proposals` is False (the RPN-only and
+    head-only losses generate none).
   """
-  if settings.stride != model.stride:
-    raise ValueError(f"the settings' stride {settings.stride} must equal the backbone's "
-                     f"{model.stride}")
-  if settings.anchors.per_cell != model.num_anchors:
-    raise ValueError(f"the settings' {settings.anchors.per_cell} anchors per location (sizes x "
-                     f"ratios) must equal the model's num_anchors {model.num_anchors}")
+  if settings.strides != model.strides:
+    raise ValueError(f"the settings' strides {settings.strides} must equal the backbone's "
+                     f"{model.strides}")
+  if settings.anchors.per_cell(len(settings.strides)) != model.num_anchors:
+    raise ValueError(f"the settings' {settings.anchors.per_cell(len(settings.strides))} anchors "
+                     f"per location (sizes per level x ratios) must equal the model's "
+                     f"num_anchors {model.num_anchors}")
+  images = image_ops.batch_images(batch)
   features, logits, deltas = model.apply(
-      {"params": params}, image_ops.batch_images(batch), batch["image_hw"],
+      {"params": params}, images, batch["image_hw"],
       method=faster_rcnn.FasterRCNN.features_and_rpn)
-  feat_h, feat_w = features.shape[1:3]
-  anchors = anchor_ops.anchor_grid(feat_h, feat_w, settings.stride, settings.anchors.sizes,
-                                   settings.anchors.ratios, style=settings.anchors.style)
+  anchors, level_sizes = pyramid_anchors(features, images.shape[1:3], settings)
   if not proposals:
     return features, logits, deltas, anchors, (None, None, None)
   if train:
     pre_nms, post_nms = settings.rpn.pre_nms_top_n_train, settings.rpn.post_nms_top_n_train
   else:
     pre_nms, post_nms = settings.rpn.pre_nms_top_n_test, settings.rpn.post_nms_top_n_test
-  generate = functools.partial(
-      proposal_ops.generate_proposals, pre_nms_top_n=pre_nms, post_nms_top_n=post_nms,
-      nms_threshold=settings.rpn.nms_threshold, legacy_plus_one=settings.legacy_plus_one)
+  min_size = jnp.full(batch["image_hw"].shape[:1], settings.rpn.min_size, jnp.float32)
+  if settings.rpn.proposal_style == "torchvision":
+    generate = functools.partial(
+        proposal_ops.generate_level_proposals, level_sizes=level_sizes, pre_nms_top_n=pre_nms,
+        post_nms_top_n=post_nms, nms_threshold=settings.rpn.nms_threshold)
+  else:
+    generate = functools.partial(
+        proposal_ops.generate_proposals, pre_nms_top_n=pre_nms, post_nms_top_n=post_nms,
+        nms_threshold=settings.rpn.nms_threshold, legacy_plus_one=settings.legacy_plus_one)
+    min_size = min_size * batch["scale"].astype(jnp.float32)   # original-image pixels
   with jax.named_scope("proposals"):   # stages of frcnn_jax/benchmarking/hlo.py
     log_odds = rpn_module.objectness_logits(logits)   # ranks without float32 saturation
-    min_size = settings.rpn.min_size * batch["scale"].astype(jnp.float32)
     proposals = jax.vmap(lambda s, d, hw, m: generate(s, d, anchors, hw, min_size=m))(
         log_odds, deltas, batch["image_hw"], min_size)
   return features, logits, deltas, anchors, proposals
@@ -143,7 +174,7 @@ def _rpn_loss_terms(logits: jax.Array, deltas: jax.Array, anchors: jax.Array, ba
   return rpn_cls * settings.loss.rpn_cls, rpn_box, (anchor_labels == 1).sum(axis=1)
 
 
-def _head_loss_terms(params: Any, features: jax.Array, props: jax.Array, props_valid: jax.Array,
+def _head_loss_terms(params: Any, features, props: jax.Array, props_valid: jax.Array,
                      batch: Batch, roi_key: jax.Array, dropout_key: jax.Array,
                      model: faster_rcnn.FasterRCNN, settings: DetectorSettings, train: bool):
   """Per-image detection losses on sampled RoIs of `props` [B, R, 4] (resized-image frame).
@@ -151,7 +182,7 @@ def _head_loss_terms(params: Any, features: jax.Array, props: jax.Array, props_v
   Returns:
     ([B] det_cls, [B] det_box, [B] sampled foreground RoIs).
   """
-  batch_size = features.shape[0]
+  batch_size = props.shape[0]
   sample = functools.partial(
       targets.sample_proposals, batch_size_per_image=settings.roi.batch_size_per_image,
       fg_fraction=settings.roi.fg_fraction, fg_iou=settings.roi.fg_iou,

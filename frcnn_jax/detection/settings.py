@@ -15,6 +15,7 @@ from frcnn_jax.config import fields
 from frcnn_jax.config.fields import setting
 from frcnn_jax.ops import anchors as anchor_ops
 
+PROPOSAL_STYLES = ("py-faster-rcnn", "torchvision")
 LOSS_MODES = ("joint", "rpn", "head")   # joint (end to end) | rpn (RPN terms only) | head
                                         # (detection terms on stored proposals)
 
@@ -31,29 +32,52 @@ class AnchorSettings:
   ratios: tuple[float, ...] = setting((0.5, 1.0, 2.0), "anchor aspect ratios h / w",
                                       above=0.0, check=_non_empty)
   style: str = setting("exact", "exact (area s^2, h / w = r) | py-faster-rcnn (its "
-                       "generate_anchors' rounded shapes: 184 x 96, not 181 x 91)",
+                       "generate_anchors' rounded shapes: 184 x 96, not 181 x 91) | "
+                       "torchvision (its AnchorGenerator: rounded corners, cells' top-left "
+                       "corners, stride canvas // feature size)",
                        choices=anchor_ops.ANCHOR_STYLES)
 
-  @property
-  def per_cell(self) -> int:
-    return len(self.sizes) * len(self.ratios)
+  def per_level(self, num_levels: int) -> tuple[tuple[float, ...], ...]:
+    """The sizes of each of `num_levels` feature levels: consecutive equal shares of `sizes`
+    (FPN: one size per level, torchvision's 32 .. 512 on P2 .. P6).
+
+    Raises:
+      ValueError: `sizes` does not split evenly over the levels.
+    """
+    if len(self.sizes) % num_levels:
+      raise ValueError(f"anchors.sizes={tuple(self.sizes)} must split evenly over the "
+                       f"backbone's {num_levels} feature levels (e.g. one size per level)")
+    share = len(self.sizes) // num_levels
+    return tuple(tuple(self.sizes[i * share:(i + 1) * share]) for i in range(num_levels))
+
+  def per_cell(self, num_levels: int = 1) -> int:
+    """Anchors at each location of one level."""
+    return len(self.per_level(num_levels)[0]) * len(self.ratios)
 
 
 @dataclasses.dataclass(frozen=True)
 class RPNSettings:
   """`rpn`: proposal generation and the RPN's anchor targets."""
-  pre_nms_top_n_train: int = setting(12000, "boxes entering NMS per image in training",
+  proposal_style: str = setting(
+      "py-faster-rcnn", "py-faster-rcnn (drop boxes under min_size and anchors centred "
+      "outside the image, then top-k, NMS) | torchvision (top-k of each feature level, then "
+      "clip, drop sides under min_size, NMS that never crosses levels: needed by multi-level "
+      "backbones)", role="test", choices=PROPOSAL_STYLES)
+  pre_nms_top_n_train: int = setting(12000, "boxes entering NMS per image in training "
+                                     "(per feature level in the torchvision style)",
                                      role="training", minimum=1)
   post_nms_top_n_train: int = setting(2000, "proposals kept per image in training",
                                       role="training", minimum=1)
-  pre_nms_top_n_test: int = setting(6000, "boxes entering NMS per image at test time",
+  pre_nms_top_n_test: int = setting(6000, "boxes entering NMS per image at test time "
+                                    "(per feature level in the torchvision style)",
                                     role="test", minimum=1)
   post_nms_top_n_test: int = setting(300, "proposals kept per image at test time",
                                      role="test", minimum=1)
   nms_threshold: float = setting(0.7, "IoU above which NMS suppresses a proposal", role="test",
                                  minimum=0.0, maximum=1.0)
-  min_size: float = setting(16.0, "proposals with a side under this are dropped (original-"
-                            "image pixels, scaled by the image scale)", role="test",
+  min_size: float = setting(16.0, "proposals with a side under this are dropped (py-faster-"
+                            "rcnn style: original-image pixels, scaled by the image scale; "
+                            "torchvision style: resized-image pixels, its 1e-3)", role="test",
                             minimum=0.0)
   batch_size_per_image: int = setting(256, "anchors sampled per image for the RPN loss",
                                       role="training", minimum=1)
@@ -121,7 +145,8 @@ class DetectorSettings:
 
   Attributes:
     anchors, rpn, roi, test, loss: the config sections of the same names.
-    stride: the backbone's output stride (anchor spacing).
+    strides: the backbone's output stride of each feature level (anchor spacing), finest
+      first; one entry for single-map backbones.
     legacy_plus_one: decoded boxes 1 px wider and taller, as py-faster-rcnn's
       bbox_transform_inv (`model.legacy_plus_one`).
     loss_mode: one of `LOSS_MODES` (`train.loss_mode`).
@@ -131,23 +156,35 @@ class DetectorSettings:
   roi: RoISettings = RoISettings()
   test: TestTimeSettings = TestTimeSettings()
   loss: LossWeights = LossWeights()
-  stride: int = 16
+  strides: tuple[int, ...] = (16,)
   legacy_plus_one: bool = False
   loss_mode: str = "joint"
 
   def __post_init__(self):
     if self.loss_mode not in LOSS_MODES:
       raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
-    if self.stride < 1 or not math.log2(self.stride).is_integer():
-      raise ValueError(f"stride must be a power of 2, got {self.stride}")
+    if not self.strides or any(s < 1 or not math.log2(s).is_integer() for s in self.strides):
+      raise ValueError(f"strides must be powers of 2, got {self.strides}")
+    self.anchors.per_level(len(self.strides))
+    if self.legacy_plus_one and self.rpn.proposal_style != "py-faster-rcnn":
+      raise ValueError("model.legacy_plus_one reproduces py-faster-rcnn's proposals: it needs "
+                       f"rpn.proposal_style='py-faster-rcnn', got {self.rpn.proposal_style!r}")
+    if len(self.strides) > 1 and self.rpn.proposal_style != "torchvision":
+      raise ValueError(f"a backbone with {len(self.strides)} feature levels needs "
+                       "rpn.proposal_style='torchvision' (per-level top-k, NMS within a "
+                       f"level), got {self.rpn.proposal_style!r}")
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, stride: int) -> "DetectorSettings":
-    """The settings of `config`'s sections, for a backbone of output stride `stride`.
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  strides: tuple[int, ...]) -> "DetectorSettings":
+    """The settings of `config`'s sections, for a backbone of output strides `strides`.
 
     Raises:
       frcnn_jax.config.fields.ConfigError: naming the first bad key.
+      ValueError: anchors.sizes that do not split over the levels, or a multi-level backbone
+        without rpn.proposal_style='torchvision'.
     """
     sections = {name: fields.build(kind, config[name], name) for name, kind in SECTIONS.items()}
-    return cls(**sections, stride=int(stride), legacy_plus_one=bool(config.model.legacy_plus_one),
+    return cls(**sections, strides=tuple(int(s) for s in strides),
+               legacy_plus_one=bool(config.model.legacy_plus_one),
                loss_mode=config.train.loss_mode)

@@ -1,4 +1,4 @@
-"""Stride-1 2D convolution whose weight gradient is a sum of per-tap matmuls.
+"""2D convolution whose weight gradient is a sum of per-tap matmuls.
 
 XLA:CPU lowers the weight gradient of a convolution (the contraction of the input with the
 output gradient over batch and space) to a slow convolution kernel: on VGG16's conv3 layers it
@@ -16,7 +16,7 @@ positions (Ho * Wo, whatever the batch) keep lax's gradients.
 
 `conv_general_dilated` takes `lax.conv_general_dilated`'s arguments, so it plugs into Flax:
 `nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)`. It supports what the VGG16
-trunk and the RPN use (NHWC inputs, HWIO kernels, window stride 1, non-negative padding, no
+trunk and the RPN use (NHWC inputs, HWIO kernels, any window strides, non-negative padding, no
 dilation, no feature or batch groups) and raises a ValueError for anything else.
 """
 
@@ -37,25 +37,26 @@ _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
 
 
-def forward(x: jax.Array, kernel: jax.Array, padding: Padding, precision: Any = None
-            ) -> jax.Array:
-  """Stride-1 convolution with explicit padding (lax's own).
+def forward(x: jax.Array, kernel: jax.Array, padding: Padding, precision: Any = None,
+            strides: tuple[int, int] = (1, 1)) -> jax.Array:
+  """Convolution with explicit padding (lax's own).
 
   Args:
     x: [B, H, W, Cin] input.
     kernel: [KH, KW, Cin, Cout] kernel.
     padding: ((top, bottom), (left, right)) zero padding.
     precision: lax precision of the convolution.
+    strides: (SH, SW) window strides.
 
   Returns:
-    [B, Ho, Wo, Cout], Ho = H + top + bottom - KH + 1, Wo alike; dtype of x.
+    [B, Ho, Wo, Cout], Ho = (H + top + bottom - KH) // SH + 1, Wo alike; dtype of x.
   """
-  return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC,
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC,
                                   precision=precision)
 
 
 def weight_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int], padding: Padding,
-                precision: Any = None) -> jax.Array:
+                precision: Any = None, strides: tuple[int, int] = (1, 1)) -> jax.Array:
   """Gradient of `forward` with respect to its kernel, one matmul per tap.
 
   Each tap contracts dy with the shifted input window over (B, Ho, Wo). dy is transposed to
@@ -70,24 +71,28 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int], padding
     kernel_hw: (KH, KW).
     padding: the forward convolution's padding.
     precision: lax precision of the matmuls.
+    strides: the forward convolution's (SH, SW); tap (ky, kx) reads every SH-th row from ky.
 
   Returns:
     [KH, KW, Cin, Cout] kernel gradient, dtype of x.
   """
   kh, kw = kernel_hw
+  sh, sw = strides
   out_h, out_w = dy.shape[1:3]
   x_pad = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   dy_t = jnp.transpose(dy, (3, 0, 1, 2))
   contract = (((1, 2, 3), (0, 1, 2)), ((), ()))
-  taps = [[lax.dot_general(dy_t, x_pad[:, ky:ky + out_h, kx:kx + out_w, :], contract,
+  window = lambda ky, kx: x_pad[:, ky:ky + sh * (out_h - 1) + 1:sh,
+                                kx:kx + sw * (out_w - 1) + 1:sw, :]
+  taps = [[lax.dot_general(dy_t, window(ky, kx), contract,
                            precision=precision, preferred_element_type=jnp.float32)
            for kx in range(kw)] for ky in range(kh)]
   return jnp.swapaxes(jnp.stack([jnp.stack(row) for row in taps]), 2, 3).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_per_tap(x: jax.Array, kernel: jax.Array, padding: Padding, precision: Any = None
-                 ) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_per_tap(x: jax.Array, kernel: jax.Array, padding: Padding, precision: Any = None,
+                 strides: tuple[int, int] = (1, 1)) -> jax.Array:
   """`forward` whose backward uses lax's input gradient and the per-tap `weight_grad`.
 
   Args:
@@ -95,29 +100,33 @@ def conv_per_tap(x: jax.Array, kernel: jax.Array, padding: Padding, precision: A
     kernel: [KH, KW, Cin, Cout] kernel, the dtype of x.
     padding: ((top, bottom), (left, right)), each >= 0.
     precision: lax precision (hashable: None, a lax.Precision or a pair of them).
+    strides: (SH, SW) window strides.
 
   Returns:
     [B, Ho, Wo, Cout] as `forward`.
   """
-  return forward(x, kernel, padding, precision)
+  return forward(x, kernel, padding, precision, strides)
 
 
-def _conv_per_tap_fwd(x, kernel, padding, precision):
-  return forward(x, kernel, padding, precision), (x, kernel)
+def _conv_per_tap_fwd(x, kernel, padding, precision, strides):
+  return forward(x, kernel, padding, precision, strides), (x, kernel)
 
 
-def _conv_per_tap_bwd(padding, precision, residuals, dy):
+def _conv_per_tap_bwd(padding, precision, strides, residuals, dy):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: forward(x, kernel, padding, precision), x)
-  return input_vjp(dy)[0], weight_grad(x, dy, kernel.shape[:2], padding, precision)
+  _, input_vjp = jax.vjp(lambda x: forward(x, kernel, padding, precision, strides), x)
+  return input_vjp(dy)[0], weight_grad(x, dy, kernel.shape[:2], padding, precision, strides)
 
 
 conv_per_tap.defvjp(_conv_per_tap_fwd, _conv_per_tap_bwd)
 
 
-def uses_per_tap(out_hw: Sequence[int]) -> bool:
-  """Whether a layer with output map `out_hw` (Ho, Wo) gets the per-tap weight gradient."""
-  return out_hw[0] * out_hw[1] >= PER_TAP_MIN_POSITIONS
+def uses_per_tap(out_hw: Sequence[int], min_positions: int | None = None) -> bool:
+  """Whether a layer with output map `out_hw` (Ho, Wo) gets the per-tap weight gradient (at
+  least `min_positions` positions; None: PER_TAP_MIN_POSITIONS)."""
+  if min_positions is None:
+    min_positions = PER_TAP_MIN_POSITIONS
+  return out_hw[0] * out_hw[1] >= min_positions
 
 
 def _all_ones(name: str, values: Sequence[int] | None) -> None:
@@ -131,13 +140,14 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          rhs_dilation: Sequence[int] | None = None,
                          dimension_numbers: Any = None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision: Any = None,
-                         preferred_element_type: Any = None) -> jax.Array:
+                         preferred_element_type: Any = None, *,
+                         min_positions: int | None = None) -> jax.Array:
   """Drop-in for `lax.conv_general_dilated` (2D, NHWC / HWIO) with per-tap weight gradients.
 
   Args:
     lhs: [B, H, W, Cin] input.
     rhs: [KH, KW, Cin, Cout] kernel.
-    window_strides: (1, 1).
+    window_strides: (SH, SW), positive.
     padding: "SAME", "VALID" or ((top, bottom), (left, right)), each side >= 0.
     lhs_dilation: None or all ones.
     rhs_dilation: None or all ones.
@@ -147,10 +157,13 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     batch_group_count: 1.
     precision: as lax's.
     preferred_element_type: None or the input dtype.
+    min_positions: layers with fewer output positions Ho * Wo keep lax's gradients (None:
+      PER_TAP_MIN_POSITIONS; 0: every layer gets the per-tap ones, as the res5 RoI head's
+      7 x 7 maps, which come in batches of RoIs).
 
   Returns:
     [B, Ho, Wo, Cout], equal to `lax.conv_general_dilated` with the same arguments. Its
-    gradients are `conv_per_tap`'s when `uses_per_tap((Ho, Wo))`, else lax's.
+    gradients are `conv_per_tap`'s when `uses_per_tap((Ho, Wo), min_positions)`, else lax's.
 
   Raises:
     ValueError: an argument this convolution does not support.
@@ -161,7 +174,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC:
     raise ValueError(f"per-tap conv: dimension_numbers must be NHWC / HWIO / NHWC, got "
                      f"{dimension_numbers}")
-  _all_ones("window_strides", window_strides)
+  strides = tuple(int(v) for v in window_strides)
+  if len(strides) != 2 or any(v < 1 for v in strides):
+    raise ValueError(f"per-tap conv: window_strides must be two positive ints, got "
+                     f"{tuple(window_strides)}")
   _all_ones("lhs_dilation", lhs_dilation)
   _all_ones("rhs_dilation", rhs_dilation)
   if feature_group_count != 1 or batch_group_count != 1:
@@ -174,24 +190,26 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     raise ValueError(f"per-tap conv: input and kernel dtypes differ ({lhs.dtype}, {rhs.dtype})")
   kernel_hw = rhs.shape[:2]
   if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], kernel_hw, (1, 1), padding)
+    padding = lax.padtype_to_pads(lhs.shape[1:3], kernel_hw, strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   if len(pads) != 2 or any(p < 0 for pair in pads for p in pair):
     raise ValueError(f"per-tap conv: padding must be two non-negative (lo, hi) pairs, got "
                      f"{padding}")
   if isinstance(precision, list):
     precision = tuple(precision)
-  out_hw = [size + lo + hi - k + 1 for size, (lo, hi), k in zip(lhs.shape[1:3], pads, kernel_hw)]
-  if not uses_per_tap(out_hw):
-    return forward(lhs, rhs, pads, precision)
-  return conv_per_tap(lhs, rhs, pads, precision)
+  out_hw = [(size + lo + hi - k) // s + 1
+            for size, (lo, hi), k, s in zip(lhs.shape[1:3], pads, kernel_hw, strides)]
+  if not uses_per_tap(out_hw, min_positions):
+    return forward(lhs, rhs, pads, precision, strides)
+  return conv_per_tap(lhs, rhs, pads, precision, strides)
 
 
-def conv_function(conv_grad: str) -> Any:
+def conv_function(conv_grad: str, min_positions: int | None = None) -> Any:
   """The `conv_general_dilated` for `nn.Conv` that computes gradients the `conv_grad` way.
 
   Args:
     conv_grad: "xla" (lax's own gradients) or "per_tap" (`conv_general_dilated` above).
+    min_positions: `conv_general_dilated`'s.
 
   Returns:
     None (nn.Conv then uses lax.conv_general_dilated) or `conv_general_dilated`.
@@ -201,4 +219,14 @@ def conv_function(conv_grad: str) -> Any:
   """
   if conv_grad not in CONV_GRADS:
     raise ValueError(f"conv_grad must be one of {CONV_GRADS}, got {conv_grad!r}")
-  return conv_general_dilated if conv_grad == "per_tap" else None
+  if conv_grad != "per_tap":
+    return None
+  return _per_tap_conv(min_positions)
+
+
+@functools.cache
+def _per_tap_conv(min_positions: int | None) -> Any:
+  """One function object per threshold, so modules built twice compare (and hash) equal."""
+  if min_positions is None:
+    return conv_general_dilated
+  return functools.partial(conv_general_dilated, min_positions=min_positions)

@@ -21,7 +21,9 @@ from frcnn_jax.models import roi_heads  # noqa: F401  pylint: disable=unused-imp
 from frcnn_jax.models import rpn
 from frcnn_jax.models.registry import BACKBONES
 from frcnn_jax.models.registry import ROI_HEADS
+from frcnn_jax.models.registry import strides_of
 from frcnn_jax.models.roi_heads.pooling import ROI_OPS
+from frcnn_jax.ops import multiscale_roi
 from frcnn_jax.ops import roi as roi_ops
 
 INPUT_NORMS = ("caffe", "keras", "torchvision")
@@ -89,6 +91,15 @@ class ModelSettings:
                                       "(torchvision) | caffe: (x2 - 1) * scale, the inclusive "
                                       "end pixel", choices=roi_ops.ROI_POOL_COORDINATES)
   roi_size: int = setting(7, "RoI op output side", minimum=1)
+  roi_canonical_scale: float = setting(224.0, "multi-level backbones: a RoI of this sqrt(area) "
+                                       "is pooled from roi_canonical_level (the FPN paper's "
+                                       "224, ImageNet's input size)", above=0.0)
+  roi_grad: str = setting("auto", "multi-level backbones: the RoIAlign gradient, dense "
+                          "(matmuls) | scatter (autodiff of the gather; faster on CPU) | auto "
+                          "(scatter on CPU, else dense); same parameters", role="local",
+                          choices=("auto",) + multiscale_roi.GRADIENTS)
+  roi_canonical_level: int = setting(4, "multi-level backbones: the level (log2 of its stride) "
+                                     "of roi_canonical_scale; smaller RoIs go finer", minimum=0)
   roi_sampling_ratio: int = setting(2, "roi_align samples per bin side")
   roi_aligned: bool = setting(False, "roi_align's half-pixel offset")
   legacy_plus_one: bool = setting(False, "decoded proposals / detections 1 px wider and "
@@ -128,7 +139,13 @@ class FasterRCNN(nn.Module):
 
   @property
   def stride(self) -> int:
+    """The backbone's stride: of its one map, or the one canvases must be multiples of."""
     return self.trunk.stride
+
+  @property
+  def strides(self) -> tuple[int, ...]:
+    """The stride of each feature level, finest first (one entry for single-map backbones)."""
+    return strides_of(self.trunk)
 
   @property
   def num_classes(self) -> int:
@@ -139,8 +156,7 @@ class FasterRCNN(nn.Module):
                            objectness=self.rpn_objectness, conv_grad=self.conv_grad,
                            dtype=self.dtype, param_dtype=self.param_dtype)
 
-  def features_and_rpn(self, images: jax.Array,
-                       image_hw: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def features_and_rpn(self, images: jax.Array, image_hw: jax.Array):
     """Normalises the images and runs the trunk and the RPN head.
 
     Args:
@@ -149,18 +165,25 @@ class FasterRCNN(nn.Module):
 
     Returns:
       features: [B, h, w, trunk.out_channels] in the compute dtype, (h, w) =
-        trunk.output_hw(H, W).
-      rpn_logits: [B, A, 2 or 1] float32, A = h * w * k in anchor_grid order.
+        trunk.output_hw(H, W); for a multi-level backbone the tuple of its levels.
+      rpn_logits: [B, A, 2 or 1] float32, A = sum over levels of h * w * k, each level in
+        anchor_grid order, finest level first (one RPN head shared by the levels).
       rpn_deltas: [B, A, 4] float32.
     """
     x = normalize_images(images, image_hw, self.input_norm)
     features = self.trunk(x)
-    logits, deltas = self.rpn(features)
+    levels = features if isinstance(features, tuple) else (features,)
+    outputs = [self.rpn(level) for level in levels]
+    logits = jnp.concatenate([logits for logits, _ in outputs], axis=1)
+    deltas = jnp.concatenate([deltas for _, deltas in outputs], axis=1)
     return features, logits, deltas
 
-  def roi_head(self, features: jax.Array, rois: jax.Array, *,
+  def roi_head(self, features, rois: jax.Array, *,
                train: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Runs the RoI head: [B, h, w, C] features, [B, R, 4] rois -> ([B, R, C+1], [B, R, C+1, 4])."""
+    """Runs the RoI head on `features_and_rpn`'s features and [B, R, 4] rois -> ([B, R, C+1],
+    [B, R, C+1, 4]); a multi-level backbone's first `trunk.roi_levels` levels feed it."""
+    if isinstance(features, tuple):
+      features = features[:self.trunk.roi_levels]
     return self.head(features, rois, train=train)
 
   def __call__(self, images: jax.Array, image_hw: jax.Array, rois: jax.Array, *,
@@ -178,7 +201,7 @@ def init_params(model: FasterRCNN, key: jax.Array) -> Any:
   Returns:
     The `params` collection (a nested dict with "trunk", "rpn", "head").
   """
-  size = 2 * model.stride
+  size = 2 * max(model.strides + (model.stride,))
   images = jnp.zeros((1, size, size, 3), jnp.uint8)
   image_hw = jnp.full((1, 2), size, jnp.int32)
   rois = jnp.asarray([[[0.0, 0.0, size, size]]], jnp.float32)

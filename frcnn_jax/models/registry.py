@@ -13,10 +13,17 @@ provides:
   all_frozen                                # pretrained weights come with; the settings
   pretrained_hint                           # that freeze it whole (alternating training's
                                             # stages 3-4); how to make its weights file
+A multi-level backbone (a feature pyramid) returns a tuple of maps, finest first, and adds
+  strides                                   # property: the stride of each level; `stride`
+                                            # is then what canvases must be multiples of
+  roi_levels                                # property: the first this many levels feed the
+                                            # RoI pooler (the others the RPN only)
+  output_hw(height, width) -> ((h, w), ...)  # one pair per level
+The RPN head is shared by the levels; anchors.sizes is split evenly over them.
 
 A RoI head (`model.roi_head`) is a Flax module class whose `setting` fields are its section
 `model.<name>`; the builder passes `num_classes`, `pooler` (models/roi_heads/pooling.py),
-`dtype` and `param_dtype`. It provides
+`dtype`, `param_dtype` and, to a head that has the attribute, `conv_grad`. It provides
   __call__(features [B, h, w, C], rois [B, R, 4], *, train) ->
       (class logits [B, R, C + 1] float32, class-specific box deltas [B, R, C + 1, 4] float32)
 and optionally
@@ -26,4 +33,9 @@ and optionally
 from frcnn_jax.config import registry
 
 BACKBONES = registry.Registry("model.backbone")
+
+
+def strides_of(trunk) -> tuple[int, ...]:
+  """The stride of each of a backbone's feature levels (one entry for a single-map backbone)."""
+  return tuple(getattr(trunk, "strides", (trunk.stride,)))
 ROI_HEADS = registry.Registry("model.roi_head")

@@ -102,7 +102,7 @@ def test_paper_config_anchors_are_py_faster_rcnn_anchors(name, scales):
   pass scales 4, 8, 16, 32), inclusive boxes centred at 7.5 = continuous boxes centred at 8."""
   config = config_flags.load_config(os.path.join(ROOT, "experiments", name))
   settings = builders.detector_settings_from_config(config)
-  ours = anchors.anchor_grid(1, 1, settings.stride, settings.anchors.sizes,
+  ours = anchors.anchor_grid(1, 1, settings.strides[0], settings.anchors.sizes,
                              settings.anchors.ratios, settings.anchors.style)
   reference = _generate_anchors(scales=scales) + np.array([0.0, 0.0, 1.0, 1.0])
   np.testing.assert_allclose(ours, reference, atol=1e-4)

@@ -148,7 +148,7 @@ def test_roi_align_sigmoid_bfloat16_variant():
 
 def test_stride_8_trunk_trains_on_anchors_of_stride_8(params):
   model = tiny.model(stride=8)
-  settings = dataclasses.replace(SETTINGS, stride=8)
+  settings = dataclasses.replace(SETTINGS, strides=(8,))
   grads, terms = jax.jit(jax.grad(functools.partial(detector.loss_fn, model=model,
                                                     settings=settings), has_aux=True))(
                                                         params, _batch(), jax.random.key(0))

@@ -3,10 +3,15 @@
 import importlib.util
 import os
 
+import numpy as np
 from PIL import Image
 
 from frcnn_jax import detect
+from frcnn_jax.config import build as builders
+from frcnn_jax.config import flags as config_flags
 from tests.evaluation.tiny_run import tiny_run  # noqa: F401  pylint: disable=unused-import
+from tests.models.backbones import test_resnet_fpn
+from tests.plugins import common
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "visualize.py")
 
@@ -41,10 +46,25 @@ def test_anchors_at_picks_the_cell_under_the_point(tiny_run):
   visualize = _load_script()
   image = tiny_run.source[0]["image"]
   batch = detect.prepare(image, tiny_run.config)
-  anchors, cell = visualize.anchors_at(tiny_run.config, tiny_run.model, batch, 20.0, 40.0)
-  assert cell.tolist() == [16.0, 32.0, 32.0, 48.0]          # stride 16, scale 1
+  anchors, sizes, cells = visualize.anchors_at(tiny_run.config, tiny_run.model, batch, 20.0,
+                                               40.0)
+  assert cells.tolist() == [[16.0, 32.0, 32.0, 48.0]]        # stride 16, scale 1
   centres = (anchors[:, :2] + anchors[:, 2:]) / 2
   assert len(anchors) == 9 and abs(centres - [24.0, 40.0]).max() < 1e-4
+  assert sizes.tolist() == [0, 1, 2] * 3                     # ratio-major, size-minor
+
+
+def test_anchors_at_picks_a_cell_on_every_pyramid_level():
+  visualize = _load_script()
+  config = config_flags.load_config(common.SHAPES, {**common.TINY, **test_resnet_fpn.FPN_RUN})
+  model = builders.model_from_config(config, 6)
+  batch = detect.prepare(np.zeros((64, 64, 3), np.uint8), config)
+  anchors, sizes, cells = visualize.anchors_at(config, model, batch, 20.0, 40.0)
+  assert cells.tolist() == [[20, 40, 24, 44], [16, 40, 24, 48], [16, 32, 32, 48],
+                            [0, 32, 32, 64], [0, 0, 64, 64]]   # strides 4 .. 64: corners
+  assert len(anchors) == 15 and sizes.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+  np.testing.assert_array_equal(anchors[4], [8, 32, 24, 48])   # P3's 16-px square on the
+                                                               # cell's corner (16, 40)
 
 
 def test_cli_reads_the_run_folder(tiny_run, tmp_path):

@@ -113,7 +113,9 @@ class Bottleneck(nn.Module):
     stride_in_1x1: the original ResNet's (v1: MSRA, Keras) stride on the first 1x1
       convolution instead of torchvision's on the 3x3 (Detectron2's STRIDE_IN_1X1).
     out_planes: output channels (EXPANSION * planes unless the width rounds otherwise).
-    conv_grad: "xla" or "per_tap" (`conv.conv_function`, for the stride-1 convolutions).
+    conv_grad: "xla" or "per_tap" (`conv.conv_function`).
+    per_tap_min_positions: with "per_tap", convolutions whose output map has fewer positions
+      keep lax's gradients (`conv.conv_general_dilated`'s min_positions; None: its default).
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """
@@ -122,19 +124,20 @@ class Bottleneck(nn.Module):
   stride: int = 1
   stride_in_1x1: bool = False
   conv_grad: str = "xla"
+  per_tap_min_positions: int | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, H, W, Cin] -> [B, ceil(H / stride), ceil(W / stride), out_planes]."""
-    conv_fn = conv.conv_function(self.conv_grad)
+    conv_fn = conv.conv_function(self.conv_grad, self.per_tap_min_positions)
 
     def conv_bn(y, features, kernel, stride, name, bn_name):
       y = nn.Conv(features, (kernel, kernel), strides=stride, padding=kernel // 2,
                   use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype,
                   param_dtype=self.param_dtype,
-                  conv_general_dilated=conv_fn if stride == 1 else None, name=name)(y)
+                  conv_general_dilated=conv_fn, name=name)(y)
       return FrozenBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=bn_name)(y)
 
     shortcut = x
@@ -147,8 +150,31 @@ class Bottleneck(nn.Module):
     return nn.relu(y + shortcut)
 
 
+def stem(x: jax.Array, width: float, dtype: Any, param_dtype: Any) -> jax.Array:
+  """Runs the stem (conv1 7x7/2 -> bn1 -> ReLU -> 3x3/2 max pool) inside a compact module.
+
+  Must be called from a parent's `nn.compact` method: its layers are the submodules `conv1` and
+  `bn1` (torchvision's names), shared by every ResNet trunk.
+
+  Args:
+    x: [B, H, W, 3] normalised images.
+    width: channel multiplier (64 * width output channels).
+    dtype: computation dtype; param_dtype: parameter dtype.
+
+  Returns:
+    [B, ceil(H / 4), ceil(W / 4), 64 * width] in `dtype`.
+  """
+  x = x.astype(dtype)
+  x = nn.Conv(scaled_channels(STEM_CHANNELS, width), (7, 7), strides=2, padding=3,
+              use_bias=False, kernel_init=CONV_INIT, dtype=dtype, param_dtype=param_dtype,
+              name="conv1")(x)
+  x = nn.relu(FrozenBatchNorm(dtype=dtype, param_dtype=param_dtype, name="bn1")(x))
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
 def stage(x: jax.Array, index: int, num_blocks: int, width: float, stride: int,
-          stride_in_1x1: bool, conv_grad: str, dtype: Any, param_dtype: Any) -> jax.Array:
+          stride_in_1x1: bool, conv_grad: str, dtype: Any, param_dtype: Any,
+          per_tap_min_positions: int | None = None) -> jax.Array:
   """Runs `layer{index}` (num_blocks bottlenecks, the first with `stride`) inside a compact module.
 
   Must be called from a parent's `nn.compact` method: the blocks are its submodules
@@ -158,8 +184,8 @@ def stage(x: jax.Array, index: int, num_blocks: int, width: float, stride: int,
   out_planes = scaled_channels(PLANES[index - 1] * EXPANSION, width)
   for j in range(num_blocks):
     x = Bottleneck(planes, out_planes, stride if j == 0 else 1, stride_in_1x1=stride_in_1x1,
-                   conv_grad=conv_grad, dtype=dtype, param_dtype=param_dtype,
-                   name=f"layer{index}.{j}")(x)
+                   conv_grad=conv_grad, per_tap_min_positions=per_tap_min_positions,
+                   dtype=dtype, param_dtype=param_dtype, name=f"layer{index}.{j}")(x)
   return x
 
 
@@ -224,12 +250,7 @@ class ResNetC4(nn.Module):
     Returns:
       [B, ceil(H / 16), ceil(W / 16), 1024 * width] layer3 (res4) features, after ReLU.
     """
-    x = x.astype(self.dtype)
-    x = nn.Conv(scaled_channels(STEM_CHANNELS, self.width), (7, 7), strides=2, padding=3,
-                use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="conv1")(x)
-    x = nn.relu(FrozenBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn1")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = stem(x, self.width, self.dtype, self.param_dtype)
     if self.frozen_stages == 1:
       x = jax.lax.stop_gradient(x)
     for index, num_blocks in enumerate(self.stage_blocks, 1):

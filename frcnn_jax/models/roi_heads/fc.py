@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from frcnn_jax.config.fields import setting
 from frcnn_jax.models.registry import ROI_HEADS
 from frcnn_jax.models.roi_heads import predictors
+from frcnn_jax.models.roi_heads.pooling import MultiScaleRoIPooler
 from frcnn_jax.models.roi_heads.pooling import RoIPooler
 
 
@@ -21,7 +22,7 @@ class FCHead(nn.Module):
     dropout: dropout rate after fc6 and fc7 (`model.fc.dropout`).
     dropout_scale_train: inverted dropout (True) or Caffe's `scale_train: false` (False).
     num_classes: C, foreground classes (the classifier has C + 1 outputs, 0 is background).
-    pooler: the RoI feature extraction.
+    pooler: the RoI feature extraction (of one map, or of a multi-level backbone's levels).
     dtype: computation dtype of the fc layers; outputs are float32.
     param_dtype: parameter dtype.
   """
@@ -33,7 +34,7 @@ class FCHead(nn.Module):
       "default) | false: unscaled in training and times (1 - rate) at test, Caffe's "
       "scale_train: false (py-faster-rcnn's ZF)")
   num_classes: int = 20
-  pooler: RoIPooler = RoIPooler()
+  pooler: RoIPooler | MultiScaleRoIPooler = RoIPooler()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -43,7 +44,7 @@ class FCHead(nn.Module):
     """Classifies and refines RoIs.
 
     Args:
-      features: [B, H, W, C] trunk features.
+      features: [B, H, W, C] trunk features (a tuple of levels for a MultiScaleRoIPooler).
       rois: [B, R, 4] xyxy boxes in image pixels (float32).
       train: enables dropout (needs the "dropout" rng).
 

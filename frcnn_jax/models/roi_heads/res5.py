@@ -17,6 +17,7 @@ from frcnn_jax.config.fields import setting
 from frcnn_jax.models.backbones import resnet
 from frcnn_jax.models.registry import ROI_HEADS
 from frcnn_jax.models.roi_heads import predictors
+from frcnn_jax.models.roi_heads.pooling import MultiScaleRoIPooler
 from frcnn_jax.models.roi_heads.pooling import RoIPooler
 
 HEAD_BLOCKS = resnet.DEPTHS[50][3]   # layer4 has 3 bottlenecks in ResNet-50 and ResNet-101
@@ -31,7 +32,8 @@ class Res5Head(nn.Module):
     blocks: bottlenecks of layer4 (`model.res5.blocks`; 3 in ResNet-50 / 101).
     stride_in_1x1: `resnet.Bottleneck.stride_in_1x1` (`model.res5.stride_in_1x1`).
     num_classes: C, foreground classes (the classifier has C + 1 outputs, 0 is background).
-    pooler: the RoI feature extraction.
+    pooler: the RoI feature extraction (of one map, or of a multi-level backbone's levels).
+    conv_grad: "xla" or "per_tap" (`models/conv.py`; the builder passes `model.conv_grad`).
     dtype: computation dtype; outputs are float32.
     param_dtype: parameter dtype.
   """
@@ -42,7 +44,8 @@ class Res5Head(nn.Module):
   stride_in_1x1: bool = setting(False, "stride on each block's first 1x1 convolution (Keras' "
                                 "weights; as model.resnet_c4.stride_in_1x1)")
   num_classes: int = 20
-  pooler: RoIPooler = RoIPooler()
+  pooler: RoIPooler | MultiScaleRoIPooler = RoIPooler()
+  conv_grad: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -57,7 +60,7 @@ class Res5Head(nn.Module):
     """Classifies and refines RoIs.
 
     Args:
-      features: [B, H, W, C] res4 features.
+      features: [B, H, W, C] res4 features (a tuple of levels for a MultiScaleRoIPooler).
       rois: [B, R, 4] xyxy boxes in image pixels (float32).
       train: unused (frozen batch norm behaves alike in training and test).
 
@@ -70,8 +73,11 @@ class Res5Head(nn.Module):
       x = jax.vmap(self.pooler)(features, rois.astype(jnp.float32))
     batch, num_rois = rois.shape[:2]
     x = x.reshape(batch * num_rois, *x.shape[2:]).astype(self.dtype)   # [B * R, s, s, C]
-    x = resnet.stage(x, 4, self.blocks, self.width, 2, self.stride_in_1x1, "xla", self.dtype,
-                     self.param_dtype)
+    # With per_tap, every convolution gets the per-tap weight gradient whatever its map size:
+    # the 14 x 14 / 7 x 7 maps come in batches of all the RoIs, where lax's weight gradients
+    # are 2-5x slower on the CPU (benchmarks/RESULTS.md).
+    x = resnet.stage(x, 4, self.blocks, self.width, 2, self.stride_in_1x1, self.conv_grad,
+                     self.dtype, self.param_dtype, per_tap_min_positions=0)
     x = x.astype(jnp.float32).mean(axis=(1, 2)).reshape(batch, num_rois, -1).astype(self.dtype)
     return predictors.class_and_box(x, self.num_classes, self.dtype, self.param_dtype)
 
