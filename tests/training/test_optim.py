@@ -1,6 +1,9 @@
 """Tests of frcnn_jax/training/optim.py against a plain-NumPy Caffe SGD reference."""
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,9 @@ import optax
 import pytest
 
 from frcnn_jax.training import optim
+from tests import conftest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _params():
@@ -128,10 +134,33 @@ def test_piecewise_schedule_is_bitwise_the_caffe_step_rule(base_lr, num_steps, w
     # formula compiled is the bitwise reference there.
     np.testing.assert_array_equal(got[warmup_steps:].view(np.int32),
                                   want[warmup_steps:].view(np.int32))
-    assert np.abs(got.view(np.int32) - want.view(np.int32)).max() <= 2
-    np.testing.assert_array_equal(
-        got.view(np.int32),
-        _jax_rates(base_lr, num_steps, warmup_steps, boundaries).view(np.int32))
+    _assert_bitwise_the_compiled_formula(base_lr, num_steps, warmup_steps, boundaries)
+
+
+def _assert_bitwise_the_compiled_formula(base_lr, num_steps, warmup_steps, boundaries):
+  """optax's schedule, compiled as training compiles it (XLA's default optimisation, in a
+  child: the suite compiles cheaply, tests/conftest.py), equals `_jax_rates` bit for bit and
+  NumPy's step-by-step rounding within 2 ulps."""
+  code = (
+      "import jax, jax.numpy as jnp, numpy as np\n"
+      "from frcnn_jax.training import optim\n"
+      "import os\n"
+      "from tests.training.test_optim import _caffe_rates, _jax_rates\n"
+      f"os.environ['XLA_FLAGS'] = {conftest.DEFAULT_COMPILE_ENV.get('XLA_FLAGS', '')!r}\n"
+      f"args = ({base_lr!r}, {num_steps!r}, {warmup_steps!r}, {tuple(boundaries)!r})\n"
+      "lr_fn = optim.make_schedule(args[0], num_steps=args[1], warmup_steps=args[2],\n"
+      "                            boundaries=args[3], decay=0.1)\n"
+      "got = np.asarray(jax.jit(jax.vmap(lr_fn))(jnp.arange(args[1] + 1, dtype=jnp.int32)))\n"
+      "np.testing.assert_array_equal(got.view(np.int32), _jax_rates(*args).view(np.int32))\n"
+      "want = _caffe_rates(np.arange(args[1] + 1), *args)\n"
+      "assert np.abs(got.view(np.int32) - want.view(np.int32)).max() <= 2\n"
+      "print('bitwise equal')\n")
+  env = dict(conftest.DEFAULT_COMPILE_ENV, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  # (importing the test module imports tests/conftest.py again, which adds the cheap flags:
+  # the child puts the default ones back before JAX starts its backend)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=120, check=False)
+  assert out.returncode == 0 and "bitwise equal" in out.stdout, out.stderr[-2000:]
 
 
 def test_repeated_boundary_decays_twice():
