@@ -15,8 +15,12 @@ while the other idles. Starting them first lets the short tests fill in around t
 import os
 
 CHEAP_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-DEFAULT_COMPILE_ENV = dict(os.environ)   # before the cheap flags: for such children
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_COMPILE}".strip()
+# The flags before the cheap ones, kept in the environment: xdist's workers inherit the
+# controller's environment, which this file has already changed.
+os.environ.setdefault("FRCNN_TESTS_DEFAULT_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+DEFAULT_XLA_FLAGS = os.environ["FRCNN_TESTS_DEFAULT_XLA_FLAGS"]
+DEFAULT_COMPILE_ENV = dict(os.environ, XLA_FLAGS=DEFAULT_XLA_FLAGS)
+os.environ["XLA_FLAGS"] = f"{DEFAULT_XLA_FLAGS} {CHEAP_COMPILE}".strip()
 
 
 def pytest_collection_modifyitems(items):

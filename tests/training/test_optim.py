@@ -146,7 +146,7 @@ def _assert_bitwise_the_compiled_formula(base_lr, num_steps, warmup_steps, bound
       "from frcnn_jax.training import optim\n"
       "import os\n"
       "from tests.training.test_optim import _caffe_rates, _jax_rates\n"
-      f"os.environ['XLA_FLAGS'] = {conftest.DEFAULT_COMPILE_ENV.get('XLA_FLAGS', '')!r}\n"
+      f"os.environ['XLA_FLAGS'] = {conftest.DEFAULT_XLA_FLAGS!r}\n"
       f"args = ({base_lr!r}, {num_steps!r}, {warmup_steps!r}, {tuple(boundaries)!r})\n"
       "lr_fn = optim.make_schedule(args[0], num_steps=args[1], warmup_steps=args[2],\n"
       "                            boundaries=args[3], decay=0.1)\n"
