@@ -59,7 +59,7 @@ def anchors_at(config, model, batch: dict, x: float, y: float
       lambda p, im, hw: model.apply({"params": p}, im, hw,
                                     method=faster_rcnn.FasterRCNN.features_and_rpn)[0],
       abstract_params, batch["image"], batch["image_hw"])
-  levels = feats if isinstance(feats, tuple) else (feats,)
+  levels = faster_rcnn.feature_levels(feats)
   settings = builders.detector_settings_from_config(config)
   canvas = tuple(batch["image"].shape[1:3])
   grid, counts = detector.pyramid_anchors(levels, canvas, settings)

@@ -42,7 +42,7 @@ def pyramid_anchors(features, canvas_hw: tuple[int, int],
   torchvision style spaces them by canvas size // feature size instead, as its
   AnchorGenerator (not always the nominal stride: a 13-row P6 of an 800-row canvas has 61).
   """
-  levels = features if isinstance(features, tuple) else (features,)
+  levels = faster_rcnn.feature_levels(features)
   if len(levels) != len(settings.strides):
     raise ValueError(f"the settings' {len(settings.strides)} strides {settings.strides} do not "
                      f"fit the backbone's {len(levels)} feature levels")

@@ -63,6 +63,11 @@ def normalize_images(images: jax.Array, image_hw: jax.Array, input_norm: str) ->
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def feature_levels(features) -> tuple[jax.Array, ...]:
+  """A backbone's output as a tuple of levels: its one map, or a multi-level backbone's maps."""
+  return features if isinstance(features, tuple) else (features,)
+
+
 def _backbone_name(name: str) -> str:
   return "" if name in BACKBONES.names() else f"must be a registered backbone {BACKBONES.names()}"
 
@@ -172,8 +177,7 @@ class FasterRCNN(nn.Module):
     """
     x = normalize_images(images, image_hw, self.input_norm)
     features = self.trunk(x)
-    levels = features if isinstance(features, tuple) else (features,)
-    outputs = [self.rpn(level) for level in levels]
+    outputs = [self.rpn(level) for level in feature_levels(features)]
     logits = jnp.concatenate([logits for logits, _ in outputs], axis=1)
     deltas = jnp.concatenate([deltas for _, deltas in outputs], axis=1)
     return features, logits, deltas

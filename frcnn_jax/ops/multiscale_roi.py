@@ -240,9 +240,8 @@ def multiscale_roi_align(features: Sequence[Array], rois: Array, output_size,
     gradient: static, how the features' gradient is computed (the same up to float
       rounding): "dense", per level the two matmuls of roi_align's backward (what matrix units
       want; costs all R RoIs on every level, ~R * ow * C * H * W per level), or "scatter",
-      autodiff of the gather (a scatter-add of the R * oh * ow * (2s)^2 taps; on a 2-core CPU
-      at 608 x 800 with 512 RoIs, 0.29 s against the dense 1.8 s:
-      benchmarks/RESULTS.md).
+      autodiff of the gather (a scatter-add of the R * oh * ow * (2s)^2 taps; the faster one
+      on the CPU: benchmarks/RESULTS.md).
 
   Returns:
     [R, oh, ow, C] in features[0]'s dtype (accumulated in float32).

@@ -75,7 +75,7 @@ class Res5Head(nn.Module):
     x = x.reshape(batch * num_rois, *x.shape[2:]).astype(self.dtype)   # [B * R, s, s, C]
     # With per_tap, every convolution gets the per-tap weight gradient whatever its map size:
     # the 14 x 14 / 7 x 7 maps come in batches of all the RoIs, where lax's weight gradients
-    # are 2-5x slower on the CPU (benchmarks/RESULTS.md).
+    # are the slower ones on the CPU (benchmarks/RESULTS.md).
     x = resnet.stage(x, 4, self.blocks, self.width, 2, self.stride_in_1x1, self.conv_grad,
                      self.dtype, self.param_dtype, per_tap_min_positions=0)
     x = x.astype(jnp.float32).mean(axis=(1, 2)).reshape(batch, num_rois, -1).astype(self.dtype)
