@@ -2,7 +2,7 @@ r"""Convolution and max-pool gradients: lax's against models/conv.py's and model
 
 Usage:
   python scripts/bench_conv.py --config experiments/voc.py [--height 608 --width 800] \
-      [--parts layers,train,pool,train_pool] [--repeats 5] [--steps 3]
+      [--parts layers,pointwise,train,pool,train_pool] [--repeats 5] [--steps 3]
 
 `layers`: for every distinct trained 3x3 conv of the config's model (the trunk's blocks after
 the frozen ones and the RPN conv, read from the model's parameter shapes, at the sizes its
@@ -11,6 +11,12 @@ jitted on fixed inputs, xla and per_tap interleaved (xla, per_tap, xla, ...), so
 both alike; medians of `--repeats` and the ratio xla / per_tap (> 1: per_tap is faster). The
 input gradient is lax's in both modes. The "model dW" column says which dW the model's
 "per_tap" mode uses on that layer (`conv.uses_per_tap`).
+
+`pointwise`: every distinct 1x1 convolution of the config's training step (any backbone:
+recorded while tracing its loss with `model.conv_grad=per_tap`; the batch of the res5 head's
+maps is its RoIs), float32: forward, and forward plus input and kernel gradients, with lax's
+convolution against `conv.pointwise`'s single matmul, interleaved, medians of `--repeats`,
+ratio lax / matmul (> 1: the matmul is faster).
 
 `pool`: the 2x2 max pools of the config's trunk that get a gradient (after the trained blocks),
 at the canvas, batch 1, float32, ceil mode as in the config, ReLU'd inputs: forward plus input
@@ -43,7 +49,7 @@ from frcnn_jax.benchmarking import conv_pool
 from frcnn_jax.config import flags as config_flags
 from frcnn_jax.runtime import host_memory
 
-PARTS = ("layers", "train", "pool", "train_pool")
+PARTS = ("layers", "pointwise", "train", "pool", "train_pool")
 VGG16_PARTS = ("layers", "pool", "train_pool")
 
 
@@ -67,6 +73,25 @@ def print_layers(config, height: int, width: int, repeats: int) -> None:
     print(f"{r['name']:28} {r['h']:>3}x{r['w']:<4} {r['cin']:>4}>{r['cout']:<4} | "
           f"{ms['fwd']:6.0f} | {ms['dW xla']:7.0f} {ms['dW per_tap']:7.0f} "
           f"{ms['dW xla'] / ms['dW per_tap']:5.2f} | {r['model_dw']}", flush=True)
+  print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+def print_pointwise(config, height: int, width: int, repeats: int) -> None:
+  """Prints forward and forward + gradient times per 1x1 convolution, lax against matmul."""
+  print(f"\n1x1 convolutions of the training step at {height}x{width}, float32, medians of "
+        f"{repeats} interleaved rounds, ms (ratio = lax / matmul); load "
+        f"{os.getloadavg()[0]:.2f}")
+  print(f"{'BxHxW':>14} {'Cin>Cout':>10} {'stride':>6} {'n':>2} | {'fwd lax':>8} {'matmul':>7} "
+        f"{'ratio':>5} | {'all lax':>8} {'matmul':>7} {'ratio':>5}")
+  for r in conv_pool.pointwise_times(config, height, width, repeats):
+    b, h, w, cin = r["x"]
+    ms = {n: 1e3 * r[n] for n in ("fwd lax", "fwd matmul", "all lax", "all matmul")}
+    bhw, channels = f"{b}x{h}x{w}", f"{cin}>{r['cout']}"
+    print(f"{bhw:>14} {channels:>10} "
+          f"{'x'.join(map(str, r['strides'])):>6} {r['count']:>2} | {ms['fwd lax']:8.1f} "
+          f"{ms['fwd matmul']:7.1f} {ms['fwd lax'] / ms['fwd matmul']:5.2f} | "
+          f"{ms['all lax']:8.1f} {ms['all matmul']:7.1f} {ms['all lax'] / ms['all matmul']:5.2f}",
+          flush=True)
   print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
@@ -121,6 +146,8 @@ def main(argv):
   print(f"JAX {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs")
   if "layers" in parts:
     print_layers(f.config, f.height, f.width, f.repeats)
+  if "pointwise" in parts:
+    print_pointwise(f.config, f.height, f.width, f.repeats)
   if "pool" in parts:
     print_pools(f.config, f.height, f.width, f.repeats)
   if "train" in parts:

@@ -10,6 +10,11 @@ lax's (`jax.vjp`) against `frcnn_jax.models.conv.weight_grad` ("per_tap"). Pools
 `model.conv_grad`, or with its pools traced either way. Everything is timed in interleaved
 rounds (`timing.interleaved_medians`).
 
+Pointwise: every distinct 1x1 convolution the config's training loss runs with
+`model.conv_grad=per_tap` (recorded while tracing it, so the res5 head's batches of RoIs and
+the FPN's lateral convolutions are included), forward and forward plus both gradients, lax's
+convolution against `conv.pointwise` (one matmul).
+
 The layer table, the pools and the pool variant of the step are VGG16's by nature (its conv
 blocks, its 2x2 pools, `vgg.max_pool_2x2` patched while tracing): for another backbone they
 raise ValueError with `vgg16_only`'s message. The conv_grad variant of the step works for every
@@ -32,6 +37,7 @@ import numpy as np
 from frcnn_jax.benchmarking import cases
 from frcnn_jax.benchmarking import timing
 from frcnn_jax.config import build as builders
+from frcnn_jax.detection import detector
 from frcnn_jax.models import conv
 from frcnn_jax.models import faster_rcnn
 from frcnn_jax.models import pool
@@ -132,6 +138,67 @@ def trunk_pool(pool_fn: Callable[[jax.Array, bool], jax.Array]):
     yield
   finally:
     vgg.max_pool_2x2 = built
+
+
+def pointwise_shapes(config: ml_collections.ConfigDict, height: int, width: int
+                     ) -> list[dict[str, Any]]:
+  """The distinct 1x1 convolutions of the config's training loss on a one-image canvas.
+
+  Traces `detector.loss_fn` abstractly (`jax.eval_shape`) with `model.conv_grad=per_tap`,
+  recording every `conv.pointwise` call.
+
+  Returns:
+    [{"x": (B, H, W, Cin), "cout", "strides", "count"}] in tracing order, count the number of
+    layers of that shape (frozen ones included: their forward runs).
+  """
+  c = config.copy_and_resolve_references()
+  c.model.pretrained = ""
+  c.model.conv_grad = "per_tap"
+  num_classes = cases.num_classes(c)
+  model = builders.model_from_config(c, num_classes)
+  settings = builders.detector_settings_from_config(c)
+  host = cases.synthetic_batch(1, height, width, c.data.max_gt, 5, num_classes)
+  key = jax.random.key(0)
+  params = jax.eval_shape(functools.partial(faster_rcnn.init_params, model), key)
+  seen: dict[tuple[Any, ...], int] = {}
+  built = conv.pointwise
+
+  def recording(x, kernel, precision=None, strides=(1, 1)):
+    shape = (tuple(x.shape), int(kernel.shape[-1]), tuple(strides))
+    seen[shape] = seen.get(shape, 0) + 1
+    return built(x, kernel, precision, strides)
+  conv.pointwise = recording
+  try:
+    jax.eval_shape(lambda p, b: detector.loss_fn(p, b, key, model=model, settings=settings),
+                   params, {k: jnp.asarray(v) for k, v in host.items()})
+  finally:
+    conv.pointwise = built
+  return [{"x": x, "cout": cout, "strides": strides, "count": n}
+          for (x, cout, strides), n in seen.items()]
+
+
+def pointwise_times(config: ml_collections.ConfigDict, height: int, width: int, repeats: int
+                    ) -> Iterator[dict[str, Any]]:
+  """Per `pointwise_shapes` row, as it is measured: the row plus median seconds of
+  `repeats` interleaved rounds, "fwd lax", "fwd matmul" (the forward alone), "all lax", "all
+  matmul" (forward plus input and kernel gradients, `jax.vjp`), float32 random inputs."""
+  rng = np.random.default_rng(0)
+  for row in pointwise_shapes(config, height, width):
+    b, h, w, cin = row["x"]
+    sh, sw = row["strides"]
+    x = jnp.asarray(rng.normal(size=row["x"]), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(1, 1, cin, row["cout"])) * 0.02, jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(b, -(-h // sh), -(-w // sw), row["cout"])), jnp.float32)
+    fns = {"lax": lambda x, k: conv.forward(x, k, ((0, 0), (0, 0)), strides=(sh, sw)),
+           "matmul": lambda x, k: conv.pointwise(x, k, strides=(sh, sw))}
+    jitted = {}
+    for name, fn in fns.items():
+      jitted[f"fwd {name}"] = jax.jit(lambda x, k, dy, fn=fn: fn(x, k))
+      jitted[f"all {name}"] = jax.jit(
+          lambda x, k, dy, fn=fn: (lambda y, vjp: (y, vjp(dy)))(*jax.vjp(fn, x, k)))
+    times = timing.interleaved_medians(
+        {n: functools.partial(f, x, kernel, dy) for n, f in jitted.items()}, repeats)
+    yield {**row, **times}
 
 
 def _xla_dw(x, kernel, dy):

@@ -1,4 +1,4 @@
-"""2D convolution whose weight gradient is a sum of per-tap matmuls.
+"""2D convolution computed as matmuls where XLA:CPU's convolution kernels are slow.
 
 XLA:CPU lowers the weight gradient of a convolution (the contraction of the input with the
 output gradient over batch and space) to a slow convolution kernel: on VGG16's conv3 layers it
@@ -14,10 +14,17 @@ small maps lax's own weight gradient is the faster one (scripts/bench_conv.py ti
 layer; benchmarks/RESULTS.md), so layers whose output map has fewer than `PER_TAP_MIN_POSITIONS`
 positions (Ho * Wo, whatever the batch) keep lax's gradients.
 
+A 1x1 convolution without padding has a single tap: `pointwise` computes it as one matmul
+over the channels (of every SH-th row and SW-th column), and autodiff makes both of its
+gradients matmuls too. XLA:CPU runs that at matmul speed, faster than its convolution kernels
+on every map size measured (ResNet's trunk maps and the res5 head's batches of RoIs;
+`scripts/bench_conv.py --parts pointwise`, benchmarks/RESULTS.md), so it has no threshold.
+
 `conv_general_dilated` takes `lax.conv_general_dilated`'s arguments, so it plugs into Flax:
-`nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)`. It supports what the VGG16
-trunk and the RPN use (NHWC inputs, HWIO kernels, any window strides, non-negative padding, no
-dilation, no feature or batch groups) and raises a ValueError for anything else.
+`nn.Conv(..., conv_general_dilated=conv.conv_general_dilated)`. It supports what the
+backbones, the RPN and the res5 head use (NHWC inputs, HWIO kernels, any window strides,
+non-negative padding, no dilation, no feature or batch groups) and raises a ValueError for
+anything else.
 """
 
 import functools
@@ -30,7 +37,7 @@ from jax import lax
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
-PER_TAP_MIN_POSITIONS = 4096
+PER_TAP_MIN_POSITIONS = 256
 CONV_GRADS = ("xla", "per_tap")
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
@@ -88,6 +95,28 @@ def weight_grad(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int], padding
                            precision=precision, preferred_element_type=jnp.float32)
            for kx in range(kw)] for ky in range(kh)]
   return jnp.swapaxes(jnp.stack([jnp.stack(row) for row in taps]), 2, 3).astype(x.dtype)
+
+
+def pointwise(x: jax.Array, kernel: jax.Array, precision: Any = None,
+              strides: tuple[int, int] = (1, 1)) -> jax.Array:
+  """A 1x1 convolution without padding as one matmul over the channels.
+
+  Args:
+    x: [B, H, W, Cin] input.
+    kernel: [1, 1, Cin, Cout] kernel.
+    precision: lax precision of the matmul.
+    strides: (SH, SW); the output reads every SH-th row and SW-th column from the first.
+
+  Returns:
+    [B, ceil(H / SH), ceil(W / SW), Cout], as `forward` with zero padding (products
+    accumulate in float32 and are cast to x's dtype).
+  """
+  sh, sw = strides
+  x = x[:, ::sh, ::sw, :]
+  # A 2D matmul: on the 4D operand XLA:CPU's gradient transposes run several times slower.
+  y = lax.dot_general(x.reshape(-1, x.shape[-1]), kernel[0, 0], (((1,), (0,)), ((), ())),
+                      precision=precision, preferred_element_type=jnp.float32)
+  return y.reshape(*x.shape[:3], -1).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -162,8 +191,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
       7 x 7 maps, which come in batches of RoIs).
 
   Returns:
-    [B, Ho, Wo, Cout], equal to `lax.conv_general_dilated` with the same arguments. Its
-    gradients are `conv_per_tap`'s when `uses_per_tap((Ho, Wo), min_positions)`, else lax's.
+    [B, Ho, Wo, Cout], equal to `lax.conv_general_dilated` with the same arguments (up to
+    float rounding for 1x1 kernels without padding, which are `pointwise` matmuls whatever
+    the map size). Otherwise its gradients are `conv_per_tap`'s when
+    `uses_per_tap((Ho, Wo), min_positions)`, else lax's.
 
   Raises:
     ValueError: an argument this convolution does not support.
@@ -197,6 +228,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                      f"{padding}")
   if isinstance(precision, list):
     precision = tuple(precision)
+  if tuple(kernel_hw) == (1, 1) and pads == ((0, 0), (0, 0)):
+    return pointwise(lhs, rhs, precision, strides)
   out_hw = [(size + lo + hi - k) // s + 1
             for size, (lo, hi), k, s in zip(lhs.shape[1:3], pads, kernel_hw, strides)]
   if not uses_per_tap(out_hw, min_positions):

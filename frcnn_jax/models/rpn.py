@@ -19,8 +19,8 @@ class RPNHead(nn.Module):
     channels: width of the 3x3 conv (512 in the paper).
     objectness: "softmax" (2 logits per anchor, background then object: the paper) or
       "sigmoid" (1 logit per anchor).
-    conv_grad: how the 3x3 conv's gradients are computed, "xla" (lax's) or "per_tap"
-      (`conv.conv_general_dilated`); the 1x1 convs keep lax's.
+    conv_grad: how the convolutions are lowered, "xla" (lax's) or "per_tap"
+      (`conv.conv_general_dilated`: per-tap weight gradients, the 1x1 convs as matmuls).
     dtype: computation dtype of the convolutions; outputs are float32.
     param_dtype: parameter dtype.
   """
@@ -45,12 +45,11 @@ class RPNHead(nn.Module):
     if self.objectness not in OBJECTNESS_MODES:
       raise ValueError(f"objectness must be one of {OBJECTNESS_MODES}, got {self.objectness!r}")
     num_logits = 2 if self.objectness == "softmax" else 1
-    conv = lambda features, kernel, name, conv_fn=None: nn.Conv(
+    conv = lambda features, kernel, name: nn.Conv(
         features, kernel, padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros,
-        conv_general_dilated=conv_fn, name=name)
-    x = nn.relu(conv(self.channels, (3, 3), "conv",
-                     conv_lib.conv_function(self.conv_grad))(features))
+        conv_general_dilated=conv_lib.conv_function(self.conv_grad), name=name)
+    x = nn.relu(conv(self.channels, (3, 3), "conv")(features))
     logits = conv(self.num_anchors * num_logits, (1, 1), "objectness")(x)
     deltas = conv(self.num_anchors * 4, (1, 1), "deltas")(x)
     batch = features.shape[0]

@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 from jax import lax
 
+from frcnn_jax.benchmarking import backbones
 from frcnn_jax.config import build as builders
 from frcnn_jax.config import defaults
+from frcnn_jax.config import flags as config_flags
 from frcnn_jax.models import conv
 from frcnn_jax.models import faster_rcnn
+from tests import test_benchmark
 from tests.models import tiny
+from tests.models.backbones import test_resnet_fpn
+from tests.plugins import common
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -42,7 +47,7 @@ def _conv_grads(conv_fn, x, kernel, bias, cotangent):
 
 
 @pytest.mark.parametrize("padding,kernel_hw", [
-    (((1, 1), (1, 1)), (3, 3)), ("SAME", (3, 3)), ("VALID", (3, 3)), ("SAME", (1, 1)),
+    (((1, 1), (1, 1)), (3, 3)), ("SAME", (3, 3)), ("VALID", (3, 3)), (((1, 0), (0, 1)), (1, 1)),
     (((0, 1), (1, 0)), (3, 2)), (((2, 3), (0, 4)), (3, 3))])
 def test_forward_and_gradients_equal_lax(padding, kernel_hw):
   x = _random((2, 7, 9, 5), 0)
@@ -59,7 +64,7 @@ def test_forward_and_gradients_equal_lax(padding, kernel_hw):
 
 
 @pytest.mark.parametrize("padding,kernel_hw,strides", [
-    (((1, 1), (1, 1)), (3, 3), (2, 2)), ("SAME", (1, 1), (2, 2)), ("VALID", (3, 3), (2, 1)),
+    (((1, 1), (1, 1)), (3, 3), (2, 2)), ("VALID", (3, 3), (2, 1)),
     (((3, 3), (3, 3)), (7, 7), (2, 2)), (((0, 1), (2, 0)), (3, 2), (3, 2))])
 def test_strided_forward_and_gradients_equal_lax(padding, kernel_hw, strides):
   """ResNet's stride-2 3x3 and 1x1 convolutions (odd sizes: the last rows fall off)."""
@@ -85,6 +90,59 @@ def test_nn_conv_gradients_equal_lax(batch):
   want = _conv_grads(None, x, kernel, bias, cotangent)
   for name, g, w in zip(("dx", "dW", "db"), got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def _pointwise_numpy(x, kernel, strides):
+  """A 1x1 convolution without padding as loops over the output cells."""
+  b, h, w, _ = x.shape
+  sh, sw = strides
+  out = np.zeros((b, -(-h // sh), -(-w // sw), kernel.shape[-1]))
+  for n in range(b):
+    for i in range(out.shape[1]):
+      for j in range(out.shape[2]):
+        out[n, i, j] = x[n, i * sh, j * sw] @ kernel[0, 0]
+  return out
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((0, 0), (0, 0))])
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2), (2, 1), (3, 2)])
+def test_pointwise_equals_lax_and_numpy(padding, strides):
+  """1x1 convolutions are one matmul (odd sizes: the strided last rows fall off)."""
+  x = _random((2, 9, 11, 5), 0)
+  kernel = _random((1, 1, 5, 6), 1)
+  run = lambda fn, x, k: fn(x, k, strides, padding, dimension_numbers=NHWC)
+  want = run(lax.conv_general_dilated, x, kernel)
+  got = run(conv.conv_general_dilated, x, kernel)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got, _pointwise_numpy(np.float64(x), np.float64(kernel), strides),
+                             rtol=1e-5, atol=1e-5)
+  cotangent = _random(want.shape, 2)
+  grads = lambda fn: jax.grad(lambda x, k: jnp.sum(run(fn, x, k) * cotangent), (0, 1))(x, kernel)
+  for got, want, name in zip(grads(conv.conv_general_dilated), grads(lax.conv_general_dilated),
+                             ("dx", "dW")):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_pointwise_is_a_matmul_whatever_the_map(monkeypatch):
+  """No threshold for 1x1 kernels: the forward and both gradients are matmuls, no conv."""
+  monkeypatch.setattr(conv, "PER_TAP_MIN_POSITIONS", 10**6)
+  fn = lambda x, k: jnp.sum(conv.conv_general_dilated(x, k, (2, 2), "SAME",
+                                                       dimension_numbers=NHWC) ** 2)
+  args = jnp.zeros((3, 4, 5, 8)), jnp.zeros((1, 1, 8, 16))
+  jaxpr = str(jax.make_jaxpr(jax.value_and_grad(fn, (0, 1)))(*args))
+  assert "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr
+  padded = lambda x, k: conv.conv_general_dilated(x, k, (1, 1), ((1, 0), (0, 0)),
+                                                  dimension_numbers=NHWC)
+  assert "conv_general_dilated" in str(jax.make_jaxpr(padded)(*args))
+
+
+def test_pointwise_bfloat16_keeps_the_dtype():
+  x, kernel = _random((2, 5, 4, 8), 0, jnp.bfloat16), _random((1, 1, 8, 3), 1, jnp.bfloat16)
+  got = conv.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=NHWC)
+  want = lax.conv_general_dilated(x.astype(jnp.float32), kernel.astype(jnp.float32), (1, 1),
+                                  "SAME", dimension_numbers=NHWC)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(got), want, rtol=0.02, atol=0.02)
 
 
 def test_weight_grad_matches_a_numpy_loop():
@@ -210,3 +268,43 @@ def test_config_key_rejects_unknown_values():
   config.model.conv_grad = "fast"
   with pytest.raises(ValueError, match="model.conv_grad"):
     builders.model_from_config(config, 2)
+
+
+def _resnet_configs():
+  """Tiny ResNet C4 and ResNet-FPN detectors (1x1 convolutions in the trunk, the res5 head,
+  the pyramid's laterals and the RPN)."""
+  c4 = test_benchmark.TINY_BACKBONES["resnet_c4"]
+  c4_config = config_flags.load_config(
+      c4[0].split("=", 1)[1],
+      dict(backbones.parse_override(a.removeprefix("--config.")) for a in c4[1:]))
+  fpn_config = config_flags.load_config(common.SHAPES, {**common.TINY,
+                                                        **test_resnet_fpn.FPN_RUN})
+  return {"resnet_c4": c4_config, "resnet_fpn": fpn_config}
+
+
+@pytest.mark.parametrize("backbone", ["resnet_c4", "resnet_fpn"])
+def test_resnet_detectors_equal_with_per_tap_and_xla(backbone):
+  config = _resnet_configs()[backbone]
+  config.model.pretrained = ""
+  nets = {}
+  for mode in conv.CONV_GRADS:
+    config.model.conv_grad = mode
+    nets[mode] = builders.model_from_config(config, 3)
+  params = builders.init_params_from_config(config, nets["xla"], jax.random.key(0))
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 64, 96, 3)), jnp.uint8)
+  image_hw = jnp.asarray([[64, 96], [60, 80]], jnp.int32)
+  rois = jnp.asarray([[[0, 0, 40, 30], [10, 5, 85, 58]]] * 2, jnp.float32)
+
+  def loss(params, net):
+    return sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(
+        net.apply({"params": params}, images, image_hw, rois)))
+  values = {m: jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, net)
+            for m, net in nets.items()}
+  jaxpr = str(jax.make_jaxpr(functools.partial(loss, net=nets["per_tap"]))(params))
+  assert "dot_general" in jaxpr and "custom_vjp" in jaxpr
+  np.testing.assert_allclose(values["per_tap"][0], values["xla"][0], rtol=1e-4)
+  flat = jax.tree_util.tree_leaves_with_path(values["xla"][1])
+  for (path, want), got in zip(flat, jax.tree.leaves(values["per_tap"][1])):
+    scale = float(jnp.max(jnp.abs(want))) + 1e-12
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale,
+                               err_msg=jax.tree_util.keystr(path))

@@ -202,7 +202,7 @@ class ResNetC4(nn.Module):
       gradient (stop_gradient on their output) and are neither updated nor decayed
       (`trainable`); 2 is Detectron2's FREEZE_AT. Batch norm is frozen in every stage.
     stride_in_1x1: `Bottleneck.stride_in_1x1` (true for Keras' weights, whose files say so).
-    conv_grad: "xla" or "per_tap" (stride-1 convolutions; `conv.conv_function`).
+    conv_grad: "xla" or "per_tap" (`conv.conv_function`).
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """

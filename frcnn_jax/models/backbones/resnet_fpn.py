@@ -108,7 +108,7 @@ class FPN(nn.Module):
   Attributes:
     channels: output channels of every level (torchvision's out_channels, 256).
     frozen: stop_gradient on its parameters (the inputs still get gradients).
-    conv_grad: "xla" or "per_tap" (`conv.conv_function`, for the 3x3 convolutions).
+    conv_grad: "xla" or "per_tap" (`conv.conv_function`).
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """
@@ -137,7 +137,7 @@ class FPN(nn.Module):
       return conv_cls(self.channels, (kernel, kernel), padding=kernel // 2, use_bias=True,
                       kernel_init=FPN_INIT, bias_init=nn.initializers.zeros, dtype=self.dtype,
                       param_dtype=self.param_dtype,
-                      conv_general_dilated=conv_fn if kernel == 3 else None, name=name)(x)
+                      conv_general_dilated=conv_fn, name=name)(x)
 
     last = len(features) - 1
     inner = conv_layer(features[last], 1, f"inner_blocks.{last}")
@@ -167,7 +167,7 @@ class ResNetFPN(nn.Module):
     freeze_fpn: the pyramid too gets no gradient (alternating training's frozen trunk,
       `all_frozen`); torchvision always trains it.
     stride_in_1x1: `resnet.Bottleneck.stride_in_1x1` (true for Keras' weights).
-    conv_grad: "xla" or "per_tap" (stride-1 convolutions; `conv.conv_function`).
+    conv_grad: "xla" or "per_tap" (`conv.conv_function`).
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """
