@@ -14,7 +14,9 @@ canvas, `cases.default_canvas`) and `--num_gt` random boxes: our inference and t
 torchvision's same architecture's inference (`eval()`) and training step (`train()`) on the same
 image and boxes (`frcnn_jax.benchmarking.torchvision_frcnn`, configured by
 `frcnn_jax.benchmarking.peer` from the same config), compiled / built, each called `--warmup`
-times untimed, then `--steps` interleaved rounds; medians per image. `--override KEY=VALUE` (repeatable) sets a
+times untimed, then `--steps` interleaved rounds; medians per image. With the peer, both sides
+keep glibc's default heap: the train command's `train.reuse_host_memory` would apply to torch
+too (without `--peer` it applies as in training). `--override KEY=VALUE` (repeatable) sets a
 config key of every backbone's config (e.g. model.zf.width=0.0625 for a tiny test; a model that
 then differs from torchvision's architecture still runs, and the differences are printed).
 
@@ -76,7 +78,10 @@ def main(argv):
     print(line, flush=True)
   if not entries:
     raise app.UsageError("no backbone to measure")
-  if host_memory.wanted(configs[0].train.reuse_host_memory):   # as in training
+  # The training heap setting would apply to torch as well, and torch's allocations between
+  # our steps then slow ours (benchmarks/RESULTS.md, 2026-12-07 night): with the peer, both
+  # sides keep glibc's defaults.
+  if not f.peer and host_memory.wanted(configs[0].train.reuse_host_memory):
     host_memory.keep_freed_memory()
   info = machine.machine()
   load_start = timing.load_average()

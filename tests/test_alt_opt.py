@@ -16,6 +16,7 @@ from frcnn_jax.data import proposal_store
 from frcnn_jax.runtime import parallel
 from frcnn_jax.training import restore
 from tests import test_train
+from tests.models.backbones import test_resnet_fpn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -118,6 +119,26 @@ def test_four_stages_freeze_what_they_must_and_resume_by_skipping(tmp_path):
              for s in evaluated["stages"].values())
   assert files == {p: os.stat(os.path.join(workdir, "proposals", p)).st_mtime_ns
                    for p in files}
+
+
+@pytest.mark.slow
+def test_four_stages_with_a_multi_level_backbone(tmp_path):
+  """ResNet-FPN: per-level proposals are dumped and pooled by level; `all_frozen` keeps the
+  trunk and the pyramid of stages 3 and 4 bitwise at stage 2's."""
+  config = config_flags.load_config(os.path.join(ROOT, "experiments", "shapes_alt_opt.py"),
+                                    {**TINY, **test_resnet_fpn.FPN_RUN,
+                                     "alt_opt.num_steps": (1, 1, 1, 1)})
+  workdir = str(tmp_path / "alt")
+  summary = alt_opt.run(config, workdir)
+  assert all(s["complete"] for s in summary["stages"].values())
+  store = proposal_store.load(alt_opt.proposals_path(workdir, "stage3_rpn", "train"))
+  assert store.boxes.shape[1:] == (16, 4)
+  params = {s.name: _params(os.path.join(workdir, s.name))[0] for s in alt_opt.STAGES}
+  assert "fpn" in params["stage2_fast_rcnn"]["trunk"]
+  for name in ("stage3_rpn", "stage4_fast_rcnn"):
+    assert _same(params[name]["trunk"], params["stage2_fast_rcnn"]["trunk"])
+  assert not _same(params["stage3_rpn"]["rpn"], params["stage2_fast_rcnn"]["rpn"])
+  assert not _same(params["stage4_fast_rcnn"]["head"], params["stage3_rpn"]["head"])
 
 
 def test_the_command_takes_evaluate_again():

@@ -48,9 +48,12 @@ def tiny_config(**overrides):
 
 
 def subprocess_env(devices: int = 1) -> dict[str, str]:
-  """Environment for a child JAX process on CPU with `devices` fake devices."""
+  """Environment for a child JAX process on CPU with `devices` fake devices (and the suite's
+  cheap compiles, tests/conftest.py)."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   return env
