@@ -79,7 +79,7 @@ def main(argv):
   if not entries:
     raise app.UsageError("no backbone to measure")
   # The training heap setting would apply to torch as well, and torch's allocations between
-  # our steps then slow ours (benchmarks/RESULTS.md, 2026-12-07 night): with the peer, both
+  # our steps then slow ours (benchmarks/RESULTS.md): with the peer, both
   # sides keep glibc's defaults.
   if not f.peer and host_memory.wanted(configs[0].train.reuse_host_memory):
     host_memory.keep_freed_memory()

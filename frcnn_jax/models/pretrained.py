@@ -32,12 +32,7 @@ def merge_npz(params: Any, path: str, input_norm: str, *, backbone: str, fit: st
     ValueError: another input normalisation, a layer or leaf the network does not have, or a
       shape that differs.
   """
-  with np.load(path) as data:
-    arrays = {name: data[name] for name in data.files if "/" in name}
-    expected_norm = str(data["input_norm"]) if "input_norm" in data.files else ""
-  if expected_norm and expected_norm != input_norm:
-    raise ValueError(f"{path} expects model.input_norm={expected_norm!r}, but the model uses "
-                     f"{input_norm!r}")
+  arrays, _ = read_npz(path, input_norm)
   params = flax.core.unfreeze(params)
   for name, value in arrays.items():
     layer, leaf = name.split("/")
@@ -52,6 +47,60 @@ def merge_npz(params: Any, path: str, input_norm: str, *, backbone: str, fit: st
                        f"{current.shape} ({fit} must match the weights)")
     params[module][layer][leaf] = jnp.asarray(value, current.dtype)
   return params
+
+
+def read_npz(path: str, input_norm: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """A converter's .npz: its arrays (names with "/") and its metadata (names without, as
+  stored: 0-d arrays for scalars).
+
+  Raises:
+    ValueError: the metadata's "input_norm" is not the model's `input_norm`.
+  """
+  with np.load(path) as data:
+    arrays = {name: data[name] for name in data.files if "/" in name}
+    meta = {name: data[name] for name in data.files if "/" not in name}
+  expected_norm = str(meta["input_norm"]) if "input_norm" in meta else ""
+  if expected_norm and expected_norm != input_norm:
+    raise ValueError(f"{path} expects model.input_norm={expected_norm!r}, but the model uses "
+                     f"{input_norm!r}")
+  return arrays, meta
+
+
+def set_leaf(params: Any, module: str, name: str, value: np.ndarray, path: str, fit: str,
+             file_name: str | None = None) -> None:
+  """Puts `value` at `params[module]`'s "/"-separated `name`, in place, in the leaf's dtype.
+
+  Raises:
+    ValueError: the model has no such leaf, or its shape differs; the message names the array
+      as the file does (`file_name`, default `name`) and ends in `fit`, the settings that must
+      match the file.
+  """
+  node = params[module]
+  keys = name.split("/")
+  name = file_name or name
+  for key in keys[:-1]:
+    if not isinstance(node, dict) or key not in node:
+      raise ValueError(f"{path}: {name} does not exist in the model ({module}); {fit}")
+    node = node[key]
+  if not isinstance(node, dict) or keys[-1] not in node:
+    raise ValueError(f"{path}: {name} does not exist in the model ({module}); {fit}")
+  current = node[keys[-1]]
+  if current.shape != value.shape:
+    raise ValueError(f"{path}: {name} has shape {value.shape}, the model expects "
+                     f"{current.shape}; {fit}")
+  node[keys[-1]] = jnp.asarray(value, current.dtype)
+
+
+def require_filled(tree: Any, filled: set[str], module: str, path: str, fit: str) -> None:
+  """Every leaf of `tree` (a part of `params[module]`) is among the `filled` names.
+
+  Raises:
+    ValueError: naming the first leaf the file lacked.
+  """
+  for leaf_path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = "/".join(str(getattr(entry, "key", entry)) for entry in leaf_path)
+    if name not in filled:
+      raise ValueError(f"{path}: the file has no {name} (of the model's {module}); {fit}")
 
 
 def converter_arguments(description: str, input_help: str,

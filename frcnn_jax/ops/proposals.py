@@ -12,6 +12,26 @@ from frcnn_jax.ops import boxes as box_ops
 from frcnn_jax.ops import nms as nms_ops
 
 
+def _checked_inputs(caller: str, objectness_logits, deltas, anchors, pre_nms_top_n: int,
+                    post_nms_top_n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[A] logits, [A, 4] deltas and [A, 4] anchors as float32 without gradient.
+
+  Raises:
+    ValueError: the shapes disagree, or a count is below 1.
+  """
+  objectness_logits = jnp.asarray(objectness_logits)
+  deltas, anchors = jnp.asarray(deltas), jnp.asarray(anchors)
+  a = objectness_logits.shape[0] if objectness_logits.ndim == 1 else -1
+  if objectness_logits.shape != (a,) or deltas.shape != (a, 4) or anchors.shape != (a, 4):
+    raise ValueError(f"{caller}: objectness_logits [A], deltas [A, 4] and anchors [A, 4] "
+                     f"disagree: {objectness_logits.shape}, {deltas.shape}, {anchors.shape}.")
+  if pre_nms_top_n < 1 or post_nms_top_n < 1:
+    raise ValueError(f"pre_nms_top_n ({pre_nms_top_n}) and post_nms_top_n ({post_nms_top_n}) "
+                     "must be >= 1.")
+  return tuple(jax.lax.stop_gradient(x.astype(jnp.float32))
+               for x in (objectness_logits, deltas, anchors))
+
+
 def generate_proposals(
     objectness_logits: jax.Array,
     deltas: jax.Array,
@@ -65,19 +85,9 @@ def generate_proposals(
     scores: [R] their object probability sigmoid(logit), 0 where invalid.
     valid: [R] bool.
   """
-  objectness_logits = jnp.asarray(objectness_logits)
-  deltas, anchors = jnp.asarray(deltas), jnp.asarray(anchors)
-  a = objectness_logits.shape[0]
-  if objectness_logits.shape != (a,) or deltas.shape != (a, 4) or anchors.shape != (a, 4):
-    raise ValueError(f"generate_proposals: objectness_logits [A], deltas [A, 4] and anchors "
-                     f"[A, 4] disagree: {objectness_logits.shape}, {deltas.shape}, "
-                     f"{anchors.shape}.")
-  if pre_nms_top_n < 1 or post_nms_top_n < 1:
-    raise ValueError(f"pre_nms_top_n ({pre_nms_top_n}) and post_nms_top_n ({post_nms_top_n}) "
-                     "must be >= 1.")
-  logits = jax.lax.stop_gradient(objectness_logits.astype(jnp.float32))
-  deltas = jax.lax.stop_gradient(deltas.astype(jnp.float32))
-  anchors = anchors.astype(jnp.float32)
+  logits, deltas, anchors = _checked_inputs("generate_proposals", objectness_logits, deltas,
+                                            anchors, pre_nms_top_n, post_nms_top_n)
+  a = logits.shape[0]
   image_hw = jnp.asarray(image_hw).astype(jnp.float32)
   boxes = box_ops.decode(deltas, anchors)
   if legacy_plus_one:
@@ -158,13 +168,9 @@ def generate_level_proposals(
     ValueError: input shapes that disagree, level_sizes that are not positive ints summing
       to A, or pre_nms_top_n or post_nms_top_n below 1.
   """
-  objectness_logits = jnp.asarray(objectness_logits)
-  deltas, anchors = jnp.asarray(deltas), jnp.asarray(anchors)
-  a = objectness_logits.shape[0] if objectness_logits.ndim == 1 else -1
-  if objectness_logits.shape != (a,) or deltas.shape != (a, 4) or anchors.shape != (a, 4):
-    raise ValueError(f"generate_level_proposals: objectness_logits [A], deltas [A, 4] and "
-                     f"anchors [A, 4] disagree: {objectness_logits.shape}, {deltas.shape}, "
-                     f"{anchors.shape}.")
+  logits, deltas, anchors = _checked_inputs("generate_level_proposals", objectness_logits,
+                                            deltas, anchors, pre_nms_top_n, post_nms_top_n)
+  a = logits.shape[0]
   level_sizes = tuple(level_sizes)
   if not level_sizes or not all(isinstance(n, (int, np.integer)) for n in level_sizes):
     raise ValueError(f"level_sizes must be a non-empty tuple of static ints, got {level_sizes}.")
@@ -173,12 +179,6 @@ def generate_level_proposals(
   if sum(level_sizes) != a:
     raise ValueError(f"level_sizes {level_sizes} sum to {sum(level_sizes)}, not to the "
                      f"number of anchors A = {a}.")
-  if pre_nms_top_n < 1 or post_nms_top_n < 1:
-    raise ValueError(f"pre_nms_top_n ({pre_nms_top_n}) and post_nms_top_n ({post_nms_top_n}) "
-                     "must be >= 1.")
-  logits = jax.lax.stop_gradient(objectness_logits.astype(jnp.float32))
-  deltas = jax.lax.stop_gradient(deltas.astype(jnp.float32))
-  anchors = jax.lax.stop_gradient(anchors.astype(jnp.float32))
   image_hw = jax.lax.stop_gradient(jnp.asarray(image_hw).astype(jnp.float32))
 
   # Per-level top-k: K = sum_l min(pre_nms_top_n, A_l) candidates, level by level.

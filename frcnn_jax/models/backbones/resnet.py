@@ -21,10 +21,10 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from frcnn_jax.config.fields import setting
 from frcnn_jax.models import conv
+from frcnn_jax.models import pretrained
 from frcnn_jax.models.registry import BACKBONES
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}   # bottlenecks of layer1 .. layer4
@@ -62,6 +62,25 @@ def feature_size(size: int) -> int:
   for _ in range(2):
     size = conv_output_size(size, 3, 2, 1)
   return size
+
+
+def check_stride_in_1x1(path: str, meta: dict[str, Any], model_value: bool, keys: str) -> None:
+  """A converted file's "stride_in_1x1" (when it says) must be the model's.
+
+  Raises:
+    ValueError: naming the config `keys` to set to the file's value.
+  """
+  if "stride_in_1x1" in meta and bool(meta["stride_in_1x1"]) != model_value:
+    raise ValueError(f"{path} was trained with stride_in_1x1={bool(meta['stride_in_1x1'])}, "
+                     f"but the model uses stride_in_1x1={model_value} (set {keys} to the "
+                     "file's)")
+
+
+def stage_number(path: Any) -> int:
+  """The body stage of a trunk parameter path: the stem (conv1, bn1) is 1, layer{i}.* is
+  i + 1."""
+  match = _LAYER_NAME.match(str(getattr(path[0], "key", path[0])))
+  return int(match.group(1)) + 1 if match else 1
 
 
 def is_frozen_bn(path: Any) -> bool:
@@ -271,12 +290,7 @@ class ResNetC4(nn.Module):
     its number is <= frozen_stages.
     """
     def is_trainable(path, _) -> bool:
-      if is_frozen_bn(path):
-        return False
-      top = str(getattr(path[0], "key", path[0]))
-      match = _LAYER_NAME.match(top)
-      stage_number = int(match.group(1)) + 1 if match else 1
-      return stage_number > self.frozen_stages
+      return not is_frozen_bn(path) and stage_number(path) > self.frozen_stages
     return jax.tree_util.tree_map_with_path(is_trainable, params)
 
   def load_pretrained(self, params: Any, path: str, input_norm: str) -> Any:
@@ -300,47 +314,23 @@ class ResNetC4(nn.Module):
         have, a shape
         that differs, or a trunk (or res5 head) parameter the file lacks.
     """
-    with np.load(path) as data:
-      arrays = {name: data[name] for name in data.files if "/" in name}
-      expected_norm = str(data["input_norm"]) if "input_norm" in data.files else ""
-      in_1x1 = bool(data["stride_in_1x1"]) if "stride_in_1x1" in data.files else None
-    if expected_norm and expected_norm != input_norm:
-      raise ValueError(f"{path} expects model.input_norm={expected_norm!r}, but the model uses "
-                       f"{input_norm!r}")
-    if in_1x1 is not None and in_1x1 != self.stride_in_1x1:
-      raise ValueError(f"{path} was trained with stride_in_1x1={in_1x1}, but the model uses "
-                       f"model.resnet_c4.stride_in_1x1={self.stride_in_1x1} (set it, and "
-                       "model.res5.stride_in_1x1, to the file's)")
-    fits = (f"the file does not fit model.backbone='resnet_c4' with depth={self.depth}, "
-            f"blocks={tuple(self.blocks)}, width={self.width}")
+    arrays, meta = pretrained.read_npz(path, input_norm)
+    check_stride_in_1x1(path, meta, self.stride_in_1x1, "model.resnet_c4.stride_in_1x1 (and "
+                        "model.res5.stride_in_1x1)")
+    fit = (f"the file does not fit model.backbone='resnet_c4' with depth={self.depth}, "
+           f"blocks={tuple(self.blocks)}, width={self.width}")
     params = flax.core.unfreeze(params)
     head = params.get("head", {})
     has_res5 = any(name.startswith(HEAD_LAYER + ".") for name in head)
-    filled = set()
+    filled = {"trunk": set(), "head": set()}
     for name, value in arrays.items():
-      keys = name.split("/")
-      module = "head" if keys[0].startswith(HEAD_LAYER + ".") else "trunk"
+      module = "head" if name.startswith(HEAD_LAYER + ".") else "trunk"
       if module == "head" and not has_res5:
         continue
-      node = params[module]
-      for key in keys[:-1]:
-        if not isinstance(node, dict) or key not in node:
-          raise ValueError(f"{path}: {name} does not exist in the model ({module}); {fits}")
-        node = node[key]
-      if keys[-1] not in node:
-        raise ValueError(f"{path}: {name} does not exist in the model ({module}); {fits}")
-      current = node[keys[-1]]
-      if current.shape != value.shape:
-        raise ValueError(f"{path}: {name} has shape {value.shape}, the model expects "
-                         f"{current.shape}; {fits}")
-      node[keys[-1]] = jnp.asarray(value, current.dtype)
-      filled.add((module, name))
-    wanted = [("trunk", params["trunk"])]
+      pretrained.set_leaf(params, module, name, value, path, fit)
+      filled[module].add(name)
+    pretrained.require_filled(params["trunk"], filled["trunk"], "trunk", path, fit)
     if has_res5:
-      wanted.append(("head", {k: v for k, v in head.items() if k.startswith(HEAD_LAYER + ".")}))
-    for module, tree in wanted:
-      for leaf_path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = "/".join(str(getattr(entry, "key", entry)) for entry in leaf_path)
-        if (module, name) not in filled:
-          raise ValueError(f"{path}: the file has no {name} (of the model's {module}); {fits}")
+      pretrained.require_filled({k: v for k, v in head.items() if k.startswith(HEAD_LAYER + ".")},
+                                filled["head"], "head", path, fit)
     return params

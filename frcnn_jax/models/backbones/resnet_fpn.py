@@ -16,7 +16,6 @@ scripts/convert_resnet.py's ImageNet files fill the body and
 scripts/convert_torchvision_detector.py's detector files the whole network.
 """
 
-import re
 from collections.abc import Sequence
 from typing import Any
 from typing import ClassVar
@@ -29,6 +28,7 @@ import numpy as np
 
 from frcnn_jax.config.fields import setting
 from frcnn_jax.models import conv
+from frcnn_jax.models import pretrained
 from frcnn_jax.models.backbones import resnet
 from frcnn_jax.models.registry import BACKBONES
 
@@ -39,7 +39,6 @@ FPN_NAME = "fpn"
 DETECTOR_MODULES = ("trunk", "rpn", "head")
 # torchvision's FeaturePyramidNetwork: kaiming_uniform_(a=1), i.e. U(+-sqrt(3 / fan_in)).
 FPN_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-_LAYER_NAME = re.compile(r"^layer(\d+)\.\d+$")
 # stop_gradient on a frozen FPN conv's parameters, not on its input (the body may train).
 _FrozenConv = nn.map_variables(nn.Conv, "params", init=True,
                                trans_in_fn=lambda v: jax.tree.map(jax.lax.stop_gradient, v))
@@ -278,14 +277,9 @@ class ResNetFPN(nn.Module):
     frozen = self.frozen_stages
 
     def is_trainable(path, _) -> bool:
-      top = str(getattr(path[0], "key", path[0]))
-      if top == FPN_NAME:
+      if str(getattr(path[0], "key", path[0])) == FPN_NAME:
         return not self.freeze_fpn
-      if resnet.is_frozen_bn(path):
-        return False
-      match = _LAYER_NAME.match(top)
-      stage_number = int(match.group(1)) + 1 if match else 1
-      return stage_number > frozen
+      return not resnet.is_frozen_bn(path) and resnet.stage_number(path) > frozen
     return jax.tree_util.tree_map_with_path(is_trainable, params)
 
   def load_pretrained(self, params: Any, path: str, input_norm: str) -> Any:
@@ -313,18 +307,9 @@ class ResNetFPN(nn.Module):
         have, a shape that differs, or a parameter the file should fill but lacks; the message
         names the array and the settings that must match.
     """
-    with np.load(path) as data:
-      expected_norm = str(data["input_norm"]) if "input_norm" in data.files else ""
-      in_1x1 = bool(data["stride_in_1x1"]) if "stride_in_1x1" in data.files else None
-      file_classes = int(data["num_classes"]) if "num_classes" in data.files else None
-      if expected_norm and expected_norm != input_norm:
-        raise ValueError(f"{path} expects model.input_norm={expected_norm!r}, but the model "
-                         f"uses {input_norm!r}")
-      if in_1x1 is not None and in_1x1 != self.stride_in_1x1:
-        raise ValueError(f"{path} was trained with stride_in_1x1={in_1x1}, but the model uses "
-                         f"model.resnet_fpn.stride_in_1x1={self.stride_in_1x1} (set it to the "
-                         "file's)")
-      arrays = {name: data[name] for name in data.files if "/" in name}
+    arrays, meta = pretrained.read_npz(path, input_norm)
+    resnet.check_stride_in_1x1(path, meta, self.stride_in_1x1, "model.resnet_fpn.stride_in_1x1")
+    file_classes = int(meta["num_classes"]) if "num_classes" in meta else None
     detector = {name.split("/")[0] in DETECTOR_MODULES for name in arrays}
     if len(detector) > 1:
       raise ValueError(f"{path} mixes whole-detector names (trunk/, rpn/, head/) with ImageNet "
@@ -342,33 +327,17 @@ class ResNetFPN(nn.Module):
                     f"{file_classes + 1}: background included)" if file_classes else "")),
     }
     params = flax.core.unfreeze(params)
-    filled = set()
+    filled = {module: set() for module in DETECTOR_MODULES}
     for name, value in arrays.items():
       module, inner = name.split("/", 1) if detector else ("trunk", name)
       if module not in params:
         raise ValueError(f"{path}: {name}: the model has no {module!r} parameters")
-      node = params[module]
-      keys = inner.split("/")
-      for key in keys[:-1]:
-        if not isinstance(node, dict) or key not in node:
-          raise ValueError(f"{path}: {name} does not exist in the model ({module}); "
-                           f"{fits[module]}")
-        node = node[key]
-      if not isinstance(node, dict) or keys[-1] not in node:
-        raise ValueError(f"{path}: {name} does not exist in the model ({module}); {fits[module]}")
-      current = node[keys[-1]]
-      if current.shape != value.shape:
-        raise ValueError(f"{path}: {name} has shape {value.shape}, the model expects "
-                         f"{current.shape}; {fits[module]}")
-      node[keys[-1]] = jnp.asarray(value, current.dtype)
-      filled.add((module, inner))
-    wanted = DETECTOR_MODULES if detector else ("trunk",)
-    for module in wanted:
-      for leaf_path, _ in jax.tree_util.tree_flatten_with_path(params[module])[0]:
-        inner = "/".join(str(getattr(entry, "key", entry)) for entry in leaf_path)
-        if not detector and inner.startswith(FPN_NAME + "/"):
-          continue
-        if (module, inner) not in filled:
-          raise ValueError(f"{path}: the file has no {inner} (of the model's {module}); "
-                           f"{fits[module]}")
+      pretrained.set_leaf(params, module, inner, value, path, fits[module], file_name=name)
+      filled[module].add(inner)
+    if detector:
+      for module in DETECTOR_MODULES:
+        pretrained.require_filled(params[module], filled[module], module, path, fits[module])
+    else:   # an ImageNet body: the pyramid keeps its initialisation
+      body = {k: v for k, v in params["trunk"].items() if k != FPN_NAME}
+      pretrained.require_filled(body, filled["trunk"], "trunk", path, fits["trunk"])
     return params
